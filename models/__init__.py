@@ -1,0 +1,34 @@
+"""SQLAlchemy tables of the results store, the session factory and migrations."""
+
+from models.db import make_engine, make_sessionmaker, upgrade, upsert
+from models.tables import (
+    FINAL_RESULT_STATES,
+    Base,
+    Batch,
+    BatchStatus,
+    Chunk,
+    Document,
+    DocumentStatus,
+    Job,
+    JobStatus,
+    Result,
+    ResultStatus,
+)
+
+__all__ = [
+    "FINAL_RESULT_STATES",
+    "Base",
+    "Batch",
+    "BatchStatus",
+    "Chunk",
+    "Document",
+    "DocumentStatus",
+    "Job",
+    "JobStatus",
+    "Result",
+    "ResultStatus",
+    "make_engine",
+    "make_sessionmaker",
+    "upgrade",
+    "upsert",
+]

@@ -1,0 +1,128 @@
+"""One settings object for docqueue, read from DOCQ_* variables and an optional .env file.
+
+`Settings()` is constructed in `tasks/runtime.py` and in tests only; everything below receives
+the object (or the part it needs) as an argument.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LLMMode = Literal["chat", "completion"]
+
+
+class Price(BaseModel):
+    """Dollars per million tokens, input and output."""
+
+    input_per_mtok: float
+    output_per_mtok: float
+
+
+# Published list prices per million tokens; override or extend with DOCQ_PRICES (JSON).
+DEFAULT_PRICES: dict[str, Price] = {
+    "gpt-4o-mini": Price(input_per_mtok=0.15, output_per_mtok=0.60),
+    "gpt-4o": Price(input_per_mtok=2.50, output_per_mtok=10.00),
+    "gpt-4.1-mini": Price(input_per_mtok=0.40, output_per_mtok=1.60),
+    "gpt-4.1-nano": Price(input_per_mtok=0.10, output_per_mtok=0.40),
+    "gpt-4.1": Price(input_per_mtok=2.00, output_per_mtok=8.00),
+    # The simulator and the local model cost nothing; a known zero is still a price.
+    "docq-sim": Price(input_per_mtok=0.0, output_per_mtok=0.0),
+    "gemma-3-270m": Price(input_per_mtok=0.0, output_per_mtok=0.0),
+}
+
+LOCAL_MODEL_NAME = "gemma-3-270m"
+
+
+class Settings(BaseSettings):
+    """docqueue's configuration. Units are in the names."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DOCQ_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    # Stores and transport.
+    database_url: str = "sqlite:///docq.db"
+    broker_url: str | None = Field(
+        default=None, description="Redis URL; unset means the embedded Redis under `home`."
+    )
+    home: Path = Field(default=Path(".docq"), description="State of the embedded services.")
+
+    # The model endpoint.
+    llm_base_url: str | None = Field(default=None, description="Unset means the local model.")
+    llm_api_key: SecretStr | None = None
+    llm_model: str | None = None
+    llm_mode: LLMMode | None = Field(
+        default=None, description="chat or completion; unset: completion for the local model."
+    )
+    llm_rpm: int | None = Field(default=None, gt=0)
+    llm_tpm: int | None = Field(default=None, gt=0)
+    llm_timeout_s: float = Field(default=60.0, gt=0)
+    llm_max_tokens: int = Field(default=256, gt=0)
+    llm_temperature: float = 0.0
+    llm_max_inflight: int = Field(default=256, gt=0, description="Global in-flight cap.")
+    prices: dict[str, Price] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
+
+    # Work shape.
+    chunk_tokens: int = Field(default=400, gt=0)
+    chunk_overlap_tokens: int = Field(default=40, ge=0)
+    batch_max_chunks: int = Field(default=25, gt=0)
+    batch_max_tokens: int = Field(default=20_000, gt=0)
+    max_document_bytes: int = Field(default=20_000_000, gt=0)
+    max_attempts: int = Field(default=5, gt=0, description="Model calls per chunk at most.")
+    worker_inflight: int = Field(default=64, gt=0, description="Model calls in flight per process.")
+    worker_concurrency: int = Field(default=2, gt=0, description="Processes per `docq worker`.")
+
+    # Celery limits: model timeout < soft limit < hard limit < visibility timeout.
+    task_soft_time_limit_s: int = 540
+    task_time_limit_s: int = 600
+    retry_backoff_max_s: int = 300
+    visibility_timeout_s: int = 3600
+    lease_s: int = Field(default=660, description="How long a batch holds its chunks.")
+    max_deliveries: int = Field(default=5, gt=0, description="Poison guard for one batch.")
+
+    @model_validator(mode="after")
+    def _check_time_limits(self) -> Settings:
+        order = [
+            ("DOCQ_LLM_TIMEOUT_S", self.llm_timeout_s),
+            ("DOCQ_TASK_SOFT_TIME_LIMIT_S", self.task_soft_time_limit_s),
+            ("DOCQ_TASK_TIME_LIMIT_S", self.task_time_limit_s),
+            ("DOCQ_VISIBILITY_TIMEOUT_S", self.visibility_timeout_s),
+        ]
+        for (low_name, low), (high_name, high) in zip(order, order[1:]):
+            if not low < high:
+                raise ValueError(f"{low_name} ({low}) must be below {high_name} ({high})")
+        if self.retry_backoff_max_s >= self.visibility_timeout_s:
+            raise ValueError("DOCQ_RETRY_BACKOFF_MAX_S must be below DOCQ_VISIBILITY_TIMEOUT_S")
+        if self.chunk_overlap_tokens >= self.chunk_tokens:
+            raise ValueError("DOCQ_CHUNK_OVERLAP_TOKENS must be below DOCQ_CHUNK_TOKENS")
+        return self
+
+    @property
+    def uses_local_model(self) -> bool:
+        return self.llm_base_url is None
+
+    @property
+    def model_name(self) -> str:
+        if self.llm_model:
+            return self.llm_model
+        return LOCAL_MODEL_NAME if self.uses_local_model else "gpt-4o-mini"
+
+    @property
+    def mode(self) -> LLMMode:
+        if self.llm_mode:
+            return self.llm_mode
+        return "completion" if self.uses_local_model else "chat"
+
+    @property
+    def key_fingerprint(self) -> str:
+        """A short hash of the API key: safe to use in Redis keys and logs."""
+        secret = self.llm_api_key.get_secret_value() if self.llm_api_key else ""
+        return hashlib.sha256(secret.encode()).hexdigest()[:12]
+
+    def price_for(self, model: str) -> Price | None:
+        return self.prices.get(model)
