@@ -18,6 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import make_sessionmaker, upgrade
 
+pytest_plugins = ["tests.plugins.simulator"]
+
 REDIS_HOST, REDIS_PORT, REDIS_TEST_DB = "127.0.0.1", 6379, 15
 PG_URL = os.environ.get("DOCQ_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() == "true"

@@ -1,0 +1,1 @@
+"""pytest plugins shared by the test suites (loaded from tests/conftest.py)."""

@@ -1,0 +1,33 @@
+"""The `simulator` fixture: start provider simulators over HTTP on loopback.
+
+    def test_x(simulator):
+        sim = simulator("--rpm", "60", "--seed", "1")
+        llm = ChatOpenAI(base_url=sim.url, api_key="x", model="docq-sim", max_retries=0)
+
+Every simulator a test started is stopped at teardown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from workers.simulator.process import SimulatorProcess
+
+SimulatorFactory = Callable[..., SimulatorProcess]
+
+
+@pytest.fixture
+def simulator() -> Iterator[SimulatorFactory]:
+    """A factory: `simulator(*cli_args)` returns a started SimulatorProcess."""
+    started: list[SimulatorProcess] = []
+
+    def start(*args: str) -> SimulatorProcess:
+        sim = SimulatorProcess(*args)
+        started.append(sim)
+        return sim.start()
+
+    yield start
+    for sim in started:
+        sim.stop()

@@ -1,0 +1,12 @@
+"""docqueue's provider simulator: an OpenAI-compatible server with rate limits and faults.
+
+Run it with `docq simulate ...` or `python -m workers.simulator ...`; `main(argv)` is the entry
+point both use. Tests and benchmarks start it with `SimulatorProcess` (workers.simulator.process).
+"""
+
+from __future__ import annotations
+
+from workers.simulator.cli import main
+from workers.simulator.config import SimulatorConfig
+
+__all__ = ["SimulatorConfig", "main"]

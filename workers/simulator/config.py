@@ -1,0 +1,105 @@
+"""The simulator's options: one frozen dataclass, checked once when it is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_MODEL = "docq-sim"
+MIB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """An option has a value the simulator cannot use; the message names the option."""
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    """Everything `docq simulate` can be told. Units are in the names; None means "no limit"."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models: tuple[str, ...] = (DEFAULT_MODEL,)
+    # Rate limits, per minute, refilled continuously.
+    rpm: int | None = None
+    tpm: int | None = None
+    # Charged against the TPM budget (and the output cap) when a request sets no max_tokens.
+    default_max_tokens: int = 256
+    # Output length ~ Normal(mean, sd), at least 1 token, at most the request's max_tokens.
+    output_tokens_mean: float = 60.0
+    output_tokens_sd: float = 20.0
+    # Latency = latency_ms + ms_per_token * output tokens + uniform(0, jitter_ms).
+    latency_ms: float = 0.0
+    ms_per_token: float = 0.0
+    jitter_ms: float = 0.0
+    # Faults: one uniform draw per admitted request picks at most one of them.
+    fail_rate: float = 0.0
+    timeout_rate: float = 0.0
+    garbage_rate: float = 0.0
+    timeout_hold_s: float = 600.0
+    context_limit: int | None = None
+    api_key: str | None = field(default=None, repr=False)
+    seed: int | None = None
+    max_body_bytes: int = 8 * MIB
+    log_requests: bool = False
+
+    def __post_init__(self) -> None:
+        _check_port(self.port)
+        if not self.models or any(not m.strip() for m in self.models):
+            raise ConfigError("--model: a model name must not be empty")
+        for name in ("rpm", "tpm", "context_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{_flag(name)}: must be a positive integer, got {value}")
+        for name in ("default_max_tokens", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{_flag(name)}: must be at least 1, got {getattr(self, name)}")
+        for name in ("output_tokens_sd", "latency_ms", "ms_per_token", "jitter_ms"):
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"--{_flag(name)}: must not be negative, got {getattr(self, name)}"
+                )
+        if self.output_tokens_mean < 1:
+            raise ConfigError(
+                f"--output-tokens-mean: must be at least 1, got {self.output_tokens_mean}"
+            )
+        if self.timeout_hold_s <= 0:
+            raise ConfigError(f"--timeout-hold-s: must be positive, got {self.timeout_hold_s}")
+        for name in ("fail_rate", "timeout_rate", "garbage_rate"):
+            rate = getattr(self, name)
+            if not 0.0 <= rate <= 1.0:
+                raise ConfigError(f"--{_flag(name)}: must be between 0 and 1, got {rate}")
+        total = self.fail_rate + self.timeout_rate + self.garbage_rate
+        if total > 1.0 + 1e-9:
+            raise ConfigError(
+                f"--fail-rate + --timeout-rate + --garbage-rate must not exceed 1, got {total:g}"
+            )
+
+    def describe_limits(self) -> str:
+        """A one-line summary for the start-up log; never includes the API key itself."""
+        rpm = self.rpm if self.rpm is not None else "unlimited"
+        tpm = self.tpm if self.tpm is not None else "unlimited"
+        parts = [
+            f"models={','.join(self.models)}",
+            f"rpm={rpm}",
+            f"tpm={tpm}",
+            (
+                f"latency_ms={self.latency_ms:g}+{self.ms_per_token:g}/token"
+                f"+jitter {self.jitter_ms:g}"
+            ),
+            (
+                f"faults fail={self.fail_rate:g} timeout={self.timeout_rate:g}"
+                f" garbage={self.garbage_rate:g}"
+            ),
+            f"context_limit={self.context_limit or 'none'}",
+            f"auth={'on' if self.api_key else 'off'}",
+        ]
+        return " ".join(parts)
+
+
+def _flag(attribute: str) -> str:
+    return attribute.replace("_", "-")
+
+
+def _check_port(port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port: must be between 0 and 65535, got {port}")

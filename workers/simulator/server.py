@@ -1,0 +1,344 @@
+"""The HTTP app: OpenAI's endpoints on aiohttp, with limits, faults and latency.
+
+A completion request goes through, in order: API key -> body size and JSON -> request fields ->
+model -> context limit -> the reply is made (so that a bad schema is a 400 that costs nothing)
+-> rate-limit admission (a 429 costs nothing) -> fault draw -> latency -> response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import random
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from workers.simulator.config import SimulatorConfig
+from workers.simulator.faults import Fault, FaultInjector
+from workers.simulator.generate import build_reply
+from workers.simulator.limits import Decision, RateLimiter, retry_after_headers
+from workers.simulator.protocol import ApiError, CompletionRequest, Endpoint, parse
+from workers.simulator.stats import Stats
+from workers.simulator.tokens import encoding
+from workers.simulator.words import vocabulary
+
+logger = logging.getLogger("docq.simulator")
+
+JSON = "application/json"
+# A body over the limit is still read (and dropped) up to this size, so that the client gets
+# the 413 instead of a reset connection; past it the connection is closed.
+DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
+# Bodies larger than this are decoded and token-counted in a worker thread.
+BIG_BODY_BYTES = 256 * 1024
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class SimulatorState:
+    config: SimulatorConfig
+    limiter: RateLimiter
+    faults: FaultInjector
+    stats: Stats = field(default_factory=Stats)
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
+    started_s: int = field(default_factory=lambda: int(time.time()))
+    jitter: random.Random = field(default_factory=random.Random)
+
+
+STATE = web.AppKey("simulator_state", SimulatorState)
+
+
+def build_app(config: SimulatorConfig) -> web.Application:
+    """The aiohttp application for `config` (not yet listening)."""
+    app = web.Application(middlewares=[_json_errors], client_max_size=config.max_body_bytes)
+    state = SimulatorState(config, RateLimiter(config.rpm, config.tpm), FaultInjector(config))
+    state.jitter = random.Random(None if config.seed is None else config.seed + 1)
+    app[STATE] = state
+    app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_post("/v1/completions", _text)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/models/{model}", _model)
+    app.router.add_get("/stats", _stats)
+    app.router.add_post("/stats/reset", _stats_reset)
+    app.on_response_prepare.append(_limit_headers)
+    return app
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    return await _complete(request, "chat")
+
+
+async def _text(request: web.Request) -> web.StreamResponse:
+    return await _complete(request, "text")
+
+
+async def _complete(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    state = request.app[STATE]
+    state.stats.begin()
+    try:
+        return await _answer(request, endpoint, state)
+    except ApiError as exc:
+        state.stats.answered(exc.status)
+        return error_response(exc)
+    except asyncio.CancelledError:
+        state.stats.cancelled += 1  # the client went away mid-request
+        raise
+    finally:
+        state.stats.end()
+
+
+async def _answer(request: web.Request, endpoint: Endpoint, state: SimulatorState) -> web.Response:
+    config = state.config
+    _check_key(request, config.api_key)
+    raw = await _read_body(request, config.max_body_bytes)
+    if len(raw) > BIG_BODY_BYTES:  # counting a huge prompt's tokens must not stall the loop
+        req = await asyncio.to_thread(lambda: parse(_decode(raw), endpoint))
+    else:
+        req = parse(_decode(raw), endpoint)
+    _check_model(req.model, config)
+    _check_context(req, config.context_limit)
+    reply = build_reply(req, config, int(time.time()))
+    cost = req.budget_cost(config.default_max_tokens)
+    decision = state.limiter.admit(cost)
+    if not decision.admitted:
+        state.stats.answered(429, limited=decision.kind)
+        return error_response(_rate_limit_error(decision, req, cost))
+    state.stats.tokens_admitted += cost
+    fault = state.faults.draw()
+    if fault is not Fault.NONE:
+        state.stats.faults[fault.value] += 1
+    if fault is Fault.FAIL:
+        await _sleep(_delay_s(state, 0))
+        error = state.faults.server_error()
+        error.headers.update(decision.headers)
+        raise error
+    if fault is Fault.TIMEOUT:
+        await _hold(state)
+    await _sleep(_delay_s(state, reply.longest_choice_tokens))
+    if fault is Fault.GARBAGE:
+        state.stats.answered(200)
+        return web.Response(
+            body=state.faults.garbage(reply.body), content_type=JSON, headers=decision.headers
+        )
+    state.stats.answered(
+        200, prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens
+    )
+    return web.Response(
+        body=json.dumps(reply.body).encode(), content_type=JSON, headers=decision.headers
+    )
+
+
+def _check_key(request: web.Request, api_key: str | None) -> None:
+    """401 unless `Authorization: Bearer <key>` matches; the key received is never echoed."""
+    if api_key is None:
+        return
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise ApiError(
+            401,
+            "You didn't provide an API key: send it as 'Authorization: Bearer <key>'.",
+            code="invalid_api_key",
+        )
+    if not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    declared = request.content_length
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(256 * 1024):
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > DRAIN_LIMIT_BYTES:
+            break
+    if size > limit or (declared is not None and declared > limit):
+        shown = declared if declared is not None else size
+        raise ApiError(
+            413,
+            f"The request body is {shown} bytes; this server accepts at most "
+            f"{limit} bytes (--max-body-bytes).",
+            code="request_too_large",
+        )
+    return b"".join(chunks)
+
+
+def _decode(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(
+            400, f"The request body is not valid JSON: {exc}.", code="invalid_json"
+        ) from None
+
+
+def _check_model(model: str, config: SimulatorConfig) -> None:
+    if model not in config.models:
+        raise ApiError(
+            404,
+            f"The model '{model}' does not exist. This simulator serves: "
+            f"{', '.join(config.models)}.",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _check_context(req: CompletionRequest, limit: int | None) -> None:
+    if limit is None:
+        return
+    longest = max(req.prompt_tokens)
+    if longest > limit:
+        param = "messages" if req.endpoint == "chat" else "prompt"
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, "
+            f"your {param} resulted in {longest} tokens. Please reduce the length "
+            f"of the {param}.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def _rate_limit_error(decision: Decision, req: CompletionRequest, cost: int) -> ApiError:
+    kind = decision.kind or "requests"
+    label = "requests per min (RPM)" if kind == "requests" else "tokens per min (TPM)"
+    limit = decision.headers.get(f"x-ratelimit-limit-{kind}", "?")
+    requested = 1 if kind == "requests" else cost
+    headers = dict(decision.headers)
+    if decision.retry_after_ns is None:
+        message = (
+            f"Request too large for {req.model} on {label}: Limit {limit}, Requested "
+            f"{requested}. Reduce the prompt or max_tokens; waiting cannot help."
+        )
+    else:
+        wait_s = decision.retry_after_ns / 1e9
+        message = (
+            f"Rate limit reached for {req.model} on {label}: Limit {limit}, Requested "
+            f"{requested}. Please try again in {wait_s:.3f}s."
+        )
+        headers.update(retry_after_headers(decision.retry_after_ns))
+    return ApiError(429, message, type=kind, code="rate_limit_exceeded", headers=headers)
+
+
+def _delay_s(state: SimulatorState, output_tokens: int) -> float:
+    config = state.config
+    ms = config.latency_ms + config.ms_per_token * output_tokens
+    if config.jitter_ms:
+        ms += state.jitter.uniform(0.0, config.jitter_ms)
+    return ms / 1000.0
+
+
+async def _sleep(delay_s: float) -> None:
+    if delay_s > 0:
+        await asyncio.sleep(delay_s)
+
+
+async def _hold(state: SimulatorState) -> None:
+    """Keep a request open for --timeout-hold-s, or until the server starts shutting down."""
+    try:
+        await asyncio.wait_for(state.closing.wait(), state.config.timeout_hold_s)
+    except TimeoutError:
+        return
+    raise ApiError(
+        503, "The simulator is shutting down.", type="server_error", code="service_unavailable"
+    )
+
+
+async def _models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    _check_key(request, state.config.api_key)
+    data = [_model_entry(m, state.started_s) for m in state.config.models]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def _model(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    _check_key(request, state.config.api_key)
+    name = request.match_info["model"]
+    _check_model(name, state.config)
+    return web.json_response(_model_entry(name, state.started_s))
+
+
+def _model_entry(name: str, created_s: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created_s, "owned_by": "docq-simulator"}
+
+
+async def _stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE].stats.snapshot())
+
+
+async def _stats_reset(request: web.Request) -> web.Response:
+    request.app[STATE].stats.reset()
+    return web.json_response({"reset": True})
+
+
+def error_response(exc: ApiError) -> web.Response:
+    return web.Response(
+        status=exc.status,
+        body=json.dumps(exc.body()).encode(),
+        content_type=JSON,
+        headers=exc.headers,
+    )
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as OpenAI-shaped JSON: router misses, bad methods, our own bugs."""
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        response = error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status)
+        message = f"{request.method} {request.path}: {exc.reason}."
+        if exc.status == 404:
+            message = f"Unknown path {request.path}; see GET /v1/models for what is served."
+        response = error_response(ApiError(exc.status, message, code=code))
+    except Exception as exc:  # a bug in the simulator: say so in JSON rather than in HTML
+        logger.exception("simulator bug while answering %s %s", request.method, request.path)
+        response = error_response(
+            ApiError(500, f"internal simulator error: {type(exc).__name__}", type="server_error")
+        )
+    if request.app[STATE].config.log_requests:
+        logger.info("%s %s -> %s", request.method, request.path, response.status)
+    return response
+
+
+async def _limit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response carries the current x-ratelimit-* headers (and a request id)."""
+    headers = response.headers
+    if "x-ratelimit-limit-requests" not in headers and "x-ratelimit-limit-tokens" not in headers:
+        headers.update(request.app[STATE].limiter.headers())
+    headers["x-request-id"] = f"req_{random.getrandbits(128):032x}"
+
+
+async def serve(config: SimulatorConfig) -> None:
+    """Listen until SIGTERM or SIGINT, then close quickly (held requests are let go)."""
+    encoding(), vocabulary()  # load before listening, so the first request is not slow
+    app = build_app(config)
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.host, config.port, backlog=4096)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        logger.info("listening on http://%s:%s/v1 %s", host, port, config.describe_limits())
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        app[STATE].closing.set()
+    finally:
+        await runner.cleanup()
