@@ -1,0 +1,132 @@
+"""Reading x-ratelimit-* and Retry-After headers, and the limiter's input checks (no server)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio import Redis
+
+from workers.limiter import Limiter, Limits, scope_for
+from workers.ratelimit_headers import (
+    RateLimitHeaders,
+    parse_duration_s,
+    parse_rate_limit_headers,
+    retry_after_s,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("1s", 1.0),
+        ("6m0s", 360.0),
+        ("120ms", 0.12),
+        ("2.5s", 2.5),
+        ("1h2m3s", 3723.0),
+        ("0s", 0.0),
+        ("1m30.5s", 90.5),
+        ("250us", 0.00025),
+        ("3", 3.0),
+        (" 0.75 ", 0.75),
+    ],
+)
+def test_durations_in_every_format_providers_send(text: str, seconds: float) -> None:
+    assert parse_duration_s(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "soon", "1x", "s", "-1s", "-3", "1s2", "m1s", "nan"])
+def test_unreadable_durations_are_none(text: str) -> None:
+    assert parse_duration_s(text) is None
+
+
+def test_rate_limit_headers_in_any_case() -> None:
+    # Given OpenAI-style headers with mixed-case names and one malformed value.
+    headers = {
+        "X-RateLimit-Limit-Requests": "500",
+        "x-ratelimit-limit-tokens": "200000",
+        "X-Ratelimit-Remaining-Requests": "499",
+        "x-ratelimit-remaining-tokens": "199000.0",
+        "x-ratelimit-reset-requests": "120ms",
+        "x-ratelimit-reset-tokens": "later",
+        "content-type": "application/json",
+    }
+    # When they are parsed / Then every readable value is there and the malformed one is None.
+    assert parse_rate_limit_headers(headers) == RateLimitHeaders(
+        limit_requests=500,
+        limit_tokens=200_000,
+        remaining_requests=499,
+        remaining_tokens=199_000,
+        reset_requests_s=0.12,
+        reset_tokens_s=None,
+    )
+    assert parse_rate_limit_headers({"content-type": "text/plain"}).empty
+    assert parse_rate_limit_headers({"x-ratelimit-limit-tokens": "0"}).empty
+
+
+def test_retry_after_in_milliseconds_seconds_or_a_date() -> None:
+    assert retry_after_s({"retry-after-ms": "1500", "retry-after": "2"}) == 1.5
+    assert retry_after_s({"Retry-After": "2"}) == 2.0
+    now = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 GMT
+    date = {"Retry-After": "Tue, 14 Nov 2023 22:13:50 GMT"}
+    assert retry_after_s(date, now_s=now) == pytest.approx(30.0)
+    assert retry_after_s({"Retry-After": "Tue, 14 Nov 2023 22:13:00 GMT"}, now_s=now) == 0.0
+    assert retry_after_s({"Retry-After": "whenever"}) is None
+    assert retry_after_s({"Retry-After": "-5"}) is None
+    assert retry_after_s({}) is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"rpm": 0, "tpm": None, "max_inflight": 1}, "Limits.rpm"),
+        ({"rpm": None, "tpm": 2.5, "max_inflight": 1}, "Limits.tpm"),
+        ({"rpm": None, "tpm": None, "max_inflight": 0}, "Limits.max_inflight"),
+        ({"rpm": None, "tpm": None, "max_inflight": 1, "period_s": 0}, "Limits.period_s"),
+    ],
+)
+def test_bad_limits_are_named(kwargs: dict[str, object], named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        Limits(**kwargs)  # type: ignore[arg-type]
+
+
+def test_bad_limiter_arguments_are_named() -> None:
+    # Given a client that is never connected (no server needed to check arguments).
+    client = Redis()
+    limits = Limits(rpm=None, tpm=None, max_inflight=1)
+    with pytest.raises(ValueError, match="scope"):
+        Limiter(client, "docq:{x}", limits, slot_ttl_s=1)
+    with pytest.raises(ValueError, match="slot_ttl_s"):
+        Limiter(client, "docq:x", limits, slot_ttl_s=0)
+    # Then a limiter's repr shows its scope and limits, nothing of the client's connection.
+    assert repr(Limiter(client, "docq:x", limits, slot_ttl_s=1)).startswith("Limiter(scope=")
+
+
+def test_bad_call_arguments_are_named_before_any_redis_call() -> None:
+    # Given a limiter whose client points at a closed port: any Redis call would fail.
+    limiter = Limiter(Redis(port=1), "docq:x", Limits(rpm=None, tpm=None, max_inflight=1),
+                      slot_ttl_s=1)
+
+    async def calls() -> None:
+        with pytest.raises(ValueError, match="tokens"):
+            await limiter.acquire(-1, max_wait_s=1)
+        with pytest.raises(ValueError, match="max_wait_s"):
+            await limiter.acquire(1, max_wait_s=float("nan"))
+        with pytest.raises(ValueError, match="seconds"):
+            await limiter.cool_down(-1)
+        with pytest.raises(ValueError, match="cap"):
+            await limiter.expected_output_tokens("k", cap=0, default=1)
+        with pytest.raises(ValueError, match="output_tokens"):
+            await limiter.record_output_tokens("k", -3)
+
+    asyncio.run(calls())
+
+
+def test_scopes_name_endpoint_model_and_key_without_the_endpoint_text() -> None:
+    # Given the same model and key fingerprint on two endpoints (one with a trailing slash).
+    one = scope_for("https://api.example.com/v1", "gpt-4o-mini", "3f2a9c1b7d4e")
+    # Then the scope is the documented shape, the endpoint is hashed, and "/v1/" is "/v1".
+    assert one.startswith("docq:lim:") and one.endswith(":gpt-4o-mini:3f2a9c1b7d4e")
+    assert "example" not in one
+    assert scope_for("https://api.example.com/v1/", "gpt-4o-mini", "3f2a9c1b7d4e") == one
+    assert scope_for("http://localhost:8000/v1", "gpt-4o-mini", "3f2a9c1b7d4e") != one
