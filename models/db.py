@@ -43,8 +43,12 @@ def upsert(
     rows: Sequence[Mapping[str, Any]],
     keys: Iterable[str],
     update: Iterable[str] | None = None,
+    where: Any = None,
 ) -> None:
-    """Insert rows; on a conflict over `keys`, overwrite `update` columns (or do nothing)."""
+    """Insert rows; on a conflict over `keys`, overwrite `update` columns (or do nothing).
+
+    `where` limits which existing rows may be overwritten (refer to them through the table).
+    """
     if not rows:
         return
     dialect = session.get_bind().dialect.name
@@ -55,7 +59,7 @@ def upsert(
         stmt = stmt.on_conflict_do_nothing(index_elements=keys)
     else:
         stmt = stmt.on_conflict_do_update(
-            index_elements=keys, set_={c: stmt.excluded[c] for c in update}
+            index_elements=keys, set_={c: stmt.excluded[c] for c in update}, where=where
         )
     session.execute(stmt, list(rows))
 

@@ -7,6 +7,7 @@ the object (or the part it needs) as an argument.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from pathlib import Path
 from typing import Literal
 
@@ -61,6 +62,11 @@ class Settings(BaseSettings):
     )
     llm_rpm: int | None = Field(default=None, gt=0)
     llm_tpm: int | None = Field(default=None, gt=0)
+    llm_tpm_charge: Literal["max_tokens", "usage"] = Field(
+        default="max_tokens",
+        description="How the provider charges TPM: prompt + max_tokens at admission (OpenAI's "
+        "way, and the simulator's) or the usage it reports afterwards.",
+    )
     llm_timeout_s: float = Field(default=60.0, gt=0)
     llm_max_tokens: int = Field(default=256, gt=0)
     llm_temperature: float = 0.0
@@ -74,6 +80,10 @@ class Settings(BaseSettings):
     batch_max_tokens: int = Field(default=20_000, gt=0)
     max_document_bytes: int = Field(default=20_000_000, gt=0)
     max_attempts: int = Field(default=5, gt=0, description="Model calls per chunk at most.")
+    retry_backoff_base_s: float = Field(default=1.0, gt=0)
+    limiter_max_wait_s: float = Field(
+        default=5.0, ge=0, description="Longer waits for capacity re-queue the batch."
+    )
     worker_inflight: int = Field(default=64, gt=0, description="Model calls in flight per process.")
     worker_concurrency: int = Field(default=2, gt=0, description="Processes per `docq worker`.")
 
@@ -93,7 +103,7 @@ class Settings(BaseSettings):
             ("DOCQ_TASK_TIME_LIMIT_S", self.task_time_limit_s),
             ("DOCQ_VISIBILITY_TIMEOUT_S", self.visibility_timeout_s),
         ]
-        for (low_name, low), (high_name, high) in zip(order, order[1:]):
+        for (low_name, low), (high_name, high) in itertools.pairwise(order):
             if not low < high:
                 raise ValueError(f"{low_name} ({low}) must be below {high_name} ({high})")
         if self.retry_backoff_max_s >= self.visibility_timeout_s:

@@ -5,7 +5,7 @@ from alembic import context
 from models.db import make_engine
 from models.tables import Base
 
-url = context.config.attributes.get("url") or context.config.get_main_option("sqlalchemy.url")
+url: str = context.config.attributes.get("url") or context.config.get_main_option("sqlalchemy.url", "")
 engine = make_engine(url)
 with engine.connect() as connection:
     context.configure(

@@ -2,12 +2,11 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 04:14:26.126440
+Create Date: 2026-11-22 04:33:10.915352
 """
 
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0001'
 down_revision = None
@@ -44,7 +43,6 @@ def upgrade() -> None:
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
     sa.Column('submitted_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('merges', sa.Integer(), nullable=False),
     sa.PrimaryKeyConstraint('id')
     )
     with op.batch_alter_table('jobs', schema=None) as batch_op:
@@ -91,7 +89,7 @@ def upgrade() -> None:
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('job_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('document_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
-    sa.Column('batch_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
+    sa.Column('batch_seq', sa.Integer(), nullable=False),
     sa.Column('seq', sa.Integer(), nullable=False),
     sa.Column('text', sa.Text(), nullable=False),
     sa.Column('char_start', sa.Integer(), nullable=False),
@@ -99,19 +97,18 @@ def upgrade() -> None:
     sa.Column('token_count', sa.Integer(), nullable=False),
     sa.Column('lease_owner', sa.String(length=64), nullable=True),
     sa.Column('lease_expires_at', sa.DateTime(timezone=True), nullable=True),
-    sa.ForeignKeyConstraint(['batch_id'], ['batches.id'], ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['document_id'], ['documents.id'], ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id')
     )
     with op.batch_alter_table('chunks', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_chunks_batch_id'), ['batch_id'], unique=False)
         batch_op.create_index('ix_chunks_document_seq', ['document_id', 'seq'], unique=False)
-        batch_op.create_index(batch_op.f('ix_chunks_job_id'), ['job_id'], unique=False)
+        batch_op.create_index('ix_chunks_job_batch', ['job_id', 'batch_seq'], unique=False)
 
     op.create_table('results',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('chunk_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('document_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('pipeline_version', sa.String(length=64), nullable=False),
     sa.Column('job_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
@@ -129,6 +126,7 @@ def upgrade() -> None:
     sa.Column('not_before', sa.DateTime(timezone=True), nullable=True),
     sa.Column('updated_at', sa.DateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
     sa.ForeignKeyConstraint(['chunk_id'], ['chunks.id'], ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['document_id'], ['documents.id'], ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('chunk_id', 'pipeline_version')
@@ -146,9 +144,8 @@ def downgrade() -> None:
 
     op.drop_table('results')
     with op.batch_alter_table('chunks', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_chunks_job_id'))
+        batch_op.drop_index('ix_chunks_job_batch')
         batch_op.drop_index('ix_chunks_document_seq')
-        batch_op.drop_index(batch_op.f('ix_chunks_batch_id'))
 
     op.drop_table('chunks')
     with op.batch_alter_table('documents', schema=None) as batch_op:

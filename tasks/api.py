@@ -1,0 +1,169 @@
+"""The Python API: `submit(...)` a corpus and get a handle to watch and read the job."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from celery import chord
+from sqlalchemy import func, select
+
+from models import Document, Job, JobStatus, Result
+from tasks.runtime import runtime
+from workers.pipelines import build_pipeline
+from workers.submission import (
+    SubmitReport,
+    batch_ids,
+    create_job,
+    ingest,
+    mark_submitted,
+    read_sources,
+)
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.PARTIAL, JobStatus.FAILED,
+                      JobStatus.CANCELLED})
+
+
+def submit(
+    sources: str | os.PathLike[str] | Iterable[Any],
+    pipeline: str = "summarize",
+    *,
+    labels: list[str] | None = None,
+    schema: dict[str, Any] | None = None,
+    prompt: str | None = None,
+    name: str | None = None,
+) -> JobHandle:
+    """Record the corpus as a job and queue its batches; returns at once with a handle.
+
+    `sources` is a path, a glob, a list of them, or an iterable of `(id, text)` pairs or dicts
+    with `id`, `text` and optional `metadata`.
+
+    Raises:
+        PipelineError: an unknown pipeline or options it cannot use.
+    """
+    options = {k: v for k, v in
+               {"labels": labels, "schema": schema, "prompt": prompt}.items() if v is not None}
+    pipe = build_pipeline(pipeline, options)
+    rt = runtime()
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    with rt.sessions.begin() as session:
+        job_id = create_job(session, rt.settings, pipe, name).id
+    report = ingest(rt.sessions, rt.settings, job_id, read_sources(sources, rt.settings))
+    with rt.sessions.begin() as session:
+        mark_submitted(session, job_id)
+    publish(job_id)  # only after the commit: a worker must find every row it is sent
+    return JobHandle(job_id, report)
+
+
+def publish(job_id: int) -> int:
+    """Queue the job's unfinished batches as one chord whose callback merges the job."""
+    from tasks.batches import process_batch
+    from tasks.jobs import merge_job
+
+    with runtime().sessions.begin() as session:
+        total = session.scalar(select(Job.batches_total).where(Job.id == job_id)) or 0
+        header = [
+            process_batch.si(bid).set(argsrepr=f"job={job_id} batch={seq}/{total} chunks={n}")
+            for bid, seq, n in batch_ids(session, job_id)
+        ]
+    body = merge_job.si(job_id).set(argsrepr=f"job={job_id}")
+    if header:
+        chord(header)(body)
+    else:  # an empty chord never runs its body
+        body.apply_async()
+    return len(header)
+
+
+@dataclass
+class JobHandle:
+    """A submitted job: its id, its live status, and its results once merged."""
+
+    id: int
+    report: SubmitReport | None = None
+
+    def status(self) -> dict[str, Any]:
+        return job_status(self.id)
+
+    def wait(
+        self,
+        timeout: float | None = None,
+        poll_s: float = 0.5,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Block until the job is merged in a final state; returns its status.
+
+        Raises:
+            TimeoutError: the job was not final within `timeout` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if progress is not None:
+                progress(st)
+            if st["status"] in TERMINAL:
+                return st
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {self.id} is still {st['status']} after {timeout:g}s "
+                                   f"({st['chunks_done']}/{st['chunks_total']} chunks done)")
+            time.sleep(poll_s)
+
+    def results(self) -> Iterator[dict[str, Any]]:
+        return document_results(self.id)
+
+
+def job_status(job_id: int) -> dict[str, Any]:
+    """The job row plus live progress counted from the result rows."""
+    with runtime().sessions.begin() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise LookupError(f"job {job_id} does not exist")
+        counts = dict(session.execute(
+            select(Result.status, func.count())
+            .where(Result.job_id == job_id, Result.pipeline_version == job.pipeline_version)
+            .group_by(Result.status)
+        ).all())
+        live = session.execute(
+            select(func.coalesce(func.sum(Result.tokens_in), 0),
+                   func.coalesce(func.sum(Result.tokens_out), 0), func.sum(Result.cost))
+            .where(Result.job_id == job_id)
+        ).one()
+        retrying = counts.pop("retry", 0)
+        return {
+            "id": job.id, "name": job.name, "status": job.status, "reason": job.reason,
+            "pipeline": job.pipeline, "model": job.model, "endpoint": job.endpoint,
+            "documents_total": job.documents_total,
+            "documents_rejected": job.documents_rejected,
+            "chunks_total": job.chunks_total, "batches_total": job.batches_total,
+            "chunks_done": sum(counts.values()), "chunks_retrying": retrying,
+            "chunks_by_state": counts,
+            "tokens_in": int(live[0]), "tokens_out": int(live[1]),
+            "cost": float(live[2]) if live[2] is not None else None,
+            "latency_p50_ms": job.latency_p50_ms, "latency_p95_ms": job.latency_p95_ms,
+            "chunks_per_s": job.chunks_per_s,
+            "created_at": _iso(job.created_at), "submitted_at": _iso(job.submitted_at),
+            "finished_at": _iso(job.finished_at),
+        }
+
+
+def document_results(job_id: int) -> Iterator[dict[str, Any]]:
+    """One record per document, in submission order, streamed from the store."""
+    with runtime().sessions() as session:
+        rows = session.scalars(
+            select(Document).where(Document.job_id == job_id).order_by(Document.id)
+            .execution_options(yield_per=1000)
+        )
+        for d in rows:
+            yield {
+                "id": d.external_id, "source": d.source, "status": d.status, "output": d.output,
+                "error": d.error, "chunks": d.chunk_count, "tokens_in": d.tokens_in,
+                "tokens_out": d.tokens_out, "cost": d.cost, "content_hash": d.content_hash,
+                "metadata": d.meta,
+            }
+
+
+def _iso(t: Any) -> str | None:
+    return t.isoformat() if t is not None else None

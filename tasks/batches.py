@@ -1,0 +1,49 @@
+"""The chord header task: process one batch. It never raises: errors become result rows."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Retry
+
+from tasks.celery import app
+from tasks.runtime import runtime
+from workers.processing import run_batch
+from workers.retry import backoff_s
+
+logger = logging.getLogger(__name__)
+
+MAX_CRASH_RETRIES = 8  # unexpected failures (store down, bugs) before the batch is left to resume
+
+
+@app.task(name="batches.process", bind=True, max_retries=None)
+def process_batch(self: Task, batch_id: int) -> dict[str, Any]:
+    """Call the model for every unfinished chunk of the batch and record its result."""
+    rt = runtime()
+    s = rt.settings
+    # Unique per delivery: two copies of one message must not share a lease.
+    owner = f"{os.getpid()}:{uuid.uuid4().hex[:20]}"
+    budget_s = s.task_soft_time_limit_s - s.llm_timeout_s - 15
+    try:
+        outcome = rt.run(run_batch(rt.services(), batch_id, owner, budget_s))
+    except Retry:
+        raise
+    except Exception as exc:  # the boundary: a chord header must not fail
+        crashes = self.request.retries
+        if crashes < MAX_CRASH_RETRIES:
+            wait = backoff_s(crashes, base_s=2, cap_s=s.retry_backoff_max_s, floor_s=1)
+            logger.warning("batch %s: %s: %s; retrying in %.0fs", batch_id,
+                           type(exc).__name__, exc, wait)
+            raise self.retry(countdown=wait, max_retries=None) from None
+        logger.exception("batch %s: giving up after %d failures; `docq resume` can finish it",
+                         batch_id, crashes)
+        return {"batch_id": batch_id, "state": "abandoned"}
+    if outcome.state == "retry":
+        countdown = min(max(outcome.retry_in_s, 0.1), s.retry_backoff_max_s)
+        logger.info("batch %s: %s; again in %.1fs", batch_id, outcome.reason, countdown)
+        raise self.retry(countdown=countdown, max_retries=None)
+    return {"batch_id": batch_id, "state": outcome.state}

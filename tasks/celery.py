@@ -1,0 +1,55 @@
+"""The Celery app. Configured on first use, so importing it opens no connection."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.signals import after_setup_logger, worker_process_init
+
+from tasks.runtime import reset_runtime, resolve_broker, runtime
+
+app = Celery("docqueue", include=["tasks.batches", "tasks.jobs"])
+
+
+@app.on_configure.connect
+def _configure(sender: Celery, **_: Any) -> None:
+    s = runtime().settings
+    broker = resolve_broker(s)
+    # The visibility timeout must be set in all three places Celery reads it.
+    transport = {"visibility_timeout": s.visibility_timeout_s}
+    sender.conf.update(
+        broker_url=broker,
+        result_backend=broker,  # Redis: the native chord counter, never chord_unlock polling
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        visibility_timeout=s.visibility_timeout_s,
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,  # a killed child's batch is redelivered (poison-guarded)
+        worker_prefetch_multiplier=1,
+        task_time_limit=s.task_time_limit_s,
+        task_soft_time_limit=s.task_soft_time_limit_s,
+        result_expires=7 * 24 * 3600,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_hijack_root_logger=False,
+    )
+
+
+@after_setup_logger.connect
+def _quiet_http_logs(**_: Any) -> None:
+    # One INFO line per model call drowns the task lines in a worker's log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+@worker_process_init.connect
+def _fresh_runtime(**_: Any) -> None:
+    # Pool children must not share the parent's connections.
+    reset_runtime()

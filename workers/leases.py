@@ -1,0 +1,220 @@
+"""The SQL side of one batch: claim chunks under a lease, record results, close the batch.
+
+A chunk is sent to the model only by the delivery that holds its lease, and only while it has
+no final result; results are upserted so that a final row is never overwritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from models import FINAL_RESULT_STATES, Batch, BatchStatus, Chunk, Job, Result, ResultStatus, upsert
+
+RESULT_COLUMNS = (
+    "job_id",
+    "document_id",
+    "status",
+    "output",
+    "error_type",
+    "error_message",
+    "http_status",
+    "finish_reason",
+    "tokens_in",
+    "tokens_out",
+    "cost",
+    "latency_ms",
+    "attempts",
+    "cached",
+    "not_before",
+    "updated_at",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInfo:
+    batch_id: int
+    job_id: int
+    seq: int
+    deliveries: int
+    job_status: str
+    pipeline: str
+    pipeline_version: str
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    chunk_id: int
+    document_id: int
+    text: str
+    token_count: int
+    attempts: int
+    not_before: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    items: list[WorkItem]
+    unfinished: int  # chunks of the batch without a final result, claimed or not
+    held_elsewhere: int  # of those, leased by another live delivery
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def start_delivery(session: Session, batch_id: int) -> BatchInfo | None:
+    """Count this delivery (the poison guard) and read what the batch needs; None if unknown."""
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id)
+        .values(deliveries=Batch.deliveries + 1, updated_at=now())
+    )
+    row = session.execute(
+        select(
+            Batch.id,
+            Batch.job_id,
+            Batch.seq,
+            Batch.deliveries,
+            Job.status,
+            Job.pipeline,
+            Job.pipeline_version,
+            Job.options,
+        )
+        .join(Job, Job.id == Batch.job_id)
+        .where(Batch.id == batch_id)
+    ).one_or_none()
+    return BatchInfo(*row) if row else None
+
+
+def end_delivery(session: Session, batch_id: int, *, done: bool) -> None:
+    """A delivery that ends cleanly resets the crash counter; `done` closes the batch."""
+    values: dict[str, Any] = {"deliveries": 0, "updated_at": now()}
+    if done:
+        values["status"] = BatchStatus.DONE
+    session.execute(update(Batch).where(Batch.id == batch_id).values(**values))
+
+
+def _is_final(version: str) -> Any:
+    return exists().where(
+        Result.chunk_id == Chunk.id,
+        Result.pipeline_version == version,
+        Result.status.in_(FINAL_RESULT_STATES),
+    )
+
+
+def claim(session: Session, info: BatchInfo, owner: str, lease_s: float) -> Claim:
+    """Lease every unfinished chunk of the batch that no live delivery holds."""
+    t = now()
+    in_batch = and_(Chunk.job_id == info.job_id, Chunk.batch_seq == info.seq)
+    unfinished = and_(in_batch, ~_is_final(info.pipeline_version))
+    claimed_ids = session.scalars(
+        update(Chunk)
+        .where(
+            unfinished,
+            or_(
+                Chunk.lease_owner.is_(None), Chunk.lease_expires_at < t, Chunk.lease_owner == owner
+            ),
+        )
+        .values(lease_owner=owner, lease_expires_at=t + timedelta(seconds=lease_s))
+        .returning(Chunk.id)
+    ).all()
+    counts = session.execute(
+        select(func.count(), func.count().filter(Chunk.lease_owner != owner)).where(unfinished)
+    ).one()
+    items: list[WorkItem] = []
+    if claimed_ids:
+        rows = session.execute(
+            select(
+                Chunk.id,
+                Chunk.document_id,
+                Chunk.text,
+                Chunk.token_count,
+                Result.attempts,
+                Result.not_before,
+            )
+            .outerjoin(
+                Result,
+                and_(Result.chunk_id == Chunk.id, Result.pipeline_version == info.pipeline_version),
+            )
+            .where(Chunk.id.in_(claimed_ids))
+            .order_by(Chunk.document_id, Chunk.seq)
+        )
+        items = [WorkItem(r[0], r[1], r[2], r[3], r[4] or 0, _aware(r[5])) for r in rows]
+    return Claim(items=items, unfinished=int(counts[0]), held_elsewhere=int(counts[1]))
+
+
+def _aware(t: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; everything here is UTC.
+    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
+
+
+def release(session: Session, chunk_ids: Sequence[int], owner: str) -> None:
+    """Give up our leases on chunks we are not working on any more."""
+    if chunk_ids:
+        session.execute(
+            update(Chunk)
+            .where(Chunk.id.in_(chunk_ids), Chunk.lease_owner == owner)
+            .values(lease_owner=None, lease_expires_at=None)
+        )
+
+
+def record(session: Session, version: str, rows: Sequence[dict[str, Any]]) -> None:
+    """Upsert result rows; a final row already stored is never overwritten."""
+    stamped = [{**r, "pipeline_version": version, "updated_at": now()} for r in rows]
+    upsert(
+        session,
+        Result.__table__,  # type: ignore[arg-type]
+        stamped,
+        keys=("chunk_id", "pipeline_version"),
+        update=RESULT_COLUMNS,
+        where=Result.__table__.c.status == ResultStatus.RETRY,
+    )
+
+
+def finalize_unfinished(session: Session, info: BatchInfo, status: str, message: str) -> int:
+    """Give every unfinished chunk of the batch a final row (poison batch, cancel, budget)."""
+    rows = session.execute(
+        select(Chunk.id, Chunk.document_id, Result.attempts)
+        .outerjoin(
+            Result,
+            and_(Result.chunk_id == Chunk.id, Result.pipeline_version == info.pipeline_version),
+        )
+        .where(
+            Chunk.job_id == info.job_id,
+            Chunk.batch_seq == info.seq,
+            ~_is_final(info.pipeline_version),
+        )
+    ).all()
+    record(
+        session,
+        info.pipeline_version,
+        [
+            {
+                "chunk_id": cid,
+                "job_id": info.job_id,
+                "document_id": did,
+                "status": status,
+                "output": None,
+                "error_type": "BatchAbandoned" if status == "error" else None,
+                "error_message": message,
+                "http_status": None,
+                "finish_reason": None,
+                "tokens_in": 0,
+                "tokens_out": 0,
+                "cost": None,
+                "latency_ms": None,
+                "attempts": attempts or 0,
+                "cached": False,
+                "not_before": None,
+            }
+            for cid, did, attempts in rows
+        ],
+    )
+    return len(rows)

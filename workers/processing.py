@@ -1,0 +1,293 @@
+"""Process one batch: call the model for each unfinished chunk and record one row per chunk.
+
+The flow of DESIGN.md step 2. Runs inside the worker process's event loop; database work goes
+to a thread so the loop keeps its calls in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import ResultStatus
+from workers import leases
+from workers.errors import PermanentError, RateLimitedError, RetryableError
+from workers.leases import BatchInfo, WorkItem
+from workers.limiter import Limiter, LimiterBusy
+from workers.llm import LLM, Completion
+from workers.pipelines import Pipeline, Prompt, build_pipeline
+from workers.retry import backoff_s
+from workers.settings import Settings
+from workers.tokens import count_tokens
+
+logger = logging.getLogger(__name__)
+
+INLINE_WAIT_S = 5.0  # a retry due sooner than this waits in the task; later ones re-queue it
+FLUSH_ROWS, FLUSH_EVERY_S = 200, 0.25
+HELD_POLL_S = 1.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a delivery ended: the batch is done, or it should run again after `retry_in_s`."""
+
+    state: Literal["done", "retry", "missing"]
+    retry_in_s: float = 0.0
+    reason: str = ""
+
+
+@dataclass
+class Services:
+    """What a batch needs from its worker process; built once per process."""
+
+    sessions: sessionmaker[Session]
+    settings: Settings
+    llm: LLM
+    limiter: Limiter | None
+    inflight: asyncio.Semaphore
+    pipelines: dict[tuple[str, str], Pipeline] = field(default_factory=dict)
+
+    def pipeline(self, info: BatchInfo) -> Pipeline:
+        key = (info.pipeline, info.pipeline_version)
+        if key not in self.pipelines:
+            self.pipelines[key] = build_pipeline(info.pipeline, info.options)
+        return self.pipelines[key]
+
+    async def db(self, fn: Callable[[Session], Any]) -> Any:
+        """Run `fn(session)` in one transaction, off the event loop."""
+
+        def run() -> Any:
+            with self.sessions.begin() as session:
+                return fn(session)
+
+        return await asyncio.to_thread(run)
+
+
+class _Writer:
+    """Collects result rows and upserts them in bulk, a few times a second."""
+
+    def __init__(self, svc: Services, version: str) -> None:
+        self.svc, self.version = svc, version
+        self.rows: list[dict[str, Any]] = []
+        self.last = time.monotonic()
+
+    async def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= FLUSH_ROWS or time.monotonic() - self.last > FLUSH_EVERY_S:
+            await self.flush()
+
+    async def flush(self) -> None:
+        rows, self.rows, self.last = self.rows, [], time.monotonic()
+        if rows:
+            await self.svc.db(lambda s: leases.record(s, self.version, rows))
+
+
+async def run_batch(svc: Services, batch_id: int, owner: str, budget_s: float) -> Outcome:
+    """Work on a batch until every chunk has a final result, or say when to come back."""
+    cfg = svc.settings
+    info: BatchInfo | None = await svc.db(lambda s: leases.start_delivery(s, batch_id))
+    if info is None:
+        return Outcome("missing", reason=f"batch {batch_id} is not in the store")
+    if info.deliveries > cfg.max_deliveries:
+        message = (
+            f"batch {batch_id} was delivered {info.deliveries - 1} times without finishing "
+            f"(worker crashes?); its unfinished chunks are recorded as failed"
+        )
+        await svc.db(lambda s: _close(s, info, ResultStatus.ERROR, message))
+        logger.error("%s", message)
+        return Outcome("done", reason="poison")
+    deadline = time.monotonic() + budget_s
+    pipeline = svc.pipeline(info)
+    while True:
+        claim = await svc.db(lambda s: leases.claim(s, info, owner, cfg.lease_s))
+        if claim.unfinished == 0:
+            await svc.db(lambda s: leases.end_delivery(s, batch_id, done=True))
+            return Outcome("done")
+        outcome = await _work(svc, info, pipeline, claim, owner, deadline)
+        if outcome is not None:
+            await svc.db(lambda s: leases.end_delivery(s, batch_id, done=False))
+            return outcome
+
+
+def _close(session: Session, info: BatchInfo, status: str, message: str) -> None:
+    leases.finalize_unfinished(session, info, status, message)
+    leases.end_delivery(session, info.batch_id, done=True)
+
+
+async def _work(
+    svc: Services,
+    info: BatchInfo,
+    pipeline: Pipeline,
+    claim: leases.Claim,
+    owner: str,
+    deadline: float,
+) -> Outcome | None:
+    """One pass over the claimed chunks; None means "claim again", else how this delivery ends."""
+    t = leases.now()
+    ready = [w for w in claim.items if w.not_before is None or w.not_before <= t]
+    waiting = [w for w in claim.items if w not in ready]
+    if not claim.items:
+        # Another live delivery holds the rest: wait for it rather than report done too early.
+        if time.monotonic() + HELD_POLL_S > deadline:
+            return Outcome("retry", svc.settings.lease_s, "chunks held by another delivery")
+        await asyncio.sleep(HELD_POLL_S)
+        return None
+    if not ready:
+        due = min(w.not_before for w in waiting if w.not_before is not None)
+        wait = max(0.0, (due - t).total_seconds())
+        if wait > INLINE_WAIT_S or time.monotonic() + wait > deadline:
+            await svc.db(lambda s: leases.release(s, [w.chunk_id for w in waiting], owner))
+            return Outcome("retry", wait, "waiting for retry backoff")
+        await asyncio.sleep(wait)
+        return None
+
+    writer = _Writer(svc, info.pipeline_version)
+    busy: list[float] = []
+
+    async def one(item: WorkItem) -> None:
+        if busy or time.monotonic() > deadline:
+            return
+        row = await _call(svc, info, pipeline, item, busy)
+        if row is not None:
+            await writer.add(row)
+
+    await asyncio.gather(*(one(w) for w in ready))
+    await writer.flush()
+    if busy or time.monotonic() > deadline:
+        # Hand the slot back: the chunks not done yet go to the next delivery.
+        await svc.db(lambda s: leases.release(s, [w.chunk_id for w in claim.items], owner))
+        return Outcome(
+            "retry",
+            max(busy, default=0.0),
+            "waiting for rate-limit capacity" if busy else "batch time budget used",
+        )
+    return None
+
+
+async def _call(
+    svc: Services, info: BatchInfo, pipeline: Pipeline, item: WorkItem, busy: list[float]
+) -> dict[str, Any] | None:
+    """Call the model for one chunk; return its result row, or None if it was not attempted."""
+    cfg = svc.settings
+    prompt = pipeline.render(item.text, cfg.mode)
+    max_tokens = min(prompt.max_tokens or cfg.llm_max_tokens, cfg.llm_max_tokens)
+    row: dict[str, Any] = {
+        "chunk_id": item.chunk_id,
+        "job_id": info.job_id,
+        "document_id": item.document_id,
+        "output": None,
+        "error_type": None,
+        "error_message": None,
+        "http_status": None,
+        "finish_reason": None,
+        "tokens_in": 0,
+        "tokens_out": 0,
+        "cost": None,
+        "latency_ms": None,
+        "attempts": item.attempts + 1,
+        "cached": False,
+        "not_before": None,
+    }
+    async with svc.inflight:
+        try:
+            completion = await _limited_call(svc, info, prompt, max_tokens)
+        except LimiterBusy as exc:
+            busy.append(exc.wait_s)
+            return None
+        except PermanentError as exc:
+            return _failed(row, exc, final=True)
+        except RetryableError as exc:
+            return _retry_or_fail(svc.settings, row, exc)
+    row.update(
+        finish_reason=completion.finish_reason,
+        tokens_in=completion.tokens_in,
+        tokens_out=completion.tokens_out,
+        latency_ms=round(completion.latency_ms, 2),
+        cost=cost_of(svc.settings, completion),
+    )
+    try:
+        row["output"] = pipeline.parse(completion.text, completion.finish_reason)
+    except PermanentError as exc:
+        return _failed(row, exc, final=True)
+    except RetryableError as exc:  # output that does not parse: a new sample may
+        return _retry_or_fail(svc.settings, row, exc)
+    row["status"] = ResultStatus.OK
+    return row
+
+
+async def _limited_call(svc: Services, info: BatchInfo, prompt: Prompt,
+                        max_tokens: int) -> Completion:
+    lim = svc.limiter
+    if lim is None:
+        return await svc.llm.complete(prompt, max_tokens=max_tokens)
+    key = f"{info.pipeline}:{info.pipeline_version}"
+    by_max_tokens = svc.settings.llm_tpm_charge == "max_tokens"
+    # A provider that charges max_tokens at admission must be reserved for the same; one that
+    # charges usage gets the moving average of real outputs (plus a margin), settled later.
+    expected = max_tokens if by_max_tokens else await lim.expected_output_tokens(
+        key, cap=max_tokens, default=max_tokens // 2)
+    ticket = await lim.acquire(prompt_tokens(prompt) + expected,
+                               max_wait_s=svc.settings.limiter_max_wait_s)
+    try:
+        completion = await svc.llm.complete(prompt, max_tokens=max_tokens)
+    except RateLimitedError as exc:
+        # The provider consumed nothing; every process pauses for its Retry-After.
+        await lim.release(ticket, refund=True)
+        await lim.cool_down(exc.retry_after_s if exc.retry_after_s is not None else 1.0)
+        raise
+    except BaseException:
+        await lim.release(ticket, refund=False)
+        raise
+    charged = completion.tokens_in + (max_tokens if by_max_tokens else completion.tokens_out)
+    await lim.settle(ticket, charged, headers=completion.headers, output_key=key,
+                     output_tokens=completion.tokens_out)
+    return completion
+
+
+def prompt_tokens(prompt: Prompt) -> int:
+    if prompt.text is not None:
+        return count_tokens(prompt.text)
+    # Chat: the contents plus a few tokens of framing per message.
+    return sum(count_tokens(m["content"]) + 4 for m in prompt.messages or []) + 3
+
+
+def cost_of(settings: Settings, c: Completion) -> float | None:
+    price = settings.price_for(settings.model_name)
+    if price is None:
+        return None  # an unknown model's cost is unknown, not zero
+    return (c.tokens_in * price.input_per_mtok + c.tokens_out * price.output_per_mtok) / 1e6
+
+
+def _failed(row: dict[str, Any], exc: Exception, *, final: bool) -> dict[str, Any]:
+    row.update(
+        status=ResultStatus.ERROR if final else ResultStatus.RETRY,
+        error_type=type(exc).__name__,
+        error_message=str(exc),
+        http_status=getattr(exc, "http_status", None),
+    )
+    return row
+
+
+def _retry_or_fail(settings: Settings, row: dict[str, Any], exc: RetryableError) -> dict[str, Any]:
+    attempts = row["attempts"]
+    if attempts >= settings.max_attempts:
+        _failed(row, exc, final=True)
+        row["error_message"] = f"gave up after {attempts} attempts; last error: {exc}"
+        return row
+    floor = getattr(exc, "retry_after_s", None)
+    wait = backoff_s(
+        attempts,
+        base_s=settings.retry_backoff_base_s,
+        cap_s=settings.retry_backoff_max_s,
+        floor_s=floor,
+    )
+    _failed(row, exc, final=False)
+    row["not_before"] = leases.now() + timedelta(seconds=wait)
+    return row

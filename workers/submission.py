@@ -1,0 +1,241 @@
+"""The producer: stream a corpus into documents, chunks and batches, written in bulk.
+
+Memory stays flat: documents are read one at a time and rows are flushed every few thousand
+chunks. Nothing is published here; the caller publishes after the last commit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import Batch, Chunk, Document, DocumentStatus, Job, JobStatus
+from workers.chunking import Chunker
+from workers.pipelines import Pipeline
+from workers.settings import Settings
+from workers.sources import SourceDocument, iter_documents
+
+logger = logging.getLogger(__name__)
+
+FLUSH_CHUNKS = 5_000  # rows per bulk insert: big enough to amortise, small enough to stay flat
+
+
+@dataclass
+class SubmitReport:
+    """What `submit` tells the user: how many documents went in, which were turned away, why."""
+
+    job_id: int
+    documents_accepted: int = 0
+    documents_rejected: int = 0
+    chunks: int = 0
+    batches: int = 0
+    tokens: int = 0
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # first 100 (id, reason)
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "documents_accepted": self.documents_accepted,
+            "documents_rejected": self.documents_rejected,
+            "chunks": self.chunks,
+            "batches": self.batches,
+            "tokens": self.tokens,
+            "rejected": [{"id": i, "error": e} for i, e in self.rejected],
+        }
+
+
+def create_job(
+    session: Session, settings: Settings, pipeline: Pipeline, name: str | None = None
+) -> Job:
+    """Insert the job row in state pending."""
+    job = Job(
+        name=name,
+        pipeline=pipeline.name,
+        pipeline_version=pipeline.version,
+        options=pipeline.describe(),
+        endpoint=settings.llm_base_url or "local",
+        model=settings.model_name,
+        mode=settings.mode,
+        status=JobStatus.PENDING,
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+class _BatchAssigner:
+    """Streams chunks into batches by count and token budget, as the producer reads them."""
+
+    def __init__(self, max_chunks: int, max_tokens: int) -> None:
+        self.max_chunks, self.max_tokens = max_chunks, max_tokens
+        self.seq, self.count, self.tokens = 0, 0, 0
+        self.closed: list[dict[str, int]] = []
+
+    def place(self, tokens: int) -> int:
+        """Return the batch seq for a chunk of `tokens` tokens."""
+        full = self.count >= self.max_chunks or self.tokens + tokens > self.max_tokens
+        if self.seq == 0 or (full and self.count > 0):
+            self._close()
+            self.seq += 1
+        self.count += 1
+        self.tokens += tokens
+        return self.seq
+
+    def _close(self) -> None:
+        if self.count:
+            self.closed.append(
+                {"seq": self.seq, "chunk_count": self.count, "token_count": self.tokens}
+            )
+        self.count, self.tokens = 0, 0
+
+    def finish(self) -> None:
+        self._close()
+
+    def take_closed(self) -> list[dict[str, int]]:
+        out, self.closed = self.closed, []
+        return out
+
+
+def ingest(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    job_id: int,
+    documents: Iterable[SourceDocument],
+) -> SubmitReport:
+    """Write documents, chunks and batches for a pending job, committing every few thousand."""
+    report = SubmitReport(job_id=job_id)
+    chunker = Chunker(settings.chunk_tokens, settings.chunk_overlap_tokens)
+    assigner = _BatchAssigner(settings.batch_max_chunks, settings.batch_max_tokens)
+    pending_docs: list[tuple[SourceDocument, list[Any]]] = []
+    pending_chunks = 0
+
+    def flush(final: bool = False) -> None:
+        nonlocal pending_chunks
+        if final:
+            assigner.finish()
+        with sessions.begin() as session:
+            _write(session, job_id, pending_docs, assigner.take_closed())
+        pending_docs.clear()
+        pending_chunks = 0
+
+    for doc in documents:
+        if doc.error is not None:
+            report.documents_rejected += 1
+            report.reasons[_reason_kind(doc.error)] += 1
+            if len(report.rejected) < 100:
+                report.rejected.append((doc.external_id, doc.error))
+            pending_docs.append((doc, []))
+            continue
+        assert doc.text is not None
+        spans = chunker.split(doc.text)
+        placed = [(assigner.place(s.token_count), s) for s in spans]
+        report.documents_accepted += 1
+        report.chunks += len(spans)
+        report.tokens += sum(s.token_count for s in spans)
+        pending_docs.append((doc, placed))
+        pending_chunks += len(spans)
+        if pending_chunks >= FLUSH_CHUNKS or len(pending_docs) >= FLUSH_CHUNKS:
+            flush()
+    flush(final=True)
+    report.batches = assigner.seq if report.chunks else 0
+
+    with sessions.begin() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                documents_total=report.documents_accepted + report.documents_rejected,
+                documents_rejected=report.documents_rejected,
+                chunks_total=report.chunks,
+                batches_total=report.batches,
+            )
+        )
+    logger.info(
+        "job %s: %d documents accepted, %d rejected, %d chunks in %d batches",
+        job_id,
+        report.documents_accepted,
+        report.documents_rejected,
+        report.chunks,
+        report.batches,
+    )
+    return report
+
+
+def _reason_kind(error: str) -> str:
+    """Group rejection messages for the summary line: the text before the first colon."""
+    return error.split(":", 1)[0][:80]
+
+
+def _write(
+    session: Session,
+    job_id: int,
+    docs: list[tuple[SourceDocument, list[Any]]],
+    batches: list[dict[str, int]],
+) -> None:
+    if docs:
+        rows = [
+            {
+                "job_id": job_id,
+                "external_id": d.external_id,
+                "source": d.source,
+                "content_hash": d.content_hash,
+                "size_bytes": d.size_bytes,
+                "meta": d.metadata,
+                "status": DocumentStatus.REJECTED if d.error else DocumentStatus.PENDING,
+                "error": d.error,
+                "chunk_count": len(placed),
+            }
+            for d, placed in docs
+        ]
+        ids = session.scalars(
+            insert(Document).returning(Document.id, sort_by_parameter_order=True), rows
+        ).all()
+        chunk_rows = [
+            {
+                "job_id": job_id,
+                "document_id": doc_id,
+                "batch_seq": batch_seq,
+                "seq": span.seq,
+                "text": span.text,
+                "char_start": span.char_start,
+                "char_end": span.char_end,
+                "token_count": span.token_count,
+            }
+            for doc_id, (_, placed) in zip(ids, docs)
+            for batch_seq, span in placed
+        ]
+        if chunk_rows:
+            session.execute(insert(Chunk), chunk_rows)
+    if batches:
+        session.execute(insert(Batch), [{"job_id": job_id, **b} for b in batches])
+
+
+def mark_submitted(session: Session, job_id: int) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.PENDING)
+        .values(status=JobStatus.RUNNING, submitted_at=datetime.now(UTC))
+    )
+
+
+def batch_ids(session: Session, job_id: int) -> Iterator[tuple[int, int, int]]:
+    """(batch id, seq, chunk count) of a job's unfinished batches, in order."""
+    rows = session.execute(
+        select(Batch.id, Batch.seq, Batch.chunk_count)
+        .where(Batch.job_id == job_id, Batch.status != "done")
+        .order_by(Batch.seq)
+    )
+    for row in rows:
+        yield row.id, row.seq, row.chunk_count
+
+
+def read_sources(inputs: Iterable[Any], settings: Settings) -> Iterator[SourceDocument]:
+    return iter_documents(inputs, max_bytes=settings.max_document_bytes)
