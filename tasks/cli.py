@@ -188,3 +188,7 @@ def main() -> None:
         where = ".".join(str(p) for p in first["loc"]) or "settings"
         typer.echo(f"error: invalid setting {where}: {first['msg']}", err=True)
         sys.exit(2)
+
+
+# Commands of other areas register themselves on `cli` when imported.
+from tasks import cli_operate, cli_recover  # noqa: E402,F401
