@@ -56,7 +56,24 @@ def submit(
     with rt.sessions.begin() as session:
         mark_submitted(session, job_id)
     publish(job_id)  # only after the commit: a worker must find every row it is sent
+    forget_chord_results()
     return JobHandle(job_id, report)
+
+
+def forget_chord_results() -> None:
+    """Drop the result subscriptions Celery's group opens for every header task.
+
+    The producer never waits on task results (progress comes from the store), but Celery
+    subscribes to each header task's result key and unsubscribes when the result objects are
+    collected, possibly at exit after an embedded Redis is gone. Close them now instead.
+    """
+    from tasks.celery import app
+
+    consumer = getattr(app.backend, "result_consumer", None)
+    if consumer is not None and getattr(consumer, "_pubsub", None) is not None:
+        consumer.stop()
+        consumer.subscribed_to.clear()
+        consumer._pubsub = None
 
 
 def publish(job_id: int) -> int:

@@ -167,6 +167,18 @@ def simulate(ctx: typer.Context) -> None:
     raise typer.Exit(simulator_main(list(ctx.args)))
 
 
+@cli.command()
+def demo(
+    fresh: Annotated[bool, typer.Option(help="Process the corpus again even if stored.")] = False,
+) -> None:
+    """Summarize the bundled example corpus with the local model, start to finish."""
+    from rich.console import Console
+
+    from tasks.demo import run_demo
+
+    run_demo(Console(), fresh=fresh)
+
+
 @db_cli.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the store's tables."""
@@ -191,4 +203,4 @@ def main() -> None:
 
 
 # Commands of other areas register themselves on `cli` when imported.
-from tasks import cli_operate, cli_recover  # noqa: E402,F401
+from tasks import cli_operate, cli_recover  # noqa: F401

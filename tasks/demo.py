@@ -1,0 +1,175 @@
+"""`docq demo`: the bundled corpus through the whole pipeline on one machine, nothing to set up.
+
+It starts what is missing (the embedded Redis, the local model, one worker), submits
+`examples/corpus`, shows progress and a table of results, and stops what it started. A second
+run finds the first run's job for the same corpus in the store and shows it at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import select
+
+from models import Document, Job, JobStatus, upgrade
+from tasks.runtime import reset_runtime, runtime
+from workers.sources import iter_documents
+
+CORPUS = Path(__file__).resolve().parents[1] / "examples" / "corpus"
+DEMO_NAME = "docq demo"
+WORKER_READY_S = 120
+
+
+def run_demo(console: Console, corpus: Path = CORPUS, fresh: bool = False) -> dict[str, Any]:
+    """Run (or show again) the demo job; returns its final status."""
+    from tasks.api import JobHandle, submit
+
+    if not corpus.is_dir():
+        raise RuntimeError(f"the demo corpus {corpus} is missing: run the demo from a checkout "
+                           "of docqueue (pip install -e .)")
+    settings = runtime().settings
+    upgrade(settings.database_url)
+    if not fresh and (job_id := _previous_run(corpus)) is not None:
+        console.print(f"[green]job {job_id} already holds this corpus's results[/] "
+                      "(run with --fresh to process it again)")
+        handle = JobHandle(job_id)
+        final = handle.status()
+        _show(console, handle.id, final)
+        return final
+    with _services(console) as env, _worker(console, env):
+        started = time.monotonic()
+        handle = submit(str(corpus), "summarize", name=DEMO_NAME)
+        report = handle.report
+        assert report is not None
+        console.print(f"job {handle.id}: {report.documents_accepted} documents, "
+                      f"{report.chunks} chunks; summarizing with the local model...")
+        final = handle.wait(timeout=1800, progress=_progress(console))
+        console.print(f"done in {time.monotonic() - started:.1f}s")
+    _show(console, handle.id, final)
+    return final
+
+
+def _previous_run(corpus: Path) -> int | None:
+    """The latest finished demo job whose documents have the corpus's current content."""
+    hashes = {d.external_id: d.content_hash
+              for d in iter_documents([str(corpus)], max_bytes=10**7) if d.ok}
+    with runtime().sessions() as session:
+        job_id = session.scalar(
+            select(Job.id).where(Job.name == DEMO_NAME, Job.status == JobStatus.SUCCEEDED)
+            .order_by(Job.id.desc()).limit(1))
+        if job_id is None:
+            return None
+        stored = dict(session.execute(
+            select(Document.external_id, Document.content_hash)
+            .where(Document.job_id == job_id)).all())
+    return job_id if stored == hashes else None
+
+
+@contextlib.contextmanager
+def _services(console: Console) -> Iterator[dict[str, str]]:
+    """Start the embedded Redis and the local model if the settings name none."""
+    settings = runtime().settings
+    env: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        if not settings.broker_url:
+            from workers.embedded import EmbeddedRedis
+
+            redis = stack.enter_context(EmbeddedRedis(settings.home))
+            env["DOCQ_BROKER_URL"] = redis.url
+            console.print(f"embedded Redis at {redis.url}")
+        if not settings.llm_base_url:
+            from workers.localmodel import LocalModelServer
+
+            console.print("starting the local model (Gemma 3 270M)...")
+            model = stack.enter_context(LocalModelServer(settings.home))
+            env.update(DOCQ_LLM_BASE_URL=model.url, DOCQ_LLM_MODE="completion",
+                       DOCQ_LLM_MODEL=model.model_name, DOCQ_WORKER_INFLIGHT="2")
+            console.print(f"local model at {model.url}")
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        reset_runtime()  # this process now talks to what was started
+        try:
+            yield env
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            reset_runtime()
+
+
+@contextlib.contextmanager
+def _worker(console: Console, env: dict[str, str]) -> Iterator[None]:
+    log_path = runtime().settings.home / "demo-worker.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool=prefork",
+             "--concurrency=1", "--loglevel=INFO", "--without-gossip", "--without-mingle",
+             "--events", "--hostname=demo@%h"],
+            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            _wait_ready(proc, log_path)
+            console.print("a worker is running; watch it in Flower with "
+                          "`docq flower --insecure-local` (http://127.0.0.1:5555)")
+            yield
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + WORKER_READY_S
+    while time.monotonic() < deadline:
+        if "ready." in log_path.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the demo worker exited ({proc.returncode}); its log ends:\n{tail}")
+        time.sleep(0.3)
+    raise RuntimeError(f"the demo worker was not ready in {WORKER_READY_S}s; see {log_path}")
+
+
+def _progress(console: Console) -> Any:
+    last = [-1]
+
+    def show(st: dict[str, Any]) -> None:
+        if st["chunks_done"] != last[0]:
+            last[0] = st["chunks_done"]
+            console.print(f"  {st['chunks_done']}/{st['chunks_total']} chunks, "
+                          f"{st['tokens_in'] + st['tokens_out']} tokens")
+
+    return show
+
+
+def _show(console: Console, job_id: int, final: dict[str, Any]) -> None:
+    from tasks.api import document_results
+
+    table = Table(title=f"job {job_id}: {final['status']}", show_lines=False)
+    for col in ("document", "status", "summary", "tokens in", "tokens out"):
+        table.add_column(col, overflow="fold")
+    for d in document_results(job_id):
+        summary = (d["output"] or {}).get("summary", "") if d["status"] == "ok" else d["error"]
+        table.add_row(d["id"], d["status"], summary or "", str(d["tokens_in"]),
+                      str(d["tokens_out"]))
+    console.print(table)
+    line = f"tokens in {final['tokens_in']}, out {final['tokens_out']}"
+    if final.get("latency_p50_ms") is not None:
+        line += f"; model latency p50 {final['latency_p50_ms']:.0f} ms"
+    if final.get("chunks_per_s") is not None:
+        line += f"; {final['chunks_per_s']:.2f} chunks/s"
+    console.print(line)
