@@ -1,0 +1,171 @@
+"""A job's progress in the terminal: a live rich bar on a terminal, plain lines otherwise.
+
+`watch(job_id)` polls the job's status until it is final and returns that status. The bar
+shows chunks done of total, errors, tokens per minute and chunks per second over the last
+minute, the cost so far and the time left at that pace.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import IO, Any, Self
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
+
+from tasks.api import JobHandle
+
+RATE_WINDOW_S = 60.0
+PLAIN_EVERY_S = 5.0  # a plain line at most this often while the counts move
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one progress line says."""
+
+    job_id: int
+    status: str
+    done: int
+    total: int
+    errors: int
+    tokens: int
+    tokens_per_min: float | None
+    cost: float | None
+    left_s: float | None
+
+    def line(self) -> str:
+        pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        parts = [f"job {self.job_id} {self.status}: {self.done}/{self.total} chunks{pct}",
+                 f"{self.errors} errors", _rate(self.tokens_per_min), _cost(self.cost)]
+        if self.left_s is not None and self.status not in _FINAL:
+            parts.append(f"about {_duration(self.left_s)} left")
+        return ", ".join(parts)
+
+
+_FINAL = frozenset({"succeeded", "partial", "failed", "cancelled"})
+
+
+class Rates:
+    """Throughput over the last minute of samples: tokens per minute and time left."""
+
+    def __init__(self, window_s: float = RATE_WINDOW_S) -> None:
+        self.window_s = window_s
+        self.samples: deque[tuple[float, int, int]] = deque()  # (time, chunks done, tokens)
+
+    def add(self, status: dict[str, Any], now: float | None = None) -> Snapshot:
+        now = time.monotonic() if now is None else now
+        done = int(status["chunks_done"])
+        tokens = int(status["tokens_in"]) + int(status["tokens_out"])
+        self.samples.append((now, done, tokens))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
+            self.samples.popleft()
+        total = int(status["chunks_total"])
+        tpm = left = None
+        t0, done0, tokens0 = self.samples[0]
+        if now - t0 > 0:
+            tpm = (tokens - tokens0) * 60.0 / (now - t0)
+            per_s = (done - done0) / (now - t0)
+            if per_s > 0:
+                left = max(total - done, 0) / per_s
+        return Snapshot(
+            job_id=int(status["id"]), status=str(status["status"]), done=done, total=total,
+            errors=int(status["chunks_by_state"].get("error", 0)), tokens=tokens,
+            tokens_per_min=tpm, cost=status.get("cost"), left_s=left,
+        )
+
+
+def watch(job_id: int, *, interval_s: float = 1.0, out: IO[str] | None = None) -> dict[str, Any]:
+    """Show the job's progress on `out` (stdout) until it is final; returns its final status.
+
+    Raises:
+        LookupError: the job does not exist.
+    """
+    out = out if out is not None else sys.stdout
+    view: _LiveBar | _PlainLines = _LiveBar(out) if out.isatty() else _PlainLines(out)
+    with view:
+        return JobHandle(job_id).wait(poll_s=interval_s, progress=view.update)
+
+
+class _PlainLines:
+    """One line when the counts move (at most every few seconds) and one when the state does."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out, self.rates = out, Rates()
+        self.last_line, self.last_status, self.last_t = "", "", 0.0
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.out.flush()
+
+    def update(self, status: dict[str, Any]) -> None:
+        snap = self.rates.add(status)
+        now = time.monotonic()
+        moved = snap.line() != self.last_line and now - self.last_t >= PLAIN_EVERY_S
+        if snap.status != self.last_status or moved:
+            self.out.write(snap.line() + "\n")
+            self.out.flush()
+            self.last_line, self.last_status, self.last_t = snap.line(), snap.status, now
+
+
+class _LiveBar:
+    """A rich progress bar, redrawn at each poll."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.rates = Rates()
+        self.progress = Progress(
+            TextColumn("[bold]job {task.fields[job]}[/] {task.fields[status]}"),
+            BarColumn(),
+            TextColumn("{task.completed:.0f}/{task.total:.0f} chunks"),
+            TextColumn("{task.fields[errors]}"),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("{task.fields[cost]}"),
+            TextColumn("{task.fields[left]}"),
+            console=Console(file=out), auto_refresh=False,
+        )
+        self.task: TaskID | None = None
+
+    def __enter__(self) -> Self:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.progress.refresh()
+        self.progress.stop()
+
+    def update(self, status: dict[str, Any]) -> None:
+        snap = self.rates.add(status)
+        fields: dict[str, Any] = {
+            "job": snap.job_id, "status": snap.status,
+            "errors": f"{snap.errors} errors", "rate": _rate(snap.tokens_per_min),
+            "cost": _cost(snap.cost),
+            "left": "" if snap.left_s is None or snap.status in _FINAL
+            else f"{_duration(snap.left_s)} left",
+        }
+        if self.task is None:
+            self.task = self.progress.add_task("job", total=snap.total or None, **fields)
+        self.progress.update(self.task, completed=snap.done, total=snap.total or None, **fields)
+        self.progress.refresh()
+
+
+def _rate(tpm: float | None) -> str:
+    return "- tokens/min" if tpm is None else f"{tpm:,.0f} tokens/min"
+
+
+def _cost(cost: float | None) -> str:
+    return "cost unknown" if cost is None else f"${cost:.4f}"
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    if s < 1:
+        return "<1s"
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
