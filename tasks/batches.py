@@ -39,11 +39,23 @@ def process_batch(self: Task, batch_id: int) -> dict[str, Any]:
             logger.warning("batch %s: %s: %s; retrying in %.0fs", batch_id,
                            type(exc).__name__, exc, wait)
             raise self.retry(countdown=wait, max_retries=None) from None
-        logger.exception("batch %s: giving up after %d failures; `docq resume` can finish it",
-                         batch_id, crashes)
+        logger.exception("batch %s: giving up after %d failures; the reconciler will send it "
+                         "again (or `docq resume`)", batch_id, crashes)
+        _mark_abandoned(batch_id)
         return {"batch_id": batch_id, "state": "abandoned"}
     if outcome.state == "retry":
         countdown = min(max(outcome.retry_in_s, 0.1), s.retry_backoff_max_s)
         logger.info("batch %s: %s; again in %.1fs", batch_id, outcome.reason, countdown)
         raise self.retry(countdown=countdown, max_retries=None)
     return {"batch_id": batch_id, "state": outcome.state}
+
+
+def _mark_abandoned(batch_id: int) -> None:
+    """Tell the reconciler this batch has no message left, so it is sent again."""
+    from tasks.maintenance import broker_redis
+    from workers.reconcile import mark_abandoned
+
+    try:
+        mark_abandoned(broker_redis(), batch_id)
+    except Exception:  # Redis down too: `docq resume JOB` still finds the batch unfinished
+        logger.exception("batch %s: could not record it as abandoned", batch_id)

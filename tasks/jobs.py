@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.exc import OperationalError
 
 from tasks.celery import app
+from tasks.maintenance import broker_redis
 from tasks.runtime import runtime
 from workers.merging import merge_job as merge
+from workers.reconcile import forget_published
 
 
 @app.task(
     name="jobs.merge",
-    autoretry_for=(OperationalError,),  # the store restarting: try again, the merge is idempotent
+    # The store or Redis restarting: try again, the merge is idempotent.
+    autoretry_for=(OperationalError, RedisConnectionError),
     retry_backoff=2,
     retry_backoff_max=120,
     max_retries=20,
@@ -24,4 +28,6 @@ def merge_job(job_id: int) -> dict[str, Any]:
         summary = merge(session, job_id)
     if summary is None:
         return {"job_id": job_id, "status": "missing"}
+    if summary.unfinished == 0:  # nothing left to send: the reconciler can forget the job
+        forget_published(broker_redis(), job_id)
     return {"job_id": job_id, "status": summary.status}

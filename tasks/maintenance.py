@@ -1,0 +1,271 @@
+"""Keeping jobs moving through crashes: the reconciler, and each worker's memory.
+
+`reconcile()` runs the rules of workers/reconcile.py over the store and Redis, and acts on them:
+it sends lost batches again as a new chord and merges finished jobs nobody merged. The beat task
+`jobs.reconcile` runs it every DOCQ_RECONCILE_EVERY_S seconds (RECONCILE_ENTRY, for the beat
+schedule); `docq resume` runs it by hand.
+
+Memory: Celery replaces a pool process whose RSS passed `worker_max_memory_per_child` once its
+task is done (tasks/celery.py sets it from DOCQ_WORKER_MAX_MEMORY_MB). Here a new pool process
+warns when it is born too close to that limit (celery#4125), and each worker's main process
+publishes its own and its pool processes' RSS to a Redis hash every few seconds, which
+`worker_memory()` reads for `docq workers`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psutil
+import redis
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
+
+from tasks.celery import app
+from tasks.runtime import resolve_broker, runtime
+from workers.reconcile import (
+    abandoned_batches,
+    forget_abandoned,
+    mark_published,
+    open_jobs,
+    plan_job,
+    published,
+)
+from workers.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Settings read here that belong in workers/settings.py; until they are there, these apply.
+DEFAULTS: dict[str, float] = {
+    "reconcile_every_s": 60.0,
+    "worker_max_memory_mb": 1024.0,
+    "worker_soft_shutdown_s": 20.0,
+}
+
+LOCK_KEY, LOCK_TTL_S = "docq:reconcile:lock", 300
+RSS_KEY = "docq:workers:rss"
+RSS_EVERY_S = 5.0
+RSS_STALE_S = 4 * RSS_EVERY_S  # an entry not refreshed for this long is a worker that is gone
+
+
+def setting(settings: Settings, name: str) -> float:
+    return float(getattr(settings, name, DEFAULTS[name]))
+
+
+def reconcile_entry(settings: Settings) -> dict[str, Any]:
+    """The beat entry for `jobs.reconcile`; a tick that waited a whole period is dropped."""
+    every_s = setting(settings, "reconcile_every_s")
+    return {"task": "jobs.reconcile", "schedule": every_s, "options": {"expires": every_s}}
+
+
+RECONCILE_ENTRY: dict[str, Any] = {
+    "task": "jobs.reconcile",
+    "schedule": DEFAULTS["reconcile_every_s"],
+    "options": {"expires": DEFAULTS["reconcile_every_s"]},
+}
+
+
+def broker_redis() -> Any:
+    """This process's client of the Redis that holds the messages (it is the result backend)."""
+    return app.backend.client
+
+
+def reconcile(
+    job_ids: Sequence[int] | None = None,
+    *,
+    force: bool = False,
+    merge_inline: bool = False,
+    merge_grace_s: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Send lost batches again and merge finished jobs; one record per open job examined.
+
+    `force` sends every unfinished batch nobody is working on (`docq resume JOB`).
+    `merge_inline` merges in this process instead of queueing `jobs.merge`.
+    """
+    from tasks.api import publish
+    from tasks.jobs import merge_job
+
+    rt = runtime()
+    client = broker_redis()
+    with rt.sessions.begin() as session:
+        jobs = open_jobs(session, job_ids)
+    marked = published(client, [j.job_id for j in jobs])
+    abandoned = abandoned_batches(client)
+    # A dead delivery's message comes back after one visibility timeout; a second one is the
+    # time it may wait in the queue before we call it lost.
+    lost_after_s = 2.0 * rt.settings.visibility_timeout_s
+    records: list[dict[str, Any]] = []
+    resent: set[int] = set()
+    waiting: set[int] = set()  # open batches not sent again: an abandoned one among them stays
+    for job in jobs:
+        plan = plan_job(job, published=marked[job.job_id], force=force,
+                        lost_after_s=lost_after_s, merge_grace_s=merge_grace_s,
+                        abandoned=abandoned)
+        record: dict[str, Any] = {"job_id": job.job_id, "reason": plan.reason,
+                                  "resent": 0, "in_progress": plan.in_progress, "merged": None}
+        resent.update(plan.resend)
+        waiting.update(b.batch_id for b in job.batches
+                       if b.unfinished and b.batch_id not in plan.resend)
+        if plan.resend:
+            record["resent"] = publish(job.job_id, batches=plan.resend)
+            logger.warning("job %s: sent %d batches again (%s)", job.job_id, record["resent"],
+                           plan.reason)
+        elif not marked[job.job_id] and not job.all_final:
+            mark_published(client, job.job_id)  # the live deliveries carry the rest
+        if plan.merge:
+            logger.info("job %s: merging (%s)", job.job_id, plan.reason)
+            if merge_inline:
+                record["merged"] = merge_job(job.job_id)["status"]
+            else:
+                merge_job.delay(job.job_id)
+                record["merged"] = "queued"
+        records.append(record)
+    # An abandoned batch is forgotten once sent again or, when every open job was examined,
+    # once it is no longer open (finished, or its job closed).
+    forget_abandoned(client, abandoned & resent if job_ids else abandoned - waiting)
+    return records
+
+
+@app.task(name="jobs.reconcile")
+def reconcile_jobs() -> dict[str, Any]:
+    """Beat: find lost batches and unmerged jobs, and enqueue what finishes them."""
+    client = broker_redis()
+    if not client.set(LOCK_KEY, str(os.getpid()), nx=True, ex=LOCK_TTL_S):
+        return {"skipped": "another reconcile is running"}
+    try:
+        # A job that just finished is merged by its own chord callback; give it one period.
+        records = reconcile(merge_grace_s=setting(runtime().settings, "reconcile_every_s"))
+    finally:
+        client.delete(LOCK_KEY)
+    return {
+        "jobs": len(records),
+        "merged": [r["job_id"] for r in records if r["merged"]],
+        "resent": {str(r["job_id"]): r["resent"] for r in records if r["resent"]},
+    }
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+
+def max_memory_kib(settings: Settings) -> int | None:
+    """Celery's `worker_max_memory_per_child` (KiB) from DOCQ_WORKER_MAX_MEMORY_MB; 0 is off."""
+    mb = setting(settings, "worker_max_memory_mb")
+    return int(mb * 1024) if mb > 0 else None
+
+
+def baseline_warning(rss_mb: float, limit_mb: float) -> str | None:
+    """A warning when a new pool process starts above half the memory limit, else None."""
+    if limit_mb <= 0 or rss_mb <= limit_mb / 2:
+        return None
+    return (
+        f"a new worker process starts at {rss_mb:.0f} MB, over half of "
+        f"DOCQ_WORKER_MAX_MEMORY_MB={limit_mb:.0f}: it will be replaced after almost every "
+        f"batch (celery#4125). Raise the limit, or keep the worker's main process lean"
+    )
+
+
+@worker_process_init.connect
+def _check_baseline(**_: Any) -> None:
+    limit_mb = setting(runtime().settings, "worker_max_memory_mb")
+    warning = baseline_warning(_rss_mb(psutil.Process()), limit_mb)
+    if warning:
+        logger.warning("pid %s: %s", os.getpid(), warning)
+
+
+def _rss_mb(proc: psutil.Process) -> float:
+    return float(proc.memory_info().rss) / 2**20
+
+
+class _RssReporter:
+    """In a worker's main process: publish its RSS and its pool processes' on the event loop."""
+
+    def __init__(self, hostname: str, limit_mb: float) -> None:
+        self.hostname, self.limit_mb = hostname, limit_mb
+        self.fields: set[str] = set()
+
+    def publish(self) -> None:
+        main = psutil.Process()
+        entries: dict[str, str] = {}
+        now = time.time()
+        for role, proc in [("main", main)] + [("pool", c) for c in main.children()]:
+            try:
+                rss_mb = _rss_mb(proc)
+            except psutil.Error:  # a pool process that just exited
+                continue
+            entries[f"{self.hostname}:{proc.pid}"] = json.dumps({
+                "hostname": self.hostname, "pid": proc.pid, "role": role,
+                "rss_mb": round(rss_mb, 1), "limit_mb": self.limit_mb, "updated": now,
+            })
+        client = broker_redis()
+        gone = self.fields - entries.keys()
+        if gone:
+            client.hdel(RSS_KEY, *gone)
+        client.hset(RSS_KEY, mapping=entries)
+        self.fields = set(entries)
+
+    def safe_publish(self) -> None:
+        try:
+            self.publish()
+        except (redis.RedisError, psutil.Error, OSError) as exc:
+            # A report lost to a Redis hiccup is replaced by the next one; the worker goes on.
+            logger.warning("worker %s: cannot publish memory use: %s", self.hostname, exc)
+
+    def forget(self) -> None:
+        if self.fields:
+            broker_redis().hdel(RSS_KEY, *self.fields)
+
+
+_reporter: _RssReporter | None = None
+
+
+@worker_ready.connect
+def _start_rss_reports(sender: Any, **_: Any) -> None:
+    global _reporter
+    _reporter = _RssReporter(sender.hostname, setting(runtime().settings, "worker_max_memory_mb"))
+    _reporter.safe_publish()
+    # The main process's event-loop timer: no thread in a process that forks pool processes.
+    sender.timer.call_repeatedly(RSS_EVERY_S, _reporter.safe_publish)
+
+
+@worker_shutdown.connect
+def _stop_rss_reports(**_: Any) -> None:
+    if _reporter is not None:
+        _reporter.forget()
+
+
+def worker_memory(settings: Settings) -> list[dict[str, Any]]:
+    """Each live worker process's RSS: hostname, pid, role (main or pool), rss_mb, limit_mb."""
+    client = redis.Redis.from_url(resolve_broker(settings), socket_timeout=10,
+                                  socket_connect_timeout=5)
+    try:
+        entries = client.hgetall(RSS_KEY)
+        now = time.time()
+        rows, stale = [], []
+        for field, raw in entries.items():
+            row = json.loads(raw)
+            if now - float(row["updated"]) > RSS_STALE_S:
+                stale.append(field)  # its worker stopped reporting: it is gone
+            else:
+                rows.append({**row, "age_s": round(now - float(row["updated"]), 1)})
+        if stale:
+            client.hdel(RSS_KEY, *stale)
+    finally:
+        client.close()
+    return sorted(rows, key=lambda r: (r["hostname"], r["role"] != "main", r["pid"]))
+
+
+def format_worker_memory(rows: list[dict[str, Any]]) -> str:
+    """A table of `worker_memory()` rows, one line per process."""
+    if not rows:
+        return f"no worker has reported its memory in the last {RSS_STALE_S:.0f} s"
+    lines = [f"{'worker':<32} {'pid':>7} {'role':<5} {'rss MB':>8} {'limit MB':>9}  {'% limit':>7}"]
+    for r in rows:
+        limit = float(r["limit_mb"])
+        share = f"{100 * r['rss_mb'] / limit:6.0f}%" if limit > 0 and r["role"] == "pool" else ""
+        lines.append(f"{r['hostname']:<32} {r['pid']:>7} {r['role']:<5} {r['rss_mb']:>8.1f} "
+                     f"{limit if limit > 0 else 'off':>9}  {share:>7}")
+    return "\n".join(lines)

@@ -1,0 +1,380 @@
+"""Crashes and outages mid-job, with real processes: nothing lost, nothing written twice.
+
+Every test runs a job against the simulator with slow model calls, breaks something while
+batches are in flight (a worker killed or stopped, Redis flushed, PostgreSQL restarted), and
+checks what a user would: the job ends, every chunk has exactly one result row, and the model
+was not called again for a chunk whose answer had been recorded. `calls - attempts` below is
+the number of model calls whose answers were lost (paid for twice).
+
+The time limits are shrunk so that Redis's visibility timeout (the redelivery of a dead
+worker's messages) is seconds, not an hour; the settings validate their order.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
+
+from models import Batch, Chunk, Job, Result, upgrade
+from tasks import submit
+from tasks.api import TERMINAL
+from tasks.runtime import runtime
+from tests.conftest import free_port
+from workers.reconcile import open_jobs
+
+pytestmark = pytest.mark.integration
+
+# model timeout < soft limit < hard limit < lease < visibility timeout; a batch's budget is
+# soft - timeout - 15 = 5 s, plenty for a batch of 4 concurrent calls of up to 1.5 s.
+FAST: dict[str, Any] = {
+    "llm_timeout_s": 2, "task_soft_time_limit_s": 22, "task_time_limit_s": 23, "lease_s": 24,
+    "visibility_timeout_s": 26, "retry_backoff_max_s": 5,
+    "chunk_tokens": 40, "chunk_overlap_tokens": 0, "batch_max_chunks": 4,
+}
+DOCQ = Path(sys.executable).parent / "docq"
+
+
+def corpus(n: int, sentences: int = 6) -> list[tuple[str, str]]:
+    """Documents whose every chunk is different text (so no answer comes from a cache)."""
+    return [
+        (f"doc-{i}", " ".join(f"Boat {i}-{j} came back to quay {i * 97 + j} at noon with its "
+                              f"catch of {j + 3} crates." for j in range(sentences)))
+        for i in range(n)
+    ]
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
+
+
+def tally(job_id: int) -> dict[str, Any]:
+    """What the store holds for the job: chunks, result rows, attempts, status."""
+    with runtime().sessions() as s:
+        chunks = s.scalar(select(func.count()).select_from(Chunk).where(Chunk.job_id == job_id))
+        rows = s.execute(select(Result.chunk_id, Result.status, Result.attempts)
+                         .where(Result.job_id == job_id)).all()
+        status = s.scalar(select(Job.status).where(Job.id == job_id))
+    return {
+        "chunks": chunks, "rows": len(rows), "distinct": len({r.chunk_id for r in rows}),
+        "ok": sum(1 for r in rows if r.status == "ok"), "attempts": sum(r.attempts for r in rows),
+        "states": {r.status for r in rows}, "status": status,
+    }
+
+
+def in_progress(job_id: int) -> int:
+    """Chunks without a final result that a live delivery holds a lease on."""
+    with runtime().sessions() as s:
+        return sum(b.leased for j in open_jobs(s, [job_id]) for b in j.batches)
+
+
+def finished(job_id: int) -> bool:
+    try:
+        return tally(job_id)["status"] in TERMINAL
+    except OperationalError:  # the store is restarting: not finished, ask again
+        return False
+
+
+def model_calls(sim: Any) -> int:
+    """Requests the provider received: answered, plus those whose client went away."""
+    st = sim.stats()
+    return int(st["requests_total"]) + int(st["cancelled"])
+
+
+def assert_exactly_once(job_id: int, sim: Any, max_lost_calls: int = 0) -> None:
+    t = tally(job_id)
+    assert t["status"] == "succeeded", t
+    assert t["rows"] == t["distinct"] == t["chunks"] == t["ok"], t
+    calls = model_calls(sim)
+    # Every recorded attempt is a call; a call beyond them is an answer that was lost.
+    assert t["attempts"] <= calls <= t["attempts"] + max_lost_calls, (calls, t)
+    print(f"\nfigures: chunks={t['chunks']} rows={t['rows']} attempts={t['attempts']} "
+          f"calls={calls} lost_calls={calls - t['attempts']}")
+
+
+def test_a_worker_killed_mid_batch_is_redelivered_and_the_job_completes_once(
+    simulator: Any, docq_env: Any, workers: Any
+) -> None:
+    # Given a job of 30 batches of slow calls, and a worker in the middle of it
+    sim = simulator("--latency-ms", "500", "--seed", "11")
+    env = docq_env(sim.url, **FAST)
+    w0 = workers(env, concurrency=2)
+    handle = submit(corpus(20), "summarize")
+    wait_until(lambda: tally(handle.id)["rows"] >= 4 and in_progress(handle.id) > 0, 30,
+               "results, and a batch in progress")
+    # When the worker and its pool processes are killed with SIGKILL, mid-batch
+    w0.kill()
+    killed = time.monotonic()
+    at_kill = tally(handle.id)
+    assert at_kill["rows"] < at_kill["chunks"], "the job ended before the kill"
+    # and a new worker starts once the visibility timeout has passed (kombu puts the dead
+    # worker's unacknowledged messages back when a consumer starts, then every ~100 s)
+    time.sleep(max(0.0, FAST["visibility_timeout_s"] + 1 - (time.monotonic() - killed)))
+    workers(env, concurrency=2)
+    # Then the job completes with one result per chunk; only the calls in flight at the kill
+    # (at most two batches of 4) were made twice
+    wait_until(lambda: finished(handle.id), 60, "the job to end")
+    assert_exactly_once(handle.id, sim, max_lost_calls=8)
+
+
+def test_redis_flushed_mid_job_is_finished_by_the_reconciler(
+    simulator: Any, docq_env: Any, workers: Any, redis_client: redis.Redis
+) -> None:
+    from tasks.maintenance import reconcile
+    from workers.reconcile import marker_key
+
+    # Given a job in flight, with its publish marker in Redis
+    sim = simulator("--latency-ms", "500", "--seed", "12")
+    env = docq_env(sim.url, **FAST)
+    workers(env, concurrency=2)
+    handle = submit(corpus(20), "summarize")
+    assert redis_client.exists(marker_key(handle.id))
+    wait_until(lambda: tally(handle.id)["rows"] >= 4, 30, "the first results")
+    # When Redis loses everything: queued and unacknowledged messages, chord state, marker
+    redis_client.flushdb()
+    assert not finished(handle.id)
+    # and the reconciler runs, as beat runs it (here every two seconds instead of every minute)
+    runs = []
+    while not finished(handle.id) and len(runs) < 30:
+        runs.append(reconcile())
+        time.sleep(2)
+    # Then its first run sent the lost batches again, and the job completed exactly once
+    first = {r["job_id"]: r for r in runs[0]}[handle.id]
+    assert first["resent"] > 0, runs[0]
+    assert "no publish marker" in first["reason"]
+    print(f"\nfigures: first run {first}; {len(runs)} runs until the job ended")
+    assert_exactly_once(handle.id, sim, max_lost_calls=0)
+    # and a further run finds nothing to do
+    assert reconcile() == []
+    assert not redis_client.exists(marker_key(handle.id))
+
+
+def test_docq_resume_sends_a_job_whose_messages_were_lost_and_is_idempotent(
+    simulator: Any, docq_env: Any, workers: Any, redis_client: redis.Redis
+) -> None:
+    # Given a job submitted while no worker ran, whose messages then vanished with Redis
+    sim = simulator("--seed", "13")
+    env = docq_env(sim.url, **FAST)
+    handle = submit(corpus(4), "summarize")
+    redis_client.flushdb()
+    # When `docq resume JOB` runs twice, and only then a worker starts
+    first = _docq(env, "resume", str(handle.id))
+    second = _docq(env, "resume", str(handle.id))
+    workers(env, concurrency=2)
+    # Then the first run sent every batch again; the second found them queued (none is
+    # leased, so it sends them again, and the duplicates cost no model call)
+    with runtime().sessions() as s:
+        batches = s.scalar(select(func.count()).select_from(Batch)
+                           .where(Batch.job_id == handle.id))
+    assert f"sent {batches} batches again" in first.stdout, first
+    assert second.returncode == 0, second
+    wait_until(lambda: finished(handle.id), 60, "the job to end")
+    assert_exactly_once(handle.id, sim, max_lost_calls=0)
+    # and on a finished job, and on an unknown one, it says so
+    done = _docq(env, "resume", str(handle.id))
+    assert done.returncode == 0 and "nothing to resume" in done.stdout
+    unknown = _docq(env, "resume", "999999")
+    assert unknown.returncode == 2 and "job 999999 does not exist" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+
+
+def _docq(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(DOCQ), *args], env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+class PrivatePostgres:
+    """A throwaway PostgreSQL cluster on a free port, so stopping it disturbs nobody else."""
+
+    def __init__(self) -> None:
+        bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        self.pg_ctl = Path(bindir) / "pg_ctl"
+        if not (Path(bindir) / "initdb").exists():
+            pytest.skip("PostgreSQL's server programs (initdb, pg_ctl) are not installed")
+        self.dir = Path(tempfile.mkdtemp(prefix="docq-pg-"))
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.as_owner: list[str] = []
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+            shutil.chown(self.dir, "postgres", "postgres")
+            self.as_owner = ["runuser", "-u", "postgres", "--"]
+        self._run(str(Path(bindir) / "initdb"), "-D", str(self.dir / "data"), "--auth=trust",
+                  "-U", "postgres", "-E", "UTF8")
+        self.start()
+
+    def _run(self, *argv: str) -> None:
+        subprocess.run([*self.as_owner, *argv], check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(str(self.pg_ctl), "-D", str(self.dir / "data"), "-o", opts,
+                  "-l", str(self.dir / "log"), "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run(str(self.pg_ctl), "-D", str(self.dir / "data"), "-m", mode, "-w", "stop")
+
+    def remove(self) -> None:
+        try:
+            self.stop("immediate")
+        except subprocess.CalledProcessError:
+            pass  # already stopped
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PrivatePostgres]:
+    if shutil.which("pg_config") is None:
+        pytest.skip("pg_config is not installed: cannot start a private PostgreSQL")
+    pg = PrivatePostgres()
+    try:
+        upgrade(pg.url)
+        yield pg
+    finally:
+        pg.remove()
+
+
+def test_postgres_restarted_mid_job_loses_no_paid_output(
+    simulator: Any, docq_env: Any, workers: Any, own_postgres: PrivatePostgres
+) -> None:
+    # Given a job in flight whose results store is a PostgreSQL of its own
+    sim = simulator("--latency-ms", "500", "--seed", "14")
+    env = docq_env(sim.url, database_url=own_postgres.url, **FAST)
+    w0 = workers(env, concurrency=2)
+    handle = submit(corpus(20), "summarize")
+    wait_until(lambda: tally(handle.id)["rows"] >= 4, 30, "the first results")
+    # When PostgreSQL stops (fast: every connection is cut) for three seconds, then starts
+    own_postgres.stop("fast")
+    try:
+        time.sleep(3)
+    finally:
+        own_postgres.start()
+    # Then the job completes with one row per chunk and no model call made twice: the answers
+    # that came back while the store was down were kept and written once it was up
+    wait_until(lambda: finished(handle.id), 90, "the job to end")
+    assert_exactly_once(handle.id, sim, max_lost_calls=0)
+    assert "results store unavailable" in w0.log() or "OperationalError" in w0.log()
+
+
+def test_the_same_batch_delivered_to_two_worker_processes_calls_the_model_once_per_chunk(
+    simulator: Any, docq_env: Any, workers: Any
+) -> None:
+    from tasks.batches import process_batch
+    from workers.pipelines import build_pipeline
+    from workers.sources import iter_documents
+    from workers.submission import create_job, ingest, mark_submitted
+
+    # Given two separate worker processes and a recorded, unpublished job with slow calls
+    sim = simulator("--latency-ms", "500", "--seed", "15")
+    env = docq_env(sim.url, **{**FAST, "batch_max_chunks": 8})
+    w0, w1 = workers(env, concurrency=1), workers(env, concurrency=1)
+    rt = runtime()
+    with rt.sessions.begin() as s:
+        job_id = create_job(s, rt.settings, build_pipeline("summarize", {})).id
+    ingest(rt.sessions, rt.settings, job_id, iter_documents(corpus(2), max_bytes=10**6))
+    with rt.sessions.begin() as s:
+        mark_submitted(s, job_id)
+        batch_id, size = s.execute(select(Batch.id, Batch.chunk_count)
+                                   .where(Batch.job_id == job_id, Batch.seq == 1)).one()
+    # When one message is delivered twice at once, one copy to each worker
+    task_id = str(uuid.uuid4())
+    copies = [process_batch.apply_async((batch_id,), task_id=task_id) for _ in range(2)]
+    for copy in copies:
+        copy.get(timeout=60)
+    # Then both workers took a copy, yet each chunk was sent to the model once, with one row
+    assert task_id in w0.log() and task_id in w1.log()
+    with rt.sessions() as s:
+        rows = s.execute(select(Result.chunk_id, Result.attempts)
+                         .where(Result.job_id == job_id)).all()
+    assert len(rows) == len({r.chunk_id for r in rows}) == size
+    assert all(r.attempts == 1 for r in rows)
+    assert model_calls(sim) == size
+
+
+def test_a_poison_batch_stops_after_max_deliveries_with_its_error_recorded(
+    simulator: Any, docq_env: Any, workers: Any
+) -> None:
+    # Given a worker with one pool process, a poison guard of 2 deliveries, and a one-batch job
+    sim = simulator("--latency-ms", "1500", "--seed", "16")
+    env = docq_env(sim.url, max_deliveries=2, **FAST)
+    w0 = workers(env, concurrency=1)
+    handle = submit(corpus(1, sentences=3), "summarize")
+    with runtime().sessions() as s:
+        batch_id = s.scalar(select(Batch.id).where(Batch.job_id == handle.id))
+
+    def deliveries() -> int:
+        with runtime().sessions() as s:
+            return int(s.scalar(select(Batch.deliveries).where(Batch.id == batch_id)) or 0)
+
+    # When the pool process dies (SIGKILL) every time it starts the batch
+    killed = 0
+    deadline = time.monotonic() + 60
+    while killed < 2 and time.monotonic() < deadline:
+        if deliveries() > killed:
+            for pid in w0.children():
+                os.kill(pid, signal.SIGKILL)
+            killed += 1
+        time.sleep(0.02)
+    assert killed == 2
+    # Then the third delivery records every chunk as failed instead of trying again, and the
+    # merge ends the job with the reason
+    wait_until(lambda: finished(handle.id), 60, "the job to end")
+    t = tally(handle.id)
+    assert t["status"] == "failed" and t["states"] == {"error"} and t["rows"] == t["chunks"], t
+    with runtime().sessions() as s:
+        messages = set(s.scalars(select(Result.error_message).where(Result.job_id == handle.id)))
+    assert len(messages) == 1 and "delivered 2 times without finishing" in messages.pop()
+    assert deliveries() == 0  # the clean end reset the guard
+    print(f"\nfigures: chunks={t['chunks']} calls={model_calls(sim)} (made by the 2 killed "
+          f"deliveries)")
+
+
+def test_sigterm_lets_running_batches_finish_and_another_worker_takes_the_rest(
+    simulator: Any, docq_env: Any, workers: Any
+) -> None:
+    from tasks.maintenance import worker_memory
+
+    # Given a worker in the middle of a job of slow calls, reporting its memory
+    sim = simulator("--latency-ms", "1000", "--seed", "17")
+    env = docq_env(sim.url, **FAST)
+    w0 = workers(env, concurrency=2)
+    wait_until(lambda: len(worker_memory(runtime().settings)) == 3, 20, "memory reports")
+    memory = worker_memory(runtime().settings)
+    assert {r["role"] for r in memory} == {"main", "pool"}
+    assert all(r["rss_mb"] > 10 and r["limit_mb"] == 1024 for r in memory), memory
+    handle = submit(corpus(8), "summarize")
+    wait_until(lambda: in_progress(handle.id) > 0, 30, "a batch in progress")
+    # When it gets SIGTERM (what `docker stop` and systemd send)
+    stopped = time.monotonic()
+    w0.proc.send_signal(signal.SIGTERM)
+    w0.proc.wait(30)
+    exit_s = time.monotonic() - stopped
+    print(f"\nfigures: worker exit {exit_s:.1f}s after SIGTERM; rss {memory}")
+    # Then it finished its running batches (no chunk is left under its lease) and left,
+    # giving its reserved messages back
+    assert "Warm shutdown" in w0.log()
+    assert exit_s < FAST["task_soft_time_limit_s"], exit_s
+    assert in_progress(handle.id) == 0
+    assert not any(r["hostname"].startswith("w0@") for r in worker_memory(runtime().settings))
+    # and a new worker completes the job with no call made twice
+    workers(env, concurrency=2)
+    wait_until(lambda: finished(handle.id), 60, "the job to end")
+    assert_exactly_once(handle.id, sim, max_lost_calls=0)
