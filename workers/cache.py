@@ -1,0 +1,63 @@
+"""The response cache: a model answer keyed by everything that shapes it, in the SQL store.
+
+A hit is recorded as a result with zero tokens, zero cost and `cached = true`: submitting an
+unchanged corpus again makes no model call at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import CachedResponse, upsert
+from workers.pipelines import Prompt
+
+POLICIES = ("use", "refresh", "off")
+
+
+def cache_key(
+    endpoint: str, model: str, version: str, prompt: Prompt, max_tokens: int, temperature: float
+) -> str:
+    """A hash of the endpoint, model, pipeline version, rendered prompt and generation options."""
+    material = {
+        "endpoint": endpoint.rstrip("/"),
+        "model": model,
+        "version": version,
+        "messages": prompt.messages,
+        "text": prompt.text,
+        "response_format": prompt.response_format,
+        "stop": prompt.stop,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "params": prompt.params,
+    }
+    blob = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def lookup(session: Session, keys: Iterable[str]) -> dict[str, tuple[Any, str | None]]:
+    """The cached (output, finish_reason) of each key that has one."""
+    wanted = list(set(keys))
+    if not wanted:
+        return {}
+    rows = session.execute(
+        select(CachedResponse.key, CachedResponse.output, CachedResponse.finish_reason)
+        .where(CachedResponse.key.in_(wanted))
+    )
+    return {key: (output, finish) for key, output, finish in rows}
+
+
+def store(session: Session, entries: Sequence[dict[str, Any]], *, refresh: bool) -> None:
+    """Remember successful answers; `refresh` overwrites what was there."""
+    upsert(
+        session,
+        CachedResponse.__table__,  # type: ignore[arg-type]
+        entries,
+        keys=("key",),
+        update=("output", "finish_reason", "tokens_in", "tokens_out", "model") if refresh else None,
+    )
