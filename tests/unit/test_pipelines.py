@@ -1,12 +1,17 @@
-"""The four pipelines: prompts in both modes, versions, parsing, merging and option errors."""
+"""The four prompt pipelines: prompts in both modes, versions, parsing, merging, option errors.
+
+`openai-batch`, which sends requests it is given rather than prompts, has its own tests.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +20,8 @@ from workers import prompts
 from workers.errors import PipelineError, RetryableLLMError
 from workers.pipelines import PIPELINE_NAMES, OutputParseError, Pipeline, build_pipeline
 
+ROOT = Path(__file__).resolve().parents[2]
+PROMPT_PIPELINES = ("summarize", "classify", "extract", "custom")
 LABELS = ["positive", "negative", "neutral"]
 SCHEMA = {
     "type": "object",
@@ -35,15 +42,15 @@ def pipeline(name: str) -> Pipeline:
     return build_pipeline(name, OPTIONS[name])
 
 
-def test_the_table_holds_the_four_pipelines() -> None:
-    # Given the module / When the names are listed / Then all four are there
-    assert PIPELINE_NAMES == ("summarize", "classify", "extract", "custom")
+def test_the_table_holds_the_four_prompt_pipelines() -> None:
+    # Given the module / When the names are listed / Then the four come first, in order
+    assert PIPELINE_NAMES[:4] == PROMPT_PIPELINES
 
 
 # Rendering.
 
 
-@pytest.mark.parametrize("name", PIPELINE_NAMES)
+@pytest.mark.parametrize("name", PROMPT_PIPELINES)
 def test_chat_mode_sends_a_system_and_a_user_message_with_the_chunk(name: str) -> None:
     # Given a pipeline / When a chunk is rendered for a chat model
     prompt = pipeline(name).render("  The cat sat on the mat.\n", "chat")
@@ -57,25 +64,82 @@ def test_chat_mode_sends_a_system_and_a_user_message_with_the_chunk(name: str) -
 
 
 @pytest.mark.parametrize(
-    ("name", "ending"),
+    ("name", "ending", "stop", "max_tokens"),
     [
-        ("summarize", "Article: The cat sat on the mat.\nHeadline:"),
-        (
-            "classify",
-            "Labels: positive | negative | neutral\nText: The cat sat on the mat.\nLabel:",
-        ),
-        ("extract", "Text: The cat sat on the mat.\nJSON with name, year:"),
-        ("custom", "Text: The cat sat on the mat.\nPeople:"),
+        # one sentence: the parser puts back the full stop that ". " eats
+        ("summarize", "\n\nText: The cat sat on the mat.\nSummary:", [". ", "\n"], 48),
+        # keywords first, then a "Label:" line; the next worked example's "Text:" ends it
+        ("classify", "\n\nText: The cat sat on the mat.\nKeywords:", ["\nText:", "\n\n\n"], 24),
+        ("extract", "\n\nText: The cat sat on the mat.\nJSON with name, year:", ["\n"], None),
+        ("custom", "\n\nText: The cat sat on the mat.\nPeople:", ["\n\n"], None),
     ],
 )
-def test_completion_mode_ends_where_the_base_model_should_continue(name: str, ending: str) -> None:
+def test_completion_mode_ends_where_the_base_model_should_continue(
+    name: str, ending: str, stop: list[str], max_tokens: int | None
+) -> None:
     # Given a pipeline / When a chunk is rendered for a base model
     prompt = pipeline(name).render("The cat sat on the mat.\n\n", "completion")
 
-    # Then it is one text ending at the answer's slot, with stops that end a one-line answer
+    # Then it is one text ending at the answer's slot, with the stops and cap that end the answer
     assert prompt.messages is None and prompt.response_format is None
     assert prompt.text is not None and prompt.text.endswith(ending)
-    assert prompt.stop and all(s.startswith("\n") for s in prompt.stop)
+    assert (prompt.stop, prompt.max_tokens) == (stop, max_tokens)
+
+
+def _measured_templates() -> list[str]:
+    """The two templates of examples/local_prompts.md, as written there."""
+    doc = (ROOT / "examples" / "local_prompts.md").read_text()
+    return re.findall(r"```text\n(.*?)\n```", doc, flags=re.DOTALL)
+
+
+def test_summarize_and_classify_use_the_prompts_measured_on_the_local_model() -> None:
+    # Given the two prompts measured on Gemma 3 270M, with their labels as "a, b, c"
+    summary, label = _measured_templates()
+    labels = ["sports", "politics", "technology", "cooking", "science", "travel"]
+    chunk = "The striker scored twice."
+
+    # When summarize and classify render a chunk for a base model
+    summarize = build_pipeline("summarize", {}).render(chunk, "completion").text
+    classify = build_pipeline("classify", {"labels": labels}).render(chunk, "completion").text
+
+    # Then the prompts are those, word for word
+    assert summarize == summary.replace("{text}", chunk)
+    assert classify == label.replace("{labels}", ", ".join(labels)).replace("{text}", chunk)
+
+
+def test_completion_mode_sends_the_chunk_on_one_line() -> None:
+    # Given a chunk over several lines with runs of spaces
+    chunk = "  The cat sat\n\non the   mat.\tIt purred.\n"
+
+    # When rendered for a base model / Then its whitespace is collapsed, as the prompts were measured
+    for name in ("summarize", "classify", "extract"):
+        text = pipeline(name).render(chunk, "completion").text
+        assert text is not None and "Text: The cat sat on the mat. It purred.\n" in text
+    # And custom, whose prompt is the user's own, gets the chunk as it is, trimmed
+    custom = pipeline("custom").render(chunk, "completion").text
+    assert (
+        custom is not None and "Text: The cat sat\n\non the   mat.\tIt purred.\nPeople:" in custom
+    )
+
+
+def test_summarize_leaves_out_an_opening_markdown_heading_in_completion_mode() -> None:
+    # Given the first chunk of a Markdown document, and a chunk that is only a heading
+    doc = "# Who maintains the software?\n\nMuch of the software depends on volunteers.\n"
+
+    # When summarize renders them for a base model
+    def rendered(chunk: str, mode: Any = "completion") -> str:
+        prompt = pipeline("summarize").render(chunk, mode)
+        return prompt.text if mode == "completion" else prompt.messages[1]["content"]  # type: ignore[index,return-value]
+
+    # Then the heading is left out (the model then summarizes the text, not its title)
+    assert rendered(doc).endswith("\nText: Much of the software depends on volunteers.\nSummary:")
+    # But a heading that is the whole chunk, or a "#" that opens ordinary text, stays
+    assert rendered("## Contents").endswith("\nText: ## Contents\nSummary:")
+    assert rendered("#1 on the list.").endswith("\nText: #1 on the list.\nSummary:")
+    # And chat mode, and classify, keep the heading
+    assert "# Who maintains the software?\n\nMuch" in rendered(doc, "chat")
+    classify = pipeline("classify").render(doc, "completion").text
+    assert classify is not None and "Text: # Who maintains the software? Much of" in classify
 
 
 @pytest.mark.parametrize("name", ["summarize", "classify", "extract"])
@@ -85,12 +149,12 @@ def test_completion_prompts_are_few_shot(name: str) -> None:
     assert text is not None
 
     # Then worked examples precede the chunk, each a block of its own
-    marker = {"summarize": "Headline:", "classify": "Label:", "extract": "JSON with"}[name]
+    marker = {"summarize": "Summary:", "classify": "Label:", "extract": "JSON with"}[name]
     assert text.count(marker) >= 3
     assert text.count("\n\n") >= 2
 
 
-@pytest.mark.parametrize("name", PIPELINE_NAMES)
+@pytest.mark.parametrize("name", PROMPT_PIPELINES)
 @pytest.mark.parametrize("mode", ["chat", "completion"])
 def test_braces_in_the_chunk_are_inserted_verbatim(name: str, mode: Any) -> None:
     # Given a chunk holding placeholders and stray braces
@@ -125,12 +189,20 @@ def test_classify_chat_mode_asks_for_one_of_the_labels_by_schema() -> None:
 
 
 def test_classify_caps_the_answer_length_in_both_modes() -> None:
-    # Given classify / When rendered in each mode
-    classify = build_pipeline("classify", {"labels": ["yes", "a much longer label"]})
-    caps = {classify.render("x", mode).max_tokens for mode in ("chat", "completion")}
+    # Given classify with short labels, and with a long one
+    short = build_pipeline("classify", {"labels": ["billing", "bug report", "question"]})
+    long = build_pipeline("classify", {"labels": ["yes", "a much longer label than usual"]})
 
-    # Then the cap leaves room for the longest label and the JSON around it, and no more
-    assert caps == {16 + len("a much longer label")}
+    # When rendered in each mode
+    def cap(classify: Pipeline, mode: Any) -> int | None:
+        return classify.render("x", mode).max_tokens
+
+    # Then chat mode leaves room for the longest label and the JSON around it, and no more
+    assert cap(short, "chat") == 16 + len("bug report")
+    assert cap(long, "chat") == 16 + len("a much longer label than usual")
+    # And completion mode has the measured 24 for keywords and a short label, more for a long one
+    assert cap(short, "completion") == 24
+    assert cap(long, "completion") == 24 + 4  # 6 tokens, 2 of them inside the measured cap
     assert pipeline("summarize").render("x", "chat").max_tokens is None
 
 
@@ -234,7 +306,7 @@ def _versions_in_a_fresh_interpreter() -> dict[str, str]:
 
 def test_versions_are_the_same_in_every_process() -> None:
     # Given the same options / When versions are computed here and in another interpreter
-    here = {name: pipeline(name).version for name in PIPELINE_NAMES}
+    here = {name: pipeline(name).version for name in PROMPT_PIPELINES}
 
     # Then they agree, name the pipeline, and fit the results table's column
     assert _versions_in_a_fresh_interpreter() == here
@@ -242,7 +314,7 @@ def test_versions_are_the_same_in_every_process() -> None:
         assert version.startswith(f"{name}-r1-") and len(version) <= 64
 
 
-@pytest.mark.parametrize("name", PIPELINE_NAMES)
+@pytest.mark.parametrize("name", PROMPT_PIPELINES)
 def test_described_options_build_the_same_pipeline(name: str) -> None:
     # Given a pipeline / When it is rebuilt from the options stored on the job row
     first = pipeline(name)
@@ -306,6 +378,27 @@ def test_summarize_keeps_the_text_even_when_cut_off() -> None:
     assert summarize.parse(" Cats sit on", "length") == {"summary": "Cats sit on"}
 
 
+@pytest.mark.parametrize(
+    ("raw", "summary"),
+    [
+        # the ". " stop sequence ate the full stop
+        (
+            " The bakery closes for three weeks in August",
+            "The bakery closes for three weeks in August.",
+        ),
+        ("Is the bakery closing?", "Is the bakery closing?"),
+        ("It closes!", "It closes!"),
+        ('She said "it closes."', 'She said "it closes."'),
+        ("It closes (for now.)", "It closes (for now.)"),
+        ("It closes (for now)", "It closes (for now)."),
+        ("Two sentences. Chat models write them.", "Two sentences. Chat models write them."),
+    ],
+)
+def test_summarize_ends_a_finished_summary_with_a_full_stop(raw: str, summary: str) -> None:
+    # Given a summary the model finished / When parsed / Then it ends as a sentence, once
+    assert pipeline("summarize").parse(raw, "stop") == {"summary": summary}
+
+
 def test_summarize_refuses_an_empty_summary() -> None:
     # Given blank output / When parsed / Then it is a parse error (a new sample may do better)
     with pytest.raises(OutputParseError, match="summarize: the model returned an empty summary"):
@@ -316,8 +409,12 @@ def test_summarize_refuses_an_empty_summary() -> None:
     ("raw", "label"),
     [
         (" negative", "negative"),
-        ("Negative.\nLabel: positive", "negative"),  # the first line counts
+        ("Negative.\nNeutral.", "negative"),  # a plain answer: the first line counts
         ("\n  NEUTRAL!  \n", "neutral"),
+        # completion mode: keywords, then the first "Label:" line, maybe after a blank line
+        (" soup, cold, waiter\nLabel: negative\n", "negative"),
+        (" sleep, brain, study\n\nlabel:  Neutral.\n", "neutral"),
+        (" cake\nLabel: positive\nLabel: negative", "positive"),
         ('{"label": "neutral"}', "neutral"),  # chat mode's structured output
         ('```json\n{"label": "positive"}\n```', "positive"),
     ],
@@ -338,6 +435,10 @@ def test_classify_maps_the_answer_to_a_label(raw: str, label: str) -> None:
         ('{"label": "angry"}', "the answer 'angry' is none of the labels"),
         ('{"mood": "positive"}', 'expected {"label": "..."}'),
         ('{"label": "pos', "not valid JSON"),
+        # a topic of the worked examples, not one of the user's labels
+        (" invoice, credit\nLabel: finance\n", "the answer 'finance' is none of the labels"),
+        # keywords with no label line
+        (" soup, vegetables, stock\n", "the answer 'soup, vegetables, stock' is none of"),
     ],
 )
 def test_classify_refuses_answers_that_are_no_label(raw: str, message: str) -> None:
@@ -584,6 +685,17 @@ def test_good_extract_schemas_are_accepted() -> None:
     with pytest.raises(OutputParseError, match=r"at \$\.who\.name: 1 is not of type 'string'"):
         build_pipeline("extract", {"schema": defs}).parse('{"who": {"name": 1}}', "stop")
     assert build_pipeline("extract", {"schema": draft7}).parse('{"name": "Ada"}', None)
+
+
+def test_classify_reads_a_label_of_several_words() -> None:
+    # Given labels of more than one word / When the model's label line names one in other case
+    classify = build_pipeline("classify", {"labels": ["billing", "bug report", "question"]})
+    raw = " app, settings page, crash\nLabel: Bug report\n"
+
+    # Then it is that label, as the user spelled it
+    assert classify.parse(raw, "stop") == {"label": "bug report"}
+    with pytest.raises(OutputParseError, match="the answer 'bug' is none of the labels"):
+        classify.parse(" app\nLabel: bug\n", "stop")
 
 
 def test_labels_are_stored_trimmed() -> None:
