@@ -85,6 +85,9 @@ class Job(Base):
     mode: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(STATE, default=JobStatus.PENDING, index=True)
     reason: Mapped[str | None] = mapped_column(Text)
+    cache_policy: Mapped[str] = mapped_column(String(8), default="use")  # use, refresh or off
+    budget_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    budget_cost: Mapped[float | None] = mapped_column(Float)
 
     documents_total: Mapped[int] = mapped_column(default=0)
     documents_rejected: Mapped[int] = mapped_column(default=0)
@@ -162,6 +165,20 @@ class Chunk(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class CachedResponse(Base):
+    """A model answer keyed by everything that shapes it; a hit costs no call."""
+
+    __tablename__ = "response_cache"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    output: Mapped[Any | None] = mapped_column(JSON)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    tokens_in: Mapped[int] = mapped_column(default=0)
+    tokens_out: Mapped[int] = mapped_column(default=0)
+    model: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 class Result(Base):
     __tablename__ = "results"
     __table_args__ = (UniqueConstraint("chunk_id", "pipeline_version"),)
@@ -186,4 +203,54 @@ class Result(Base):
     not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+
+# -- schedules (workers/schedules.py) -----------------------------------------------------------
+
+
+class RunStatus(enum.StrEnum):
+    INGESTING = "ingesting"  # reading the source and submitting: holds the schedule's lock
+    SKIPPED = "skipped"  # an earlier run of the schedule was still going
+    UNCHANGED = "unchanged"  # nothing new or changed: no job
+    RUNNING = "running"  # its job was submitted and has not ended
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"
+    FAILED = "failed"
+
+
+class ScheduleRun(Base):
+    """One window of one schedule; the unique key makes a duplicate tick a no-op."""
+
+    __tablename__ = "schedule_runs"
+    __table_args__ = (UniqueConstraint("schedule", "window_start"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    schedule: Mapped[str] = mapped_column(String(200))
+    window_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    status: Mapped[str] = mapped_column(STATE)
+    reason: Mapped[str | None] = mapped_column(Text)
+    job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="SET NULL"), index=True
+    )
+    documents_seen: Mapped[int] = mapped_column(default=0)
+    documents_new: Mapped[int] = mapped_column(default=0)
+    documents_changed: Mapped[int] = mapped_column(default=0)
+    documents_unchanged: Mapped[int] = mapped_column(default=0)
+    documents_rejected: Mapped[int] = mapped_column(default=0)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ingested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    settled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ScheduleDocument(Base):
+    """A schedule's baseline: each document's content hash as of its last successful run."""
+
+    __tablename__ = "schedule_documents"
+
+    schedule: Mapped[str] = mapped_column(String(200), primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(1000), primary_key=True)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    run_id: Mapped[int | None] = mapped_column(
+        ForeignKey("schedule_runs.id", ondelete="SET NULL")
     )

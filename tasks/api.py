@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import chord
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
-from models import Document, Job, JobStatus, Result
+from models import Batch, Document, Job, JobStatus, Result
 from tasks.runtime import runtime
+from workers.cache import POLICIES as CACHE_POLICIES
+from workers.errors import InputError
+from workers.openai_batch import PIPELINE_NAME as OPENAI_BATCH
+from workers.openai_batch import read_batch_file, write_batch_results
 from workers.pipelines import build_pipeline
+from workers.settings import Settings
+from workers.sources import SourceDocument
 from workers.submission import (
     SubmitReport,
     batch_ids,
@@ -35,11 +42,17 @@ def submit(
     schema: dict[str, Any] | None = None,
     prompt: str | None = None,
     name: str | None = None,
+    cache: str = "use",
+    budget_tokens: int | None = None,
+    budget_cost: float | None = None,
 ) -> JobHandle:
     """Record the corpus as a job and queue its batches; returns at once with a handle.
 
     `sources` is a path, a glob, a list of them, or an iterable of `(id, text)` pairs or dicts
-    with `id`, `text` and optional `metadata`.
+    with `id`, `text` and optional `metadata`. `cache` is "use" (answer from the response cache
+    where possible), "refresh" (call the model and overwrite the cache) or "off". A budget in
+    tokens and/or dollars stops the job's model calls once spent; the chunks left end
+    `skipped_budget`.
 
     Raises:
         PipelineError: an unknown pipeline or options it cannot use.
@@ -47,17 +60,52 @@ def submit(
     options = {k: v for k, v in
                {"labels": labels, "schema": schema, "prompt": prompt}.items() if v is not None}
     pipe = build_pipeline(pipeline, options)
+    if cache not in CACHE_POLICIES:
+        raise InputError(f"unknown cache policy {cache!r}: choose use, refresh or off")
     rt = runtime()
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
+    documents = _source_documents(sources, pipe.name, rt.settings)  # checks a batch file first
     with rt.sessions.begin() as session:
-        job_id = create_job(session, rt.settings, pipe, name).id
-    report = ingest(rt.sessions, rt.settings, job_id, read_sources(sources, rt.settings))
+        job_id = create_job(session, rt.settings, pipe, name, cache_policy=cache,
+                            budget_tokens=budget_tokens, budget_cost=budget_cost).id
+    report = ingest(rt.sessions, rt.settings, job_id, documents)
     with rt.sessions.begin() as session:
         mark_submitted(session, job_id)
     publish(job_id)  # only after the commit: a worker must find every row it is sent
     forget_chord_results()
     return JobHandle(job_id, report)
+
+
+def _source_documents(
+    sources: Iterable[Any], pipeline: str, settings: Settings
+) -> Iterator[SourceDocument]:
+    """The documents to ingest. An OpenAI Batch file is checked whole here, before a job exists.
+
+    Raises:
+        InputError: the openai-batch pipeline was given other than one file.
+        BatchFileError: the batch file is missing, empty or over OpenAI's limits.
+    """
+    if pipeline != OPENAI_BATCH:
+        return read_sources(sources, settings)
+    given = list(sources)
+    if len(given) != 1 or not isinstance(given[0], (str, os.PathLike)):
+        what = f"{len(given)} inputs" if len(given) != 1 else f"a {type(given[0]).__name__}"
+        raise InputError(
+            f"the {OPENAI_BATCH} pipeline reads one OpenAI Batch file (JSONL), got {what}"
+        )
+    return read_batch_file(given[0], max_bytes=settings.max_document_bytes)
+
+
+def write_openai_batch(
+    job_id: int, output_path: str | os.PathLike[str], error_path: str | os.PathLike[str]
+) -> tuple[int, int]:
+    """Write a finished openai-batch job's output and error files in OpenAI's format.
+
+    Returns (successful requests written, failed requests written).
+    """
+    with runtime().sessions() as session:
+        return write_batch_results(session, job_id, output_path, error_path)
 
 
 def forget_chord_results() -> None:
@@ -76,20 +124,31 @@ def forget_chord_results() -> None:
         consumer._pubsub = None
 
 
-def publish(job_id: int) -> int:
-    """Queue the job's unfinished batches as one chord whose callback merges the job."""
+def publish(job_id: int, *, batches: Collection[int] | None = None) -> int:
+    """Queue the job's unfinished batches as one chord whose callback merges the job.
+
+    `batches` limits it to those ids (the reconciler sending lost batches again); they are
+    stamped as sent now. Once the chord is out, the job's publish marker is set in Redis.
+    """
     from tasks.batches import process_batch
     from tasks.jobs import merge_job
+    from tasks.maintenance import broker_redis
+    from workers.reconcile import mark_published
 
     with runtime().sessions.begin() as session:
         total = session.scalar(select(Job.batches_total).where(Job.id == job_id)) or 0
+        rows = [r for r in batch_ids(session, job_id) if batches is None or r[0] in batches]
         header = [
             process_batch.si(bid).set(argsrepr=f"job={job_id} batch={seq}/{total} chunks={n}")
-            for bid, seq, n in batch_ids(session, job_id)
+            for bid, seq, n in rows
         ]
+        if batches is not None and rows:
+            session.execute(update(Batch).where(Batch.id.in_([r[0] for r in rows]))
+                            .values(updated_at=datetime.now(UTC)))
     body = merge_job.si(job_id).set(argsrepr=f"job={job_id}")
     if header:
         chord(header)(body)
+        mark_published(broker_redis(), job_id)
     else:  # an empty chord never runs its body
         body.apply_async()
     return len(header)
@@ -121,7 +180,9 @@ class JobHandle:
             st = self.status()
             if progress is not None:
                 progress(st)
-            if st["status"] in TERMINAL:
+            # A cancelled job is final once merged; the others are final when they say so.
+            if st["status"] in TERMINAL and (st["status"] != JobStatus.CANCELLED
+                                             or st["finished_at"] is not None):
                 return st
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {self.id} is still {st['status']} after {timeout:g}s "

@@ -10,11 +10,13 @@ from celery.signals import after_setup_logger, worker_process_init
 
 from tasks.runtime import reset_runtime, resolve_broker, runtime
 
-app = Celery("docqueue", include=["tasks.batches", "tasks.jobs"])
+app = Celery("docqueue", include=["tasks.batches", "tasks.jobs", "tasks.beat"])
 
 
 @app.on_configure.connect
 def _configure(sender: Celery, **_: Any) -> None:
+    from tasks.maintenance import max_memory_kib, setting
+
     s = runtime().settings
     broker = resolve_broker(s)
     # The visibility timeout must be set in all three places Celery reads it.
@@ -40,6 +42,14 @@ def _configure(sender: Celery, **_: Any) -> None:
         task_track_started=True,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_hijack_root_logger=False,
+        # A pool process past DOCQ_WORKER_MAX_MEMORY_MB finishes its batch and is replaced.
+        worker_max_memory_per_child=max_memory_kib(s),
+        # Cold shutdown (SIGQUIT, or SIGTERM with REMAP_SIGTERM=SIGQUIT): running batches get
+        # this long, then are cut and their messages go back to the queue at once, not after
+        # the visibility timeout. A plain SIGTERM (warm) lets them finish, within their time limit.
+        worker_soft_shutdown_timeout=setting(s, "worker_soft_shutdown_s"),
+        worker_enable_soft_shutdown_on_idle=True,  # retries waiting out a countdown go back too
+        imports=("tasks.maintenance",),  # the reconcile task and the memory reports
     )
 
 

@@ -90,7 +90,8 @@ class Runtime:
             slot_ttl_s=s.llm_timeout_s + 30,
         )
         self._redis = redis
-        return Services(self.sessions, s, llm, limiter, asyncio.Semaphore(s.worker_inflight))
+        return Services(self.sessions, s, llm, limiter, asyncio.Semaphore(s.worker_inflight),
+                        redis=redis, endpoint=base_url)
 
     def close(self) -> None:
         """Close what this process opened; after fork, only forget the parent's connections."""

@@ -20,7 +20,9 @@ from models import make_sessionmaker, upgrade
 
 pytest_plugins = ["tests.plugins.simulator"]
 
-REDIS_HOST, REDIS_PORT, REDIS_TEST_DB = "127.0.0.1", 6379, 15
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+# Several test runs on one machine must not flush each other's broker: choose a DB per run.
+REDIS_TEST_DB = int(os.environ.get("DOCQ_TEST_REDIS_DB", "15"))
 PG_URL = os.environ.get("DOCQ_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, exists, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from models import FINAL_RESULT_STATES, Batch, BatchStatus, Chunk, Job, Result, ResultStatus, upsert
 
@@ -46,6 +46,9 @@ class BatchInfo:
     pipeline: str
     pipeline_version: str
     options: dict[str, Any]
+    cache_policy: str
+    budget_tokens: int | None
+    budget_cost: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +87,8 @@ def start_delivery(session: Session, batch_id: int) -> BatchInfo | None:
             Batch.deliveries,
             Job.status,
             Job.pipeline,
-            Job.pipeline_version,
-            Job.options,
+            Job.pipeline_version, Job.options, Job.cache_policy, Job.budget_tokens,
+            Job.budget_cost,
         )
         .join(Job, Job.id == Batch.job_id)
         .where(Batch.id == batch_id)
@@ -93,19 +96,28 @@ def start_delivery(session: Session, batch_id: int) -> BatchInfo | None:
     return BatchInfo(*row) if row else None
 
 
-def end_delivery(session: Session, batch_id: int, *, done: bool) -> None:
-    """A delivery that ends cleanly resets the crash counter; `done` closes the batch."""
+def end_delivery(session: Session, info: BatchInfo, owner: str, *, done: bool) -> None:
+    """A delivery that ends cleanly resets the crash counter and gives up its leases;
+    `done` closes the batch."""
     values: dict[str, Any] = {"deliveries": 0, "updated_at": now()}
     if done:
         values["status"] = BatchStatus.DONE
-    session.execute(update(Batch).where(Batch.id == batch_id).values(**values))
+    session.execute(update(Batch).where(Batch.id == info.batch_id).values(**values))
+    session.execute(
+        update(Chunk)
+        .where(Chunk.job_id == info.job_id, Chunk.batch_seq == info.seq,
+               Chunk.lease_owner == owner)
+        .values(lease_owner=None, lease_expires_at=None)
+    )
 
 
 def _is_final(version: str) -> Any:
+    # Its own alias: a query that also joins results must not correlate this one away.
+    final = aliased(Result)
     return exists().where(
-        Result.chunk_id == Chunk.id,
-        Result.pipeline_version == version,
-        Result.status.in_(FINAL_RESULT_STATES),
+        final.chunk_id == Chunk.id,
+        final.pipeline_version == version,
+        final.status.in_(FINAL_RESULT_STATES),
     )
 
 
@@ -218,3 +230,13 @@ def finalize_unfinished(session: Session, info: BatchInfo, status: str, message:
         ],
     )
     return len(rows)
+
+
+def job_spend(session: Session, job_id: int) -> tuple[int, float]:
+    """Tokens and cost the job's results have recorded so far."""
+    tokens, cost = session.execute(
+        select(func.coalesce(func.sum(Result.tokens_in + Result.tokens_out), 0),
+               func.coalesce(func.sum(Result.cost), 0.0))
+        .where(Result.job_id == job_id)
+    ).one()
+    return int(tokens), float(cost or 0.0)

@@ -93,8 +93,9 @@ class OpenAICompatibleLLM:
             "temperature": cfg.temperature,
             "http_async_client": self._http,
         }
-        self._chat = ChatOpenAI(**common) if cfg.mode == "chat" else None
-        self._completion = OpenAI(**common) if cfg.mode == "completion" else None
+        # Both clients: a prompt with messages goes to chat, one with text to completions.
+        self._chat = ChatOpenAI(**common)
+        self._completion = OpenAI(**common, batch_size=1)  # one prompt per request
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -110,7 +111,7 @@ class OpenAICompatibleLLM:
         token = _headers.set(holder)
         started = time.perf_counter()
         try:
-            if self._chat is not None:
+            if prompt.messages is not None:
                 text, finish, tin, tout = await self._call_chat(prompt, max_tokens)
             else:
                 text, finish, tin, tout = await self._call_completion(prompt, max_tokens)
@@ -154,8 +155,8 @@ class OpenAICompatibleLLM:
         )
 
     async def _call_chat(self, prompt: Prompt, max_tokens: int) -> tuple[str, str | None, int, int]:
-        assert self._chat is not None and prompt.messages is not None
-        kwargs: dict[str, Any] = {"max_tokens": max_tokens}
+        assert prompt.messages is not None
+        kwargs: dict[str, Any] = {**(prompt.params or {}), "max_tokens": max_tokens}
         if prompt.stop:
             kwargs["stop"] = prompt.stop
         if prompt.response_format:
@@ -170,9 +171,9 @@ class OpenAICompatibleLLM:
     async def _call_completion(
         self, prompt: Prompt, max_tokens: int
     ) -> tuple[str, str | None, int, int]:
-        assert self._completion is not None and prompt.text is not None
+        assert prompt.text is not None
         result = await self._completion.agenerate(
-            [prompt.text], stop=prompt.stop, max_tokens=max_tokens
+            [prompt.text], stop=prompt.stop, max_tokens=max_tokens, **(prompt.params or {})
         )
         gen = result.generations[0][0]
         usage = (result.llm_output or {}).get("token_usage", {})

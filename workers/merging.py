@@ -180,10 +180,11 @@ def _document_error(states: Counter[str], first_error: str | None) -> str:
 def _job_status(
     job: Job, ok: int, err: int, other: int, unfinished: int, states: Counter[str]
 ) -> tuple[str, str | None]:
+    if job.status == JobStatus.CANCELLED or states[ResultStatus.CANCELLED]:
+        # A cancelled job stays cancelled; its counts still say what was done.
+        return JobStatus.CANCELLED, job.reason or "cancelled by the user"
     if unfinished:
         return JobStatus.RUNNING, f"{unfinished} chunks have no final result yet"
-    if job.status == JobStatus.CANCELLED or states[ResultStatus.CANCELLED]:
-        return JobStatus.CANCELLED, job.reason or "cancelled by the user"
     if job.documents_total == 0:
         return JobStatus.FAILED, "the sources held no documents"
     reasons = []

@@ -10,6 +10,9 @@ chunk order, into the document's output. `workers/llm.py` makes the call in betw
 | classify  | labels: [str, str, ...]   | {"label": str}        | {"label": str|None, "counts": {}}|
 | extract   | schema: {JSON schema}     | the object            | {"items": [object, ...]}         |
 | custom    | prompt: str, stop: [str]  | {"text": str}         | {"texts": [str, ...]}            |
+
+`openai-batch` (workers/openai_batch.py) runs the requests of an OpenAI Batch file: one
+unchunked document per request, output {"content": str, "finish_reason": str}.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import textwrap
 import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar, Literal
 
 import jsonschema
@@ -34,6 +37,7 @@ from referencing.jsonschema import DRAFT202012
 from workers import prompts
 from workers.errors import PipelineError, RetryableLLMError
 from workers.prompts import Templates
+from workers.tokens import count_tokens
 
 Mode = Literal["chat", "completion"]
 
@@ -54,14 +58,19 @@ class Prompt:
     response_format: dict[str, Any] | None = None
     stop: list[str] | None = None
     max_tokens: int | None = None  # the pipeline's own cap; None means the job's setting
+    # Further generation parameters sent as they are (temperature, top_p, seed, ...).
+    params: dict[str, Any] | None = None
 
 
 class Pipeline(ABC):
     """A prompt, a parse and a merge. Subclasses check their options in `__init__`."""
 
     name: ClassVar[str]
-    # Bump when parse() changes what it accepts or returns: the version then changes too.
+    # Bump when parse() changes what it accepts or returns, or _completion_chunk() what it
+    # sends: the version then changes too (template edits change it by themselves).
     revision: ClassVar[int] = 1
+    # False: each document is one chunk, stored whole (an OpenAI Batch request, say).
+    chunked: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -69,15 +78,15 @@ class Pipeline(ABC):
         templates: Templates,
         values: Mapping[str, str] | None = None,
         response_format: dict[str, Any] | None = None,
-        max_tokens: int | None = None,
+        chat_max_tokens: int | None = None,
     ) -> None:
         self._options = options
         self._templates = templates
         self._values = dict(values or {})
         self._response_format = response_format
-        self._max_tokens = max_tokens
+        self._chat_max_tokens = chat_max_tokens
         # Everything that shapes a request except the chunk, and the parse revision.
-        sent = [self.revision, asdict(templates), self._values, response_format, max_tokens]
+        sent = [self.revision, asdict(templates), self._values, response_format, chat_max_tokens]
         digest = hashlib.sha256(json.dumps(sent, ensure_ascii=False).encode()).hexdigest()
         self.version = f"{self.name}-r{self.revision}-{digest[:12]}"
 
@@ -86,10 +95,10 @@ class Pipeline(ABC):
         return copy.deepcopy(self._options)
 
     def render(self, text: str, mode: Mode) -> Prompt:
-        """The request for one chunk; the chunk is inserted as it is, never formatted."""
-        values = {**self._values, "text": text.strip()}
+        """The request for one chunk; the chunk is inserted, never formatted."""
         t = self._templates
         if mode == "chat":
+            values = {**self._values, "text": text.strip()}
             messages = [
                 {"role": "system", "content": t.system},
                 {"role": "user", "content": prompts.fill(t.user, values)},
@@ -97,15 +106,21 @@ class Pipeline(ABC):
             return Prompt(
                 messages=messages,
                 response_format=self._response_format,
-                max_tokens=self._max_tokens,
+                max_tokens=self._chat_max_tokens,
             )
         if mode == "completion":
+            values = {**self._values, "text": self._completion_chunk(text)}
             return Prompt(
                 text=prompts.fill(t.completion, values),
                 stop=list(t.stop) or None,
-                max_tokens=self._max_tokens,
+                max_tokens=t.completion_max_tokens,
             )
         raise ValueError(f"mode must be 'chat' or 'completion', got {mode!r}")
+
+    def _completion_chunk(self, text: str) -> str:
+        """The chunk as a completion prompt holds it: its whitespace collapsed to single spaces,
+        since the worked examples are one line each and a base model continues what it sees."""
+        return " ".join(text.split())
 
     def parse(self, raw: str, finish_reason: str | None) -> Any:
         """The chunk output, JSON-serializable.
@@ -135,8 +150,20 @@ class Summarize(Pipeline):
         _check_keys(self.name, options)
         super().__init__({}, prompts.SUMMARIZE)
 
+    def parse(self, raw: str, finish_reason: str | None) -> dict[str, str]:
+        output: dict[str, str] = super().parse(raw, finish_reason)
+        # Completion mode's ". " stop sequence eats the full stop; put it back. A summary cut
+        # at max_tokens is kept as it is: it is still a summary, but not a whole sentence.
+        if finish_reason != "length" and not _SENTENCE_END.search(output["summary"]):
+            output["summary"] += "."
+        return output
+
+    def _completion_chunk(self, text: str) -> str:
+        # Without an opening Markdown heading the model takes the text's lead sentence; with
+        # it, a later one (open-source-maintainers.md in examples/corpus).
+        return super()._completion_chunk(_drop_heading(text))
+
     def _parse(self, raw: str) -> dict[str, str]:
-        # Under finish_reason "length" the cut summary is kept: it is still a summary.
         summary = raw.strip()
         if not summary:
             raise OutputParseError("summarize: the model returned an empty summary")
@@ -160,13 +187,18 @@ class Classify(Pipeline):
             "required": ["label"],
             "additionalProperties": False,
         }
+        # The measured cap leaves room for a label of 2 tokens; longer labels get theirs too.
+        measured = prompts.CLASSIFY.completion_max_tokens or 0
+        longest = max(count_tokens(label) for label in self.labels)
+        templates = replace(prompts.CLASSIFY, completion_max_tokens=measured + max(0, longest - 2))
         super().__init__(
             {"labels": self.labels},
-            prompts.CLASSIFY,
-            values={"labels": " | ".join(self.labels)},
+            templates,
+            # Chat mode lists the labels as "a | b"; the measured completion prompt as "a, b".
+            values={"labels": " | ".join(self.labels), "label_list": ", ".join(self.labels)},
             response_format=_json_schema_format("classification", schema, strict=True),
             # `{"label": "..."}` plus the label, at most one token per UTF-8 byte.
-            max_tokens=16 + max(len(label.encode()) for label in self.labels),
+            chat_max_tokens=16 + max(len(label.encode()) for label in self.labels),
         )
 
     def _parse(self, raw: str) -> dict[str, str]:
@@ -176,7 +208,9 @@ class Classify(Pipeline):
             answer = answer.get("label") if isinstance(answer, dict) else None
             if not isinstance(answer, str):
                 raise OutputParseError(f'classify: expected {{"label": "..."}}, got {_cut(text)}')
-        else:  # completion mode: the first line
+        elif line := _LABEL_LINE.search(text):  # completion mode: keywords, then the label
+            answer = line.group(1).strip()
+        else:  # a plain answer, from a chat model that ignored the response format
             answer = next((line for line in text.splitlines() if line.strip()), "")
         return {"label": self._match(answer)}
 
@@ -246,6 +280,9 @@ class Custom(Pipeline):
         templates = Templates(prompts.CUSTOM_SYSTEM, template, template, tuple(stop))
         super().__init__({"prompt": template, "stop": stop}, templates)
 
+    def _completion_chunk(self, text: str) -> str:
+        return text.strip()  # the user's own prompt: their chunk goes in as it is
+
     def _parse(self, raw: str) -> dict[str, str]:
         # Any text is an answer, an empty or cut one too: only the user knows what they asked.
         return {"text": raw.strip()}
@@ -255,8 +292,15 @@ class Custom(Pipeline):
         return {"texts": [o["text"] for o in outputs]}
 
 
+def _openai_batch(options: Mapping[str, Any]) -> Pipeline:
+    from workers.openai_batch import OpenAIBatchPipeline  # imported here: it imports this module
+
+    return OpenAIBatchPipeline(options)
+
+
 _PIPELINES: dict[str, Callable[[Mapping[str, Any]], Pipeline]] = {
-    p.name: p for p in (Summarize, Classify, Extract, Custom)
+    **{p.name: p for p in (Summarize, Classify, Extract, Custom)},
+    "openai-batch": _openai_batch,
 }
 PIPELINE_NAMES: tuple[str, ...] = tuple(_PIPELINES)
 
@@ -421,7 +465,19 @@ def _strict_ready(node: Any) -> bool:
     return all(_strict_ready(value) for value in node.values())
 
 
+# A Markdown (ATX) heading line that opens a chunk, with the blank lines after it.
+_HEADING = re.compile(r"\A\s*#{1,6}[ \t][^\n]*\n\s*(?=\S)")
+# A sentence's end: . ! ? or an ellipsis, maybe followed by closing quotes and brackets.
+_SENTENCE_END = re.compile(r"[.!?\u2026][\"'\u2019\u201d)\]]*$")
+# The first "Label: ..." line of a completion-mode answer, which may follow a blank line.
+_LABEL_LINE = re.compile(r"^[ \t]*Label[ \t]*:(.*)$", re.IGNORECASE | re.MULTILINE)
+
 _FENCED = re.compile(r"```[\w-]*\s*(.*?)\s*(?:```)?", re.DOTALL)
+
+
+def _drop_heading(text: str) -> str:
+    """The chunk without a Markdown heading line at its start (a lone heading is kept)."""
+    return _HEADING.sub("", text, count=1)
 
 
 def _unfence(raw: str) -> str:

@@ -7,6 +7,7 @@ to a thread so the loop keeps its calls in flight.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -14,22 +15,26 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
 
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import ResultStatus
-from workers import leases
+from models import JobStatus, ResultStatus
+from workers import cache, leases
 from workers.errors import PermanentError, RateLimitedError, RetryableError
+from workers.guard import JobGuard
 from workers.leases import BatchInfo, WorkItem
 from workers.limiter import Limiter, LimiterBusy
 from workers.llm import LLM, Completion
-from workers.pipelines import Pipeline, Prompt, build_pipeline
+from workers.pipelines import OutputParseError, Pipeline, Prompt, build_pipeline
 from workers.retry import backoff_s
 from workers.settings import Settings
 from workers.tokens import count_tokens
 
 logger = logging.getLogger(__name__)
 
-INLINE_WAIT_S = 5.0  # a retry due sooner than this waits in the task; later ones re-queue it
+CANCELLED_MESSAGE = "the job was cancelled before this chunk's call"
+INLINE_WAIT_S = 5.0
+MAX_PARSE_ATTEMPTS = 2  # a retry due sooner than this waits in the task; later ones re-queue it
 FLUSH_ROWS, FLUSH_EVERY_S = 200, 0.25
 HELD_POLL_S = 1.0
 
@@ -52,6 +57,8 @@ class Services:
     llm: LLM
     limiter: Limiter | None
     inflight: asyncio.Semaphore
+    redis: Any = None  # asyncio Redis: the job guard's stop flag and spend counters
+    endpoint: str = ""
     pipelines: dict[tuple[str, str], Pipeline] = field(default_factory=dict)
 
     def pipeline(self, info: BatchInfo) -> Pipeline:
@@ -71,22 +78,64 @@ class Services:
 
 
 class _Writer:
-    """Collects result rows and upserts them in bulk, a few times a second."""
+    """Collects result rows and upserts them in bulk, a few times a second.
 
-    def __init__(self, svc: Services, version: str) -> None:
-        self.svc, self.version = svc, version
+    The rows hold paid model outputs. A flush the store refuses (a restart, a failover) keeps
+    them and tries again with backoff, for as long as a batch's budget, before the error goes
+    up; the task's soft time limit cuts that short if it comes first.
+    """
+
+    STORE_RETRY_MIN_S, STORE_RETRY_CAP_S = 10.0, 5.0  # the least retry window; the longest wait
+
+    def __init__(self, svc: Services, version: str, *, refresh: bool = False) -> None:
+        self.svc, self.version, self.refresh = svc, version, refresh
         self.rows: list[dict[str, Any]] = []
+        self.cache: list[dict[str, Any]] = []
         self.last = time.monotonic()
+        self._flushing = asyncio.Lock()
+        cfg = svc.settings
+        self.store_retry_s = max(self.STORE_RETRY_MIN_S,
+                                 cfg.task_soft_time_limit_s - cfg.llm_timeout_s - 15)
 
-    async def add(self, row: dict[str, Any]) -> None:
+    async def add(self, row: dict[str, Any], cache_entry: dict[str, Any] | None = None) -> None:
         self.rows.append(row)
+        if cache_entry is not None:
+            self.cache.append(cache_entry)
+        if self._flushing.locked():
+            return  # a flush is waiting for the store: it takes these rows as well
         if len(self.rows) >= FLUSH_ROWS or time.monotonic() - self.last > FLUSH_EVERY_S:
             await self.flush()
 
     async def flush(self) -> None:
-        rows, self.rows, self.last = self.rows, [], time.monotonic()
-        if rows:
-            await self.svc.db(lambda s: leases.record(s, self.version, rows))
+        async with self._flushing:
+            failures, written, give_up = 0, 0, time.monotonic() + self.store_retry_s
+            while self.rows:
+                rows, self.rows, self.last = self.rows, [], time.monotonic()
+                entries, self.cache = self.cache, []
+                try:
+                    await self.svc.db(functools.partial(self._write, rows=rows, entries=entries))
+                except (OperationalError, InterfaceError) as exc:
+                    self.rows[:0], self.cache[:0] = rows, entries  # keep them, in order
+                    left = give_up - time.monotonic()
+                    if left <= 0:
+                        raise
+                    wait = min(left, backoff_s(failures, base_s=0.5, cap_s=self.STORE_RETRY_CAP_S,
+                                               floor_s=0.2))
+                    failures += 1
+                    logger.warning("results store unavailable (%s); keeping %d result rows, "
+                                   "writing again in %.1fs", type(exc).__name__, len(self.rows),
+                                   wait)
+                    await asyncio.sleep(wait)
+                else:
+                    written += len(rows)
+            if failures:
+                logger.warning("results store back: %d result rows written after %d failed "
+                               "flushes", written, failures)
+
+    def _write(self, session: Session, rows: list[dict[str, Any]],
+               entries: list[dict[str, Any]]) -> None:
+        leases.record(session, self.version, rows)
+        cache.store(session, entries, refresh=self.refresh)
 
 
 async def run_batch(svc: Services, batch_id: int, owner: str, budget_s: float) -> Outcome:
@@ -103,28 +152,36 @@ async def run_batch(svc: Services, batch_id: int, owner: str, budget_s: float) -
         await svc.db(lambda s: _close(s, info, ResultStatus.ERROR, message))
         logger.error("%s", message)
         return Outcome("done", reason="poison")
+    if info.job_status == JobStatus.CANCELLED:
+        await svc.db(lambda s: _close(s, info, ResultStatus.CANCELLED, CANCELLED_MESSAGE))
+        return Outcome("done", reason="cancelled")
     deadline = time.monotonic() + budget_s
     pipeline = svc.pipeline(info)
+    guard = JobGuard(svc.redis, info.job_id, info.budget_tokens, info.budget_cost)
+    if guard.has_budget:
+        spent = await svc.db(lambda s: leases.job_spend(s, info.job_id))
+        await guard.prime(*spent)
     while True:
         claim = await svc.db(lambda s: leases.claim(s, info, owner, cfg.lease_s))
         if claim.unfinished == 0:
-            await svc.db(lambda s: leases.end_delivery(s, batch_id, done=True))
+            await svc.db(lambda s: leases.end_delivery(s, info, owner, done=True))
             return Outcome("done")
-        outcome = await _work(svc, info, pipeline, claim, owner, deadline)
+        outcome = await _work(svc, info, pipeline, guard, claim, owner, deadline)
         if outcome is not None:
-            await svc.db(lambda s: leases.end_delivery(s, batch_id, done=False))
+            await svc.db(lambda s: leases.end_delivery(s, info, owner, done=False))
             return outcome
 
 
 def _close(session: Session, info: BatchInfo, status: str, message: str) -> None:
     leases.finalize_unfinished(session, info, status, message)
-    leases.end_delivery(session, info.batch_id, done=True)
+    leases.end_delivery(session, info, "", done=True)
 
 
 async def _work(
     svc: Services,
     info: BatchInfo,
     pipeline: Pipeline,
+    guard: JobGuard,
     claim: leases.Claim,
     owner: str,
     deadline: float,
@@ -148,17 +205,30 @@ async def _work(
         await asyncio.sleep(wait)
         return None
 
-    writer = _Writer(svc, info.pipeline_version)
+    writer = _Writer(svc, info.pipeline_version, refresh=info.cache_policy == "refresh")
     busy: list[float] = []
+    calls = [_prepare(svc, info, pipeline, w) for w in ready]
+    if info.cache_policy == "use":
+        hits = await svc.db(lambda s: cache.lookup(s, [c.key for c in calls]))
+        for c in [c for c in calls if c.key in hits]:
+            await writer.add(_cached_row(info, c, *hits[c.key]))
+        calls = [c for c in calls if c.key not in hits]
 
-    async def one(item: WorkItem) -> None:
+    async def one(call: _Call) -> None:
         if busy or time.monotonic() > deadline:
             return
-        row = await _call(svc, info, pipeline, item, busy)
-        if row is not None:
-            await writer.add(row)
+        row = await _call(svc, info, pipeline, guard, call, busy)
+        if row is None:
+            return
+        await guard.spend(row["tokens_in"] + row["tokens_out"], row["cost"])
+        cache_entry = None
+        if row["status"] == ResultStatus.OK and info.cache_policy != "off":
+            cache_entry = {"key": call.key, "output": row["output"], "model": svc.settings.model_name,
+                           "finish_reason": row["finish_reason"], "tokens_in": row["tokens_in"],
+                           "tokens_out": row["tokens_out"]}
+        await writer.add(row, cache_entry)
 
-    await asyncio.gather(*(one(w) for w in ready))
+    await asyncio.gather(*(one(c) for c in calls))
     await writer.flush()
     if busy or time.monotonic() > deadline:
         # Hand the slot back: the chunks not done yet go to the next delivery.
@@ -171,14 +241,25 @@ async def _work(
     return None
 
 
-async def _call(
-    svc: Services, info: BatchInfo, pipeline: Pipeline, item: WorkItem, busy: list[float]
-) -> dict[str, Any] | None:
-    """Call the model for one chunk; return its result row, or None if it was not attempted."""
+@dataclass(frozen=True, slots=True)
+class _Call:
+    item: WorkItem
+    prompt: Prompt
+    max_tokens: int
+    key: str
+
+
+def _prepare(svc: Services, info: BatchInfo, pipeline: Pipeline, item: WorkItem) -> _Call:
     cfg = svc.settings
     prompt = pipeline.render(item.text, cfg.mode)
     max_tokens = min(prompt.max_tokens or cfg.llm_max_tokens, cfg.llm_max_tokens)
-    row: dict[str, Any] = {
+    key = cache.cache_key(svc.endpoint, cfg.model_name, info.pipeline_version, prompt, max_tokens,
+                          cfg.llm_temperature)
+    return _Call(item, prompt, max_tokens, key)
+
+
+def _base_row(info: BatchInfo, item: WorkItem, attempts: int) -> dict[str, Any]:
+    return {
         "chunk_id": item.chunk_id,
         "job_id": info.job_id,
         "document_id": item.document_id,
@@ -191,13 +272,41 @@ async def _call(
         "tokens_out": 0,
         "cost": None,
         "latency_ms": None,
-        "attempts": item.attempts + 1,
+        "attempts": attempts,
         "cached": False,
         "not_before": None,
     }
+
+
+def _cached_row(info: BatchInfo, call: _Call, output: Any, finish: str | None) -> dict[str, Any]:
+    row = _base_row(info, call.item, call.item.attempts)
+    row.update(status=ResultStatus.OK, output=output, finish_reason=finish, cost=0.0, cached=True)
+    return row
+
+
+def _stopped_row(info: BatchInfo, item: WorkItem, reason: str) -> dict[str, Any]:
+    row = _base_row(info, item, item.attempts)
+    if reason == "budget":
+        row.update(status=ResultStatus.SKIPPED_BUDGET,
+                   error_message="the job's budget was spent before this chunk's call")
+    else:
+        row.update(status=ResultStatus.CANCELLED, error_message=CANCELLED_MESSAGE)
+    return row
+
+
+async def _call(
+    svc: Services, info: BatchInfo, pipeline: Pipeline, guard: JobGuard, call: _Call,
+    busy: list[float],
+) -> dict[str, Any] | None:
+    """Call the model for one chunk; return its result row, or None if it was not attempted."""
+    row = _base_row(info, call.item, call.item.attempts + 1)
     async with svc.inflight:
+        # Checked with the slot in hand, right before the call: a budget overshoots by at
+        # most the calls already in flight.
+        if reason := await guard.stop_reason():
+            return _stopped_row(info, call.item, reason)
         try:
-            completion = await _limited_call(svc, info, prompt, max_tokens)
+            completion = await _limited_call(svc, info, call.prompt, call.max_tokens)
         except LimiterBusy as exc:
             busy.append(exc.wait_s)
             return None
@@ -277,7 +386,10 @@ def _failed(row: dict[str, Any], exc: Exception, *, final: bool) -> dict[str, An
 
 def _retry_or_fail(settings: Settings, row: dict[str, Any], exc: RetryableError) -> dict[str, Any]:
     attempts = row["attempts"]
-    if attempts >= settings.max_attempts:
+    # An answer that does not parse usually comes back the same (temperature 0): one more try.
+    cap = min(settings.max_attempts, MAX_PARSE_ATTEMPTS) if isinstance(
+        exc, OutputParseError) else settings.max_attempts
+    if attempts >= cap:
         _failed(row, exc, final=True)
         row["error_message"] = f"gave up after {attempts} attempts; last error: {exc}"
         return row

@@ -52,6 +52,14 @@ class Settings(BaseSettings):
         default=None, description="Redis URL; unset means the embedded Redis under `home`."
     )
     home: Path = Field(default=Path(".docq"), description="State of the embedded services.")
+    config_path: Path = Field(
+        default=Path("docq.toml"), validation_alias="DOCQ_CONFIG",
+        description="The schedules file for `docq beat`.",
+    )
+    flower_user: str | None = None
+    flower_password: SecretStr | None = None
+    flower_port: int = 5555
+    flower_address: str = "127.0.0.1"
 
     # The model endpoint.
     llm_base_url: str | None = Field(default=None, description="Unset means the local model.")
@@ -94,6 +102,17 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = 3600
     lease_s: int = Field(default=660, description="How long a batch holds its chunks.")
     max_deliveries: int = Field(default=5, gt=0, description="Poison guard for one batch.")
+    reconcile_every_s: float = Field(
+        default=60.0, gt=0, description="How often beat runs the reconciler."
+    )
+    worker_max_memory_mb: float = Field(
+        default=1024, ge=0, description="A pool process past this RSS is replaced after its "
+        "batch; 0 is off."
+    )
+    worker_soft_shutdown_s: float = Field(
+        default=20.0, ge=0, description="Cold shutdown: how long running batches get before "
+        "they are cut and re-queued."
+    )
 
     @model_validator(mode="after")
     def _check_time_limits(self) -> Settings:

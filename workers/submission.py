@@ -17,10 +17,11 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import Batch, Chunk, Document, DocumentStatus, Job, JobStatus
-from workers.chunking import Chunker
-from workers.pipelines import Pipeline
+from workers.chunking import Chunker, ChunkSpan
+from workers.pipelines import Pipeline, build_pipeline
 from workers.settings import Settings
 from workers.sources import SourceDocument, iter_documents
+from workers.tokens import count_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,14 @@ class SubmitReport:
 
 
 def create_job(
-    session: Session, settings: Settings, pipeline: Pipeline, name: str | None = None
+    session: Session,
+    settings: Settings,
+    pipeline: Pipeline,
+    name: str | None = None,
+    *,
+    cache_policy: str = "use",
+    budget_tokens: int | None = None,
+    budget_cost: float | None = None,
 ) -> Job:
     """Insert the job row in state pending."""
     job = Job(
@@ -65,6 +73,9 @@ def create_job(
         model=settings.model_name,
         mode=settings.mode,
         status=JobStatus.PENDING,
+        cache_policy=cache_policy,
+        budget_tokens=budget_tokens,
+        budget_cost=budget_cost,
     )
     session.add(job)
     session.flush()
@@ -113,6 +124,7 @@ def ingest(
     """Write documents, chunks and batches for a pending job, committing every few thousand."""
     report = SubmitReport(job_id=job_id)
     chunker = Chunker(settings.chunk_tokens, settings.chunk_overlap_tokens)
+    split = chunker.split if _chunked(sessions, job_id) else _whole
     assigner = _BatchAssigner(settings.batch_max_chunks, settings.batch_max_tokens)
     pending_docs: list[tuple[SourceDocument, list[Any]]] = []
     pending_chunks = 0
@@ -135,7 +147,7 @@ def ingest(
             pending_docs.append((doc, []))
             continue
         assert doc.text is not None
-        spans = chunker.split(doc.text)
+        spans = split(doc.text)
         placed = [(assigner.place(s.token_count), s) for s in spans]
         report.documents_accepted += 1
         report.chunks += len(spans)
@@ -167,6 +179,18 @@ def ingest(
         report.batches,
     )
     return report
+
+
+def _chunked(sessions: sessionmaker[Session], job_id: int) -> bool:
+    """Whether the job's pipeline cuts documents into chunks (most do)."""
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        return job is None or build_pipeline(job.pipeline, job.options).chunked
+
+
+def _whole(text: str) -> list[ChunkSpan]:
+    """A document as its one chunk, for a pipeline that takes documents whole."""
+    return [ChunkSpan(0, text, 0, len(text), count_tokens(text))]
 
 
 def _reason_kind(error: str) -> str:

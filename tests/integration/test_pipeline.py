@@ -24,7 +24,9 @@ TEXT = (
 
 
 def corpus(n: int, paragraphs: int = 3) -> list[tuple[str, str]]:
-    return [(f"doc-{i}", f"Document {i}. " + TEXT * paragraphs) for i in range(n)]
+    # Every chunk different: identical chunks would be answered from the response cache.
+    return [(f"doc-{i}", f"Document {i}. " + " ".join(f"({i}.{p}) {TEXT}" for p in
+                                                      range(paragraphs))) for i in range(n)]
 
 
 def rows(job_id: int) -> list[Result]:
@@ -59,7 +61,7 @@ def test_each_pipeline_ends_with_one_result_per_chunk(
     env = docq_env(sim.url, chunk_tokens=40, chunk_overlap_tokens=0, batch_max_chunks=4)
     workers(env)
     # When the corpus is submitted with the pipeline
-    handle = submit(corpus(5), pipeline, **options)
+    handle = submit(corpus(5), pipeline, **options, cache="off")  # one real call per chunk
     final = handle.wait(timeout=60)
     # Then the job succeeded with one ok result per chunk, merged into each document
     assert final["status"] == "succeeded", final
@@ -82,7 +84,7 @@ def test_completion_mode_works_end_to_end(simulator: Any, docq_env: Any, workers
     env = docq_env(sim.url, llm_mode="completion", chunk_tokens=60, chunk_overlap_tokens=0)
     workers(env, concurrency=1)
     # When a summarize job runs
-    handle = submit(corpus(3), "summarize")
+    handle = submit(corpus(3), "summarize", cache="off")
     final = handle.wait(timeout=60)
     # Then every chunk has text and real usage from the completions endpoint
     assert final["status"] == "succeeded", final
@@ -100,7 +102,7 @@ def test_transient_faults_are_retried_until_every_chunk_succeeds(
                    batch_max_chunks=5)
     workers(env)
     # When a job of about 60 chunks runs
-    handle = submit(corpus(15), "summarize")
+    handle = submit(corpus(15), "summarize", cache="off")
     final = handle.wait(timeout=120)
     # Then every chunk ended ok, some after more than one attempt, and the attempts add up
     assert final["status"] == "succeeded", final

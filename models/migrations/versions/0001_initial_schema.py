@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 04:33:10.915352
+Create Date: 2026-11-22 05:05:21.096705
 """
 
 import sqlalchemy as sa
@@ -27,6 +27,9 @@ def upgrade() -> None:
     sa.Column('mode', sa.String(length=16), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('reason', sa.Text(), nullable=True),
+    sa.Column('cache_policy', sa.String(length=8), nullable=False),
+    sa.Column('budget_tokens', sa.BigInteger(), nullable=True),
+    sa.Column('budget_cost', sa.Float(), nullable=True),
     sa.Column('documents_total', sa.Integer(), nullable=False),
     sa.Column('documents_rejected', sa.Integer(), nullable=False),
     sa.Column('chunks_total', sa.Integer(), nullable=False),
@@ -48,6 +51,16 @@ def upgrade() -> None:
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_jobs_status'), ['status'], unique=False)
 
+    op.create_table('response_cache',
+    sa.Column('key', sa.String(length=64), nullable=False),
+    sa.Column('output', sa.JSON(), nullable=True),
+    sa.Column('finish_reason', sa.String(length=32), nullable=True),
+    sa.Column('tokens_in', sa.Integer(), nullable=False),
+    sa.Column('tokens_out', sa.Integer(), nullable=False),
+    sa.Column('model', sa.String(length=200), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
+    sa.PrimaryKeyConstraint('key')
+    )
     op.create_table('batches',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('job_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
@@ -156,6 +169,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_batches_job_id'))
 
     op.drop_table('batches')
+    op.drop_table('response_cache')
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_jobs_status'))
 
