@@ -181,6 +181,10 @@ if (header_r > 0 and header_r ~= learned_r) or (header_t > 0 and header_t ~= lea
   redis.call('HSET', state, 'lr', fmt(learned_r), 'lt', fmt(learned_t))
   R.lim = limit(tonumber(ARGV[1]), learned_r)
   T.lim = limit(tonumber(ARGV[2]), learned_t)
+  -- A bucket emptied (a cool-down) or overdrawn on the old, larger scale is empty on the new
+  -- one, not in debt for the difference: the provider never admitted what we could not send.
+  if R.lim > 0 and R.c > R.lim then R.c = R.lim end
+  if T.lim > 0 and T.c > T.lim then T.c = T.lim end
 end
 
 -- The provider had `remaining` when it admitted the call (at about `since`). It has refilled
