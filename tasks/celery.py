@@ -63,3 +63,16 @@ def _quiet_http_logs(**_: Any) -> None:
 def _fresh_runtime(**_: Any) -> None:
     # Pool children must not share the parent's connections.
     reset_runtime()
+    _warm_up()
+
+
+def _warm_up() -> None:
+    """Load the tokenizer and build the clients now, not on the first batch: the first result
+    of a job should not wait for them. A failure here only defers it to the first task."""
+    from workers.tokens import count_tokens
+
+    count_tokens("warm up")
+    try:
+        runtime().services()
+    except Exception as exc:  # the first task reports the same problem, with its batch id
+        logging.getLogger(__name__).warning("worker start: %s: %s", type(exc).__name__, exc)
