@@ -177,6 +177,16 @@ def release(session: Session, chunk_ids: Sequence[int], owner: str) -> None:
         )
 
 
+def blank_result(chunk_id: int, job_id: int, document_id: int, attempts: int) -> dict[str, Any]:
+    """A result row with nothing recorded yet; callers set its status and what they know."""
+    return {
+        "chunk_id": chunk_id, "job_id": job_id, "document_id": document_id, "output": None,
+        "error_type": None, "error_message": None, "http_status": None, "finish_reason": None,
+        "tokens_in": 0, "tokens_out": 0, "cost": None, "latency_ms": None,
+        "attempts": attempts, "cached": False, "not_before": None,
+    }
+
+
 def record(session: Session, version: str, rows: Sequence[dict[str, Any]]) -> None:
     """Upsert result rows; a final row already stored is never overwritten."""
     stamped = [{**r, "pipeline_version": version, "updated_at": now()} for r in rows]
@@ -208,24 +218,9 @@ def finalize_unfinished(session: Session, info: BatchInfo, status: str, message:
         session,
         info.pipeline_version,
         [
-            {
-                "chunk_id": cid,
-                "job_id": info.job_id,
-                "document_id": did,
-                "status": status,
-                "output": None,
-                "error_type": "BatchAbandoned" if status == "error" else None,
-                "error_message": message,
-                "http_status": None,
-                "finish_reason": None,
-                "tokens_in": 0,
-                "tokens_out": 0,
-                "cost": None,
-                "latency_ms": None,
-                "attempts": attempts or 0,
-                "cached": False,
-                "not_before": None,
-            }
+            blank_result(cid, info.job_id, did, attempts or 0)
+            | {"status": status, "error_message": message,
+               "error_type": "BatchAbandoned" if status == "error" else None}
             for cid, did, attempts in rows
         ],
     )

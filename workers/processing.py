@@ -259,23 +259,7 @@ def _prepare(svc: Services, info: BatchInfo, pipeline: Pipeline, item: WorkItem)
 
 
 def _base_row(info: BatchInfo, item: WorkItem, attempts: int) -> dict[str, Any]:
-    return {
-        "chunk_id": item.chunk_id,
-        "job_id": info.job_id,
-        "document_id": item.document_id,
-        "output": None,
-        "error_type": None,
-        "error_message": None,
-        "http_status": None,
-        "finish_reason": None,
-        "tokens_in": 0,
-        "tokens_out": 0,
-        "cost": None,
-        "latency_ms": None,
-        "attempts": attempts,
-        "cached": False,
-        "not_before": None,
-    }
+    return leases.blank_result(item.chunk_id, info.job_id, item.document_id, attempts)
 
 
 def _cached_row(info: BatchInfo, call: _Call, output: Any, finish: str | None) -> dict[str, Any]:
