@@ -41,6 +41,12 @@ def docq_env(
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         reset_runtime()
+        from tasks.celery import app
+
+        # The app reads its broker once per process: a test on another Redis DB would publish
+        # where none of its workers listen.
+        if app.configured and app.conf.broker_url != redis_url:
+            pytest.fail(f"this process already publishes to {app.conf.broker_url}, not {redis_url}")
         return env
 
     yield configure
