@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import httpx
 import openai
+from httpx_aiohttp import HttpxAiohttpClient
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_openai import ChatOpenAI, OpenAI
 
@@ -76,7 +77,10 @@ class OpenAICompatibleLLM:
 
     def __init__(self, cfg: EndpointConfig) -> None:
         self._cfg = cfg
-        self._http = httpx.AsyncClient(
+        # httpx's API (the SDK needs it) over aiohttp's connection pool: httpcore's pool scans
+        # every connection for every request, and cost 2-3 ms of CPU per call at 25 in flight
+        # (benchmarks/bench_overhead.py; py-spy), half of a worker's time.
+        self._http = HttpxAiohttpClient(
             timeout=httpx.Timeout(cfg.timeout_s, connect=min(10.0, cfg.timeout_s)),
             limits=httpx.Limits(
                 max_connections=cfg.max_connections, max_keepalive_connections=cfg.max_connections
