@@ -252,14 +252,22 @@ def retry(
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def worker(
     ctx: typer.Context,
-    concurrency: Annotated[int | None, typer.Option("-c", "--concurrency")] = None,
+    concurrency: Annotated[int | None, typer.Option(
+        "-c", "--concurrency", help="Pool processes, or threads with --pool threads.")] = None,
+    pool: Annotated[str, typer.Option(
+        "-P", "--pool", help="prefork: a process per batch, for CPU-bound work (zero-latency "
+        "endpoints, big corpora); threads: many batches share one process and its connections, "
+        "for latency-bound work (use -c 16 to fill an in-flight cap of 256 with 2 s calls).")
+    ] = "prefork",
 ) -> None:
     """Run a Celery worker with docqueue's defaults (extra arguments go to Celery)."""
     from tasks.celery import app
     from tasks.runtime import runtime
 
+    if pool not in ("prefork", "threads"):
+        raise typer.BadParameter(f"choose prefork or threads, not {pool!r}", param_hint="--pool")
     n = concurrency or runtime().settings.worker_concurrency
-    app.worker_main(["worker", f"--concurrency={n}", "--pool=prefork", "--events",
+    app.worker_main(["worker", f"--concurrency={n}", f"--pool={pool}", "--events",
                      "--loglevel=INFO", "--without-gossip", *ctx.args])
 
 

@@ -2,13 +2,20 @@
 
 `runtime()` is called inside the process that uses it (a forked worker child, the CLI); a
 process that finds a runtime inherited across fork builds its own.
+
+The event loop runs in a thread of its own, and `Runtime.run` hands it coroutines from any
+thread. A prefork child runs one batch at a time on it; a worker started with `--pool threads
+-c N` runs N batches at once in one process, all sharing one loop, one connection pool and one
+in-flight semaphore: the layout for latency-bound work (benchmarks/bench_latency.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -22,6 +29,11 @@ from workers.processing import Services
 from workers.settings import Settings
 
 T = TypeVar("T")
+
+# Threads for the database work a loop sends off (`asyncio.to_thread`): asyncio's default of
+# cores + 4 is too few when a threads-pool worker has many batches open at once.
+DB_THREADS = 32
+REDIS_CONNECTIONS = 64  # per process
 
 
 def resolve_broker(settings: Settings) -> str:
@@ -54,22 +66,46 @@ class Runtime:
     sessions: sessionmaker[Session]
     pid: int = field(default_factory=os.getpid)
     _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
     _services: Services | None = None
     _redis: aioredis.Redis | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
-        # One loop per process, kept open: async clients cached on it stay valid.
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
-        return self._loop
+        # One loop per process, kept running: async clients cached on it stay valid.
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                loop.set_default_executor(ThreadPoolExecutor(DB_THREADS, "docq-db"))
+                self._thread = threading.Thread(target=loop.run_forever, name="docq-loop",
+                                                daemon=True)
+                self._thread.start()
+                self._loop = loop
+            return self._loop
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self.loop.run_until_complete(coro)
+        """Run `coro` on the process's loop and wait for it; callable from any other thread.
+
+        An exception raised in the waiting thread (a soft time limit, an interrupt) cancels
+        the coroutine before it goes up.
+        """
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
 
     def services(self) -> Services:
         if self._services is None:
-            self._services = self.run(self._build_services())
+            services = self.run(self._build_services())
+            with self._lock:
+                if self._services is None:
+                    self._services = services
+                    return services
+            self.run(services.llm.aclose())  # another thread built them first
+        assert self._services is not None
         return self._services
 
     async def _build_services(self) -> Services:
@@ -81,8 +117,12 @@ class Runtime:
             timeout_s=s.llm_timeout_s, temperature=s.llm_temperature,
             max_connections=s.worker_inflight,
         ))
-        redis = aioredis.Redis.from_url(resolve_broker(s), socket_timeout=10,
-                                        socket_connect_timeout=5)
+        # Every call in flight talks to Redis (stop flag, limiter): a blocking pool makes a
+        # call beyond REDIS_CONNECTIONS wait its turn instead of failing "Too many connections".
+        # (from_pool: closing the client closes the pool too.)
+        redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+            resolve_broker(s), max_connections=REDIS_CONNECTIONS, timeout=10, socket_timeout=10,
+            socket_connect_timeout=5))
         limiter = Limiter(
             redis, scope_for(base_url, s.model_name, s.key_fingerprint),
             Limits(rpm=s.llm_rpm, tpm=s.llm_tpm, max_inflight=s.llm_max_inflight,
@@ -104,20 +144,36 @@ class Runtime:
         if self._redis is not None:
             self.run(self._redis.aclose())
         if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._thread is not None:
+                self._thread.join(timeout=10)
             self._loop.close()
         engine.dispose()
 
 
 _runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def _fresh_lock_after_fork() -> None:
+    global _runtime_lock
+    _runtime_lock = threading.Lock()  # another thread may have held it when the parent forked
+
+
+os.register_at_fork(after_in_child=_fresh_lock_after_fork)
 
 
 def runtime() -> Runtime:
     """This process's runtime, built on first use after fork."""
     global _runtime
-    if _runtime is None or _runtime.pid != os.getpid():
-        settings = Settings()
-        _runtime = Runtime(settings, make_sessionmaker(settings.database_url))
-    return _runtime
+    rt = _runtime
+    if rt is not None and rt.pid == os.getpid():
+        return rt
+    with _runtime_lock:
+        if _runtime is None or _runtime.pid != os.getpid():
+            settings = Settings()
+            _runtime = Runtime(settings, make_sessionmaker(settings.database_url))
+        return _runtime
 
 
 def reset_runtime() -> None:

@@ -92,7 +92,9 @@ class Settings(BaseSettings):
     limiter_max_wait_s: float = Field(
         default=5.0, ge=0, description="Longer waits for capacity re-queue the batch."
     )
-    worker_inflight: int = Field(default=64, gt=0, description="Model calls in flight per process.")
+    worker_inflight: int = Field(
+        default=256, gt=0, description="Model calls in flight per process at most (the global "
+        "cap, DOCQ_LLM_MAX_INFLIGHT, binds across processes).")
     worker_concurrency: int = Field(default=2, gt=0, description="Processes per `docq worker`.")
 
     # Celery limits: model timeout < soft limit < hard limit < visibility timeout.

@@ -56,11 +56,12 @@ def docq_env(
 class WorkerProcess:
     """A `celery -A tasks worker` subprocess; its log is kept for assertions and failures."""
 
-    def __init__(self, env: dict[str, str], log: Path, concurrency: int, name: str) -> None:
+    def __init__(self, env: dict[str, str], log: Path, concurrency: int, name: str,
+                 pool: str = "prefork") -> None:
         self.log_path = log
         self._log = log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool=prefork",
+            [sys.executable, "-m", "celery", "-A", "tasks", "worker", f"--pool={pool}",
              f"--concurrency={concurrency}", "--loglevel=INFO", "--without-gossip",
              "--without-mingle", "--events", f"--hostname={name}@%h"],
             cwd=ROOT, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
@@ -102,12 +103,13 @@ class WorkerProcess:
 
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start worker processes: `workers(env, concurrency=2)`; all stopped at teardown."""
+    """Start worker processes: `workers(env, concurrency=2, pool="prefork")`; all stopped at
+    teardown."""
     started: list[WorkerProcess] = []
 
-    def start(env: dict[str, str], concurrency: int = 2) -> WorkerProcess:
+    def start(env: dict[str, str], concurrency: int = 2, pool: str = "prefork") -> WorkerProcess:
         name = f"w{len(started)}"
-        w = WorkerProcess(env, tmp_path / f"{name}.log", concurrency, name)
+        w = WorkerProcess(env, tmp_path / f"{name}.log", concurrency, name, pool)
         started.append(w)
         w.wait_ready()
         return w

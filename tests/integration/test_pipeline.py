@@ -114,6 +114,29 @@ def test_transient_faults_are_retried_until_every_chunk_succeeds(
     assert served["requests_total"] == attempts
 
 
+def test_a_threads_pool_worker_runs_many_batches_at_once_in_one_process(
+    simulator: Any, docq_env: Any, workers: Any
+) -> None:
+    # Given a provider with 300 ms of latency and 10% transient faults, and one worker process
+    # running 8 batches at once on threads
+    sim = simulator("--latency-ms", "300", "--fail-rate", "0.1", "--seed", "3")
+    env = docq_env(sim.url, chunk_tokens=40, chunk_overlap_tokens=0, max_attempts=10,
+                   batch_max_chunks=4)
+    workers(env, concurrency=8, pool="threads")
+    # When a job of about 80 chunks (some 20 batches) runs
+    handle = submit(corpus(20), "summarize", cache="off")
+    final = handle.wait(timeout=120)
+    # Then every chunk ended ok with one row each, the provider saw each attempt once, and more
+    # calls were in flight at once than one batch holds
+    assert final["status"] == "succeeded", final
+    results = rows(handle.id)
+    assert len(results) == chunk_count(handle.id) == final["chunks_total"]
+    assert {r.status for r in results} == {"ok"}
+    served = sim.stats()
+    assert served["requests_total"] == sum(r.attempts for r in results)
+    assert served["peak_in_flight"] > 4
+
+
 def test_permanent_errors_end_partial_with_messages_and_the_merge_runs(
     simulator: Any, docq_env: Any, workers: Any
 ) -> None:
