@@ -1,6 +1,6 @@
 """SQLAlchemy tables of the results store, the session factory and migrations."""
 
-from models.db import make_engine, make_sessionmaker, upgrade, upsert
+from models.db import make_engine, make_sessionmaker, plan_for_now, upgrade, upsert
 from models.tables import (
     FINAL_RESULT_STATES,
     Base,
@@ -31,6 +31,7 @@ __all__ = [
     "ResultStatus",
     "make_engine",
     "make_sessionmaker",
+    "plan_for_now",
     "upgrade",
     "upsert",
 ]

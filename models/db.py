@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Table, create_engine, event
+from sqlalchemy import Engine, Table, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,6 +26,21 @@ def make_engine(url: str) -> Engine:
     return create_engine(
         url, pool_pre_ping=True, pool_size=5, max_overflow=5, hide_parameters=True
     )
+
+
+def plan_for_now(session: Session) -> None:
+    """Plan this transaction's statements for their parameters and the tables as they are now.
+
+    psycopg prepares a statement after a few runs, and PostgreSQL may then keep one generic
+    plan for it, made while a job's tables were nearly empty: for the reads of a batch (its
+    claim, the response cache) a scan of `results` and `response_cache` for every batch, slower
+    with every row written (5-7 ms a batch at 8,000 chunks; the store's CPU per chunk 0.8 ms at
+    8,000 and 2.1 ms at 20,000: benchmarks/bench_overhead.py with log_min_duration_statement).
+    Writes keep their cached plans: planning every row of a bulk upsert halved its rate
+    (benchmarks/bench_store.py).
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import CachedResponse, upsert
+from models import CachedResponse, plan_for_now, upsert
 from workers.pipelines import Prompt
 
 POLICIES = ("use", "refresh", "off")
@@ -45,6 +45,7 @@ def lookup(session: Session, keys: Iterable[str]) -> dict[str, tuple[Any, str | 
     wanted = list(set(keys))
     if not wanted:
         return {}
+    plan_for_now(session)
     rows = session.execute(
         select(CachedResponse.key, CachedResponse.output, CachedResponse.finish_reason)
         .where(CachedResponse.key.in_(wanted))

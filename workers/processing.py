@@ -141,7 +141,17 @@ class _Writer:
 async def run_batch(svc: Services, batch_id: int, owner: str, budget_s: float) -> Outcome:
     """Work on a batch until every chunk has a final result, or say when to come back."""
     cfg = svc.settings
-    info: BatchInfo | None = await svc.db(lambda s: leases.start_delivery(s, batch_id))
+
+    def begin(session: Session) -> tuple[BatchInfo | None, leases.Claim | None]:
+        # Count the delivery and take the first claim in one transaction (a round trip less
+        # per batch); a batch that will not be worked is not claimed.
+        info = leases.start_delivery(session, batch_id)
+        if info is None or info.deliveries > cfg.max_deliveries or (
+                info.job_status == JobStatus.CANCELLED):
+            return info, None
+        return info, _claim_or_finish(session, info, owner, cfg.lease_s)
+
+    info, claim = await svc.db(begin)
     if info is None:
         return Outcome("missing", reason=f"batch {batch_id} is not in the store")
     if info.deliveries > cfg.max_deliveries:
@@ -162,14 +172,23 @@ async def run_batch(svc: Services, batch_id: int, owner: str, budget_s: float) -
         spent = await svc.db(lambda s: leases.job_spend(s, info.job_id))
         await guard.prime(*spent)
     while True:
-        claim = await svc.db(lambda s: leases.claim(s, info, owner, cfg.lease_s))
+        if claim is None:
+            claim = await svc.db(lambda s: _claim_or_finish(s, info, owner, cfg.lease_s))
         if claim.unfinished == 0:
-            await svc.db(lambda s: leases.end_delivery(s, info, owner, done=True))
-            return Outcome("done")
+            return Outcome("done")  # the same transaction closed the batch
         outcome = await _work(svc, info, pipeline, guard, claim, owner, deadline)
         if outcome is not None:
             await svc.db(lambda s: leases.end_delivery(s, info, owner, done=False))
             return outcome
+        claim = None
+
+
+def _claim_or_finish(session: Session, info: BatchInfo, owner: str, lease_s: float) -> leases.Claim:
+    """Claim the batch's unfinished chunks; with none left, close the batch in this transaction."""
+    claim = leases.claim(session, info, owner, lease_s)
+    if claim.unfinished == 0:
+        leases.end_delivery(session, info, owner, done=True)
+    return claim
 
 
 def _close(session: Session, info: BatchInfo, status: str, message: str) -> None:
