@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -115,6 +116,41 @@ class _BatchAssigner:
         return out
 
 
+class _Writer:
+    """Writes each flush in a second thread while the producer chunks the next one.
+
+    Chunking (tiktoken) and the store's round trips each took about half of the ingest
+    (benchmarks/bench_producer.py), and both release the GIL, so they overlap. One write is in
+    flight at a time: memory holds at most two flushes, and flushes commit in order, so document
+    ids follow the submission order. A failed write is raised by the next `write` or `wait`.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], job_id: int) -> None:
+        self.sessions, self.job_id = sessions, job_id
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="docq-ingest")
+        self._pending: Future[None] | None = None
+
+    def write(
+        self, docs: list[tuple[SourceDocument, list[Any]]], batches: list[dict[str, int]]
+    ) -> None:
+        self.wait()
+        self._pending = self._pool.submit(self._commit, docs, batches)
+
+    def _commit(
+        self, docs: list[tuple[SourceDocument, list[Any]]], batches: list[dict[str, int]]
+    ) -> None:
+        with self.sessions.begin() as session:
+            _write(session, self.job_id, docs, batches)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def ingest(
     sessions: sessionmaker[Session],
     settings: Settings,
@@ -128,35 +164,32 @@ def ingest(
     assigner = _BatchAssigner(settings.batch_max_chunks, settings.batch_max_tokens)
     pending_docs: list[tuple[SourceDocument, list[Any]]] = []
     pending_chunks = 0
-
-    def flush(final: bool = False) -> None:
-        nonlocal pending_chunks
-        if final:
-            assigner.finish()
-        with sessions.begin() as session:
-            _write(session, job_id, pending_docs, assigner.take_closed())
-        pending_docs.clear()
-        pending_chunks = 0
-
-    for doc in documents:
-        if doc.error is not None:
-            report.documents_rejected += 1
-            report.reasons[_reason_kind(doc.error)] += 1
-            if len(report.rejected) < 100:
-                report.rejected.append((doc.external_id, doc.error))
-            pending_docs.append((doc, []))
-            continue
-        assert doc.text is not None
-        spans = split(doc.text)
-        placed = [(assigner.place(s.token_count), s) for s in spans]
-        report.documents_accepted += 1
-        report.chunks += len(spans)
-        report.tokens += sum(s.token_count for s in spans)
-        pending_docs.append((doc, placed))
-        pending_chunks += len(spans)
-        if pending_chunks >= FLUSH_CHUNKS or len(pending_docs) >= FLUSH_CHUNKS:
-            flush()
-    flush(final=True)
+    writer = _Writer(sessions, job_id)
+    try:
+        for doc in documents:
+            if doc.error is not None:
+                report.documents_rejected += 1
+                report.reasons[_reason_kind(doc.error)] += 1
+                if len(report.rejected) < 100:
+                    report.rejected.append((doc.external_id, doc.error))
+                pending_docs.append((doc, []))
+                continue
+            assert doc.text is not None
+            spans = split(doc.text)
+            placed = [(assigner.place(s.token_count), s) for s in spans]
+            report.documents_accepted += 1
+            report.chunks += len(spans)
+            report.tokens += sum(s.token_count for s in spans)
+            pending_docs.append((doc, placed))
+            pending_chunks += len(spans)
+            if pending_chunks >= FLUSH_CHUNKS or len(pending_docs) >= FLUSH_CHUNKS:
+                writer.write(pending_docs, assigner.take_closed())
+                pending_docs, pending_chunks = [], 0
+        assigner.finish()
+        writer.write(pending_docs, assigner.take_closed())
+        writer.wait()
+    finally:
+        writer.close()
     report.batches = assigner.seq if report.chunks else 0
 
     with sessions.begin() as session:
@@ -223,23 +256,37 @@ def _write(
             insert(Document).returning(Document.id, sort_by_parameter_order=True), rows
         ).all()
         chunk_rows = [
-            {
-                "job_id": job_id,
-                "document_id": doc_id,
-                "batch_seq": batch_seq,
-                "seq": span.seq,
-                "text": span.text,
-                "char_start": span.char_start,
-                "char_end": span.char_end,
-                "token_count": span.token_count,
-            }
-            for doc_id, (_, placed) in zip(ids, docs)
+            (job_id, doc_id, batch_seq, span.seq, span.text, span.char_start, span.char_end,
+             span.token_count)
+            for doc_id, (_, placed) in zip(ids, docs, strict=True)
             for batch_seq, span in placed
         ]
         if chunk_rows:
-            session.execute(insert(Chunk), chunk_rows)
+            _insert_chunks(session, chunk_rows)
     if batches:
         session.execute(insert(Batch), [{"job_id": job_id, **b} for b in batches])
+
+
+_CHUNK_COLUMNS = ("job_id", "document_id", "batch_seq", "seq", "text", "char_start", "char_end",
+                  "token_count")
+
+
+def _insert_chunks(session: Session, rows: list[tuple[Any, ...]]) -> None:
+    """Insert chunk rows (in _CHUNK_COLUMNS order) in the session's transaction.
+
+    On PostgreSQL through COPY: the chunks are most of what the producer writes, and COPY took
+    about half the time of the ORM's bulk INSERT (and far less of the producer's CPU, which the
+    chunker needs) in benchmarks/bench_producer.py. Elsewhere (SQLite) an executemany.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        session.execute(insert(Chunk), [dict(zip(_CHUNK_COLUMNS, r, strict=True)) for r in rows])
+        return
+    raw = session.connection().connection.driver_connection
+    assert raw is not None  # a live connection inside the transaction
+    statement = f"COPY {Chunk.__tablename__} ({', '.join(_CHUNK_COLUMNS)}) FROM STDIN"
+    with raw.cursor() as cursor, cursor.copy(statement) as copy:
+        for row in rows:
+            copy.write_row(row)
 
 
 def mark_submitted(session: Session, job_id: int) -> None:
