@@ -22,52 +22,34 @@ result row. Prints a table and writes benchmarks/results/ratelimit.json.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-import psutil
-import redis
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
 
 ROOT = Path(__file__).resolve().parents[1]
 # Run as a script, this file's directory comes first on sys.path, and the editable install then
 # finds `tasks` as a bare namespace (no `submit`): put the project root first.
 sys.path.insert(0, str(ROOT))
 
-from models import Result, upgrade
+from benchmarks.harness import DEFAULT_PG_URL, WORDS, Worker, check_redis, results_store, write_json
+from benchmarks.harness import table as render_table
+from models import Result
 from workers.pipelines import build_pipeline
 from workers.processing import prompt_tokens
 from workers.simulator.process import SimulatorProcess
 from workers.tokens import count_tokens
 
-RESULTS = ROOT / "benchmarks" / "results" / "ratelimit.json"
 RPM, TPM, LATENCY_MS = 1200, 120_000, 100
 CHUNK_TOKENS, MAX_TOKENS = 150, 100
 EDGE_S = 20  # left out at both ends of a run
 TARGETS = {"admitted_share": 0.95, "rate_limited_share": 0.01, "first_result_s": 2.0}
-_VOCABULARY = (
-    "harbour boat quay market morning tide rope net catch fish gull storm sail crew "
-    "lighthouse keeper village council budget library school bridge river mill bakery "
-    "oven bread winter summer festival music square train station ticket platform "
-    "journey mountain valley forest path garden tomato soup recipe salt pepper onion "
-    "garlic research sleep memory study result team data measure year month week day "
-    "battery charge cell energy engine design test field farm weather rain wind sun"
-)
-WORDS = _VOCABULARY.split()
 
 
 def corpus(n: int, seed: int) -> tuple[list[tuple[str, str]], int]:
@@ -90,78 +72,6 @@ def corpus(n: int, seed: int) -> tuple[list[tuple[str, str]], int]:
         sizes.add(prompt_tokens(pipe.render(body, "chat")))
     assert len(sizes) == 1, sizes
     return docs, sizes.pop()
-
-
-class Worker:
-    """One `celery -A tasks worker` process with its pool children; its log goes to a file."""
-
-    def __init__(self, env: dict[str, str], log: Path, name: str, concurrency: int) -> None:
-        self.log_path = log
-        self._log = log.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool=prefork",
-             f"--concurrency={concurrency}", "--loglevel=INFO", "--without-gossip",
-             "--without-mingle", f"--hostname={name}@%h"],
-            cwd=ROOT, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_ready(self, timeout_s: float = 90) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if "ready." in self.log_path.read_text(errors="replace"):
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}; see {self.log_path}")
-            time.sleep(0.2)
-        raise RuntimeError(f"worker not ready after {timeout_s}s; see {self.log_path}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._log.close()
-
-
-@contextmanager
-def results_store(pg_url: str, sqlite: bool, workdir: Path) -> Iterator[str]:
-    """A fresh, migrated results store: a PostgreSQL schema (dropped after) or a SQLite file."""
-    if sqlite:
-        url = f"sqlite:///{workdir}/docq-{uuid.uuid4().hex[:8]}.db"
-        upgrade(url)
-        yield url
-        return
-    schema = f"bench_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"))
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        url = f"{pg_url}?options={quote(f'-csearch_path={schema}')}"
-        upgrade(url)
-        yield url
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
-
-
-def check_redis(url: str) -> redis.Redis:
-    """The benchmark's Redis DB, flushed; refuse to run if another client is using it."""
-    client = redis.Redis.from_url(url)
-    client.ping()
-    db = client.connection_pool.connection_kwargs.get("db", 0)
-    mine = {f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.Process().net_connections("tcp")
-            if c.raddr}
-    others = [c for c in client.client_list() if int(c["db"]) == db and c["addr"] not in mine]
-    if others:
-        sys.exit(f"error: Redis DB {db} at {url} is in use by {len(others)} other client(s); "
-                 "the benchmark needs it to itself")
-    client.flushdb()
-    return client
 
 
 def run(name: str, limits_known: bool, args: argparse.Namespace, workdir: Path,
@@ -299,12 +209,7 @@ COLUMNS = [
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    cells = [[str(r.get(key)) for key, _ in COLUMNS] for r in rows]
-    heads = [head for _, head in COLUMNS]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(heads, widths, strict=True))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
+    return render_table(rows, COLUMNS)
 
 
 def main() -> None:
@@ -312,8 +217,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=4.0,
                         help="minutes of work at the token limit beyond the first full bucket "
                              "(default 4; 1 for a smoke run)")
-    parser.add_argument("--pg-url", default=os.environ.get(
-        "DOCQ_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test"))
+    parser.add_argument("--pg-url", default=DEFAULT_PG_URL)
     parser.add_argument("--sqlite", action="store_true", help="a SQLite file instead of PG")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (2)")
@@ -337,10 +241,7 @@ def main() -> None:
     print(table(rows))
     print(f"targets: admitted/TPM >= {TARGETS['admitted_share']}, 429 share <= "
           f"{TARGETS['rate_limited_share']}, first result <= {TARGETS['first_result_s']} s")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpus": os.cpu_count()},
+    path = write_json("ratelimit", {
         "simulator": {"rpm": RPM, "tpm": TPM, "latency_ms": LATENCY_MS},
         "corpus": {"chunks": n, "chunk_tokens": CHUNK_TOKENS - 1, "prompt_tokens": prompt,
                    "max_tokens": MAX_TOKENS, "charge_per_call": charge,
@@ -350,8 +251,8 @@ def main() -> None:
         "steady_edges_s": EDGE_S,
         "targets": TARGETS,
         "runs": rows,
-    }, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    })
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
