@@ -239,7 +239,6 @@ async def _work(
         row = await _call(svc, info, pipeline, guard, call, busy)
         if row is None:
             return
-        await guard.spend(row["tokens_in"] + row["tokens_out"], row["cost"])
         cache_entry = None
         if row["status"] == ResultStatus.OK and info.cache_policy != "off":
             cache_entry = {"key": call.key, "output": row["output"], "model": svc.settings.model_name,
@@ -304,8 +303,9 @@ async def _call(
     """Call the model for one chunk; return its result row, or None if it was not attempted."""
     row = _base_row(info, call.item, call.item.attempts + 1)
     async with svc.inflight:
-        # Checked with the slot in hand, right before the call: a budget overshoots by at
-        # most the calls already in flight.
+        # The budget is checked with the slot in hand, right before the call, and the call's
+        # spend is counted before the slot is handed on: every call that starts sees the spend
+        # of every call that has ended, so a budget overshoots by at most the calls in flight.
         if reason := await guard.stop_reason():
             return _stopped_row(info, call.item, reason)
         try:
@@ -317,13 +317,14 @@ async def _call(
             return _failed(row, exc, final=True)
         except RetryableError as exc:
             return _retry_or_fail(svc.settings, row, exc)
-    row.update(
-        finish_reason=completion.finish_reason,
-        tokens_in=completion.tokens_in,
-        tokens_out=completion.tokens_out,
-        latency_ms=round(completion.latency_ms, 2),
-        cost=cost_of(svc.settings, completion),
-    )
+        row.update(
+            finish_reason=completion.finish_reason,
+            tokens_in=completion.tokens_in,
+            tokens_out=completion.tokens_out,
+            latency_ms=round(completion.latency_ms, 2),
+            cost=cost_of(svc.settings, completion),
+        )
+        await guard.spend(row["tokens_in"] + row["tokens_out"], row["cost"])
     try:
         row["output"] = pipeline.parse(completion.text, completion.finish_reason)
     except PermanentError as exc:

@@ -83,13 +83,14 @@ def test_cache_off_and_refresh_call_the_model(simulator: Any, docq_env: Any,
     assert not any(r.cached for r in results(off.id) + results(refreshed.id))
 
 
+@pytest.mark.parametrize("inflight, processes", [(2, 2), (1, 1)])
 def test_a_budget_stops_spending_within_one_round_of_calls_in_flight(
-    simulator: Any, docq_env: Any, workers: Any
+    simulator: Any, docq_env: Any, workers: Any, inflight: int, processes: int
 ) -> None:
-    # Given slow calls, at most 4 in flight, and a token budget that covers a few calls
+    # Given slow calls, at most inflight × processes in flight, and a budget for a few calls
     sim = simulator("--latency-ms", "200", "--seed", "3")
-    workers(docq_env(sim.url, chunk_tokens=40, chunk_overlap_tokens=0, worker_inflight=2,
-                     batch_max_chunks=5), concurrency=2)
+    workers(docq_env(sim.url, chunk_tokens=40, chunk_overlap_tokens=0, worker_inflight=inflight,
+                     batch_max_chunks=5), concurrency=processes)
     budget = 1500
     # When a job of about 40 chunks runs under it
     handle = submit(corpus(10), "summarize", budget_tokens=budget, cache="off")
@@ -101,7 +102,7 @@ def test_a_budget_stops_spending_within_one_round_of_calls_in_flight(
     assert states["skipped_budget"] > 0 and states["ok"] > 0
     spent = sum(r.tokens_in + r.tokens_out for r in rows)
     per_call = max(r.tokens_in + r.tokens_out for r in rows if r.status == "ok")
-    in_flight = 2 * 2  # worker_inflight × processes
+    in_flight = inflight * processes
     assert budget <= spent <= budget + in_flight * per_call
     # (identical chunks of different documents are answered from the cache, at no cost)
     assert sim.stats()["requests_total"] == sum(1 for r in rows if r.status == "ok"
