@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT))  # run as a script: the project, not this folder, 
 from benchmarks.bench_overhead import MAX_TOKENS, corpus
 from benchmarks.harness import (
     DEFAULT_PG_URL,
-    Worker,
     check_redis,
     results_store,
+    start_worker,
     table,
     wait_for_job,
     write_json,
@@ -87,8 +87,8 @@ def run(args: argparse.Namespace, workdir: Path, layout: str) -> dict[str, Any]:
             os.environ.update(env)
             reset_runtime()
             pool, concurrency = layout.split(":")
-            worker = Worker(env, workdir / f"worker-{pool}.log", "latency", int(concurrency),
-                            pool=pool)
+            worker = start_worker(env, workdir / f"worker-{pool}.log", "latency",
+                                  int(concurrency), pool=pool)
             try:
                 worker.wait_ready()
                 time.sleep(1.0)

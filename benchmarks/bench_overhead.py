@@ -44,9 +44,9 @@ from benchmarks.harness import (
     DEFAULT_PG_URL,
     RESULTS_DIR,
     WORDS,
-    Worker,
     check_redis,
     results_store,
+    start_worker,
     table,
     wait_for_job,
     write_json,
@@ -227,8 +227,8 @@ def run_docqueue(args: argparse.Namespace, sim: SimulatorProcess, workdir: Path,
             os.environ.pop(key, None)
         os.environ.update(env)
         reset_runtime()
-        workers = [Worker(env, workdir / f"worker-{tag}-{i}.log", f"overhead{tag}-{i}",
-                          args.concurrency, pool=args.pool) for i in range(args.workers)]
+        workers = [start_worker(env, workdir / f"worker-{tag}-{i}.log", f"overhead{tag}-{i}",
+                                args.concurrency, pool=args.pool) for i in range(args.workers)]
         try:
             for worker in workers:
                 worker.wait_ready()

@@ -38,9 +38,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # finds `tasks` as a bare namespace (no `submit`): put the project root first.
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import DEFAULT_PG_URL, WORDS, Worker, check_redis, results_store, write_json
+from benchmarks.harness import (
+    DEFAULT_PG_URL,
+    WORDS,
+    check_redis,
+    results_store,
+    start_worker,
+    write_json,
+)
 from benchmarks.harness import table as render_table
 from models import Result
+from tasks.worker_process import WorkerProcess
 from workers.pipelines import build_pipeline
 from workers.processing import prompt_tokens
 from workers.simulator.process import SimulatorProcess
@@ -84,7 +92,7 @@ def run(name: str, limits_known: bool, args: argparse.Namespace, workdir: Path,
     admin = check_redis(args.redis_url)
     sim = SimulatorProcess("--rpm", str(RPM), "--tpm", str(TPM), "--latency-ms",
                            str(LATENCY_MS), "--seed", "7").start()
-    workers: list[Worker] = []
+    workers: list[WorkerProcess] = []
     try:
         with results_store(args.pg_url, args.sqlite, workdir) as db_url:
             env = {
@@ -101,8 +109,8 @@ def run(name: str, limits_known: bool, args: argparse.Namespace, workdir: Path,
             os.environ.update(env)
             reset_runtime()
             for i in range(args.workers):
-                workers.append(Worker(env, workdir / f"{name}-w{i}.log", f"{name}{i}",
-                                      args.concurrency))
+                workers.append(start_worker(env, workdir / f"{name}-w{i}.log", f"{name}{i}",
+                                            args.concurrency))
             for w in workers:
                 w.wait_ready()
             load_before = os.getloadavg()

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -26,46 +24,17 @@ import redis
 from sqlalchemy import create_engine, text
 
 from models import upgrade
+from tasks.worker_process import WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 DEFAULT_PG_URL = os.environ.get("DOCQ_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-class Worker:
-    """One `celery -A tasks worker` process with its pool children; its log goes to a file."""
-
-    def __init__(self, env: dict[str, str], log: Path, name: str, concurrency: int,
-                 pool: str = "prefork") -> None:
-        self.log_path = log
-        self._log = log.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks", "worker", f"--pool={pool}",
-             f"--concurrency={concurrency}", "--loglevel=INFO", "--without-gossip",
-             "--without-mingle", f"--hostname={name}@%h"],
-            cwd=ROOT, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_ready(self, timeout_s: float = 90) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if "ready." in self.log_path.read_text(errors="replace"):
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}; see {self.log_path}")
-            time.sleep(0.2)
-        raise RuntimeError(f"worker not ready after {timeout_s}s; see {self.log_path}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._log.close()
+def start_worker(env: dict[str, str], log: Path, name: str, concurrency: int,
+                 pool: str = "prefork") -> WorkerProcess:
+    """One worker process with its pool children, without task events (as measured so far)."""
+    return WorkerProcess(env, log, name=name, concurrency=concurrency, pool=pool, events=False)
 
 
 @contextmanager

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,38 +108,17 @@ def _services(console: Console) -> Iterator[dict[str, str]]:
 
 @contextlib.contextmanager
 def _worker(console: Console, env: dict[str, str]) -> Iterator[None]:
-    log_path = runtime().settings.home / "demo-worker.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool=prefork",
-             "--concurrency=1", "--loglevel=INFO", "--without-gossip", "--without-mingle",
-             "--events", "--hostname=demo@%h"],
-            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-        )
-        try:
-            _wait_ready(proc, log_path)
-            console.print("a worker is running; watch it in Flower with "
-                          "`docq flower --insecure-local` (http://127.0.0.1:5555)")
-            yield
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    from tasks.worker_process import WorkerProcess
 
-
-def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + WORKER_READY_S
-    while time.monotonic() < deadline:
-        if "ready." in log_path.read_text(errors="replace"):
-            return
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"the demo worker exited ({proc.returncode}); its log ends:\n{tail}")
-        time.sleep(0.3)
-    raise RuntimeError(f"the demo worker was not ready in {WORKER_READY_S}s; see {log_path}")
+    worker = WorkerProcess(env, runtime().settings.home / "demo-worker.log", name="demo",
+                           concurrency=1)
+    try:
+        worker.wait_ready(WORKER_READY_S)
+        console.print("a worker is running; watch it in Flower with "
+                      "`docq flower --insecure-local` (http://127.0.0.1:5555)")
+        yield
+    finally:
+        worker.stop()
 
 
 def _progress(console: Console) -> Any:

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +9,7 @@ from typing import Any
 import pytest
 
 from tasks.runtime import reset_runtime
-
-ROOT = Path(__file__).resolve().parents[2]
+from tasks.worker_process import WorkerProcess
 
 
 @pytest.fixture
@@ -53,54 +47,6 @@ def docq_env(
     reset_runtime()
 
 
-class WorkerProcess:
-    """A `celery -A tasks worker` subprocess; its log is kept for assertions and failures."""
-
-    def __init__(self, env: dict[str, str], log: Path, concurrency: int, name: str,
-                 pool: str = "prefork") -> None:
-        self.log_path = log
-        self._log = log.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks", "worker", f"--pool={pool}",
-             f"--concurrency={concurrency}", "--loglevel=INFO", "--without-gossip",
-             "--without-mingle", "--events", f"--hostname={name}@%h"],
-            cwd=ROOT, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_ready(self, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if "ready." in self.log():
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
-            time.sleep(0.2)
-        raise RuntimeError(f"worker not ready after {timeout_s}s:\n{self.log()[-4000:]}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def children(self) -> list[int]:
-        import psutil
-
-        return [c.pid for c in psutil.Process(self.proc.pid).children()]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._log.close()
-
-
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """Start worker processes: `workers(env, concurrency=2, pool="prefork")`; all stopped at
@@ -109,7 +55,8 @@ def workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
 
     def start(env: dict[str, str], concurrency: int = 2, pool: str = "prefork") -> WorkerProcess:
         name = f"w{len(started)}"
-        w = WorkerProcess(env, tmp_path / f"{name}.log", concurrency, name, pool)
+        w = WorkerProcess(env, tmp_path / f"{name}.log", name=name, concurrency=concurrency,
+                          pool=pool)
         started.append(w)
         w.wait_ready()
         return w
