@@ -15,7 +15,7 @@ app = Celery("docqueue", include=["tasks.batches", "tasks.jobs", "tasks.beat"])
 
 @app.on_configure.connect
 def _configure(sender: Celery, **_: Any) -> None:
-    from tasks.maintenance import max_memory_kib, setting
+    from tasks.maintenance import max_memory_kib
 
     s = runtime().settings
     broker = resolve_broker(s)
@@ -47,7 +47,7 @@ def _configure(sender: Celery, **_: Any) -> None:
         # Cold shutdown (SIGQUIT, or SIGTERM with REMAP_SIGTERM=SIGQUIT): running batches get
         # this long, then are cut and their messages go back to the queue at once, not after
         # the visibility timeout. A plain SIGTERM (warm) lets them finish, within their time limit.
-        worker_soft_shutdown_timeout=setting(s, "worker_soft_shutdown_s"),
+        worker_soft_shutdown_timeout=s.worker_soft_shutdown_s,
         worker_enable_soft_shutdown_on_idle=True,  # retries waiting out a countdown go back too
         imports=("tasks.maintenance",),  # the reconcile task and the memory reports
     )
@@ -74,5 +74,6 @@ def _warm_up() -> None:
     count_tokens("warm up")
     try:
         runtime().services()
-    except Exception as exc:  # the first task reports the same problem, with its batch id
+    # The first task reports the same problem, with its batch id.
+    except Exception as exc:  # noqa: BLE001
         logging.getLogger(__name__).warning("worker start: %s: %s", type(exc).__name__, exc)

@@ -81,7 +81,7 @@ def beat(ctx: typer.Context) -> None:
     to Celery beat)."""
     from tasks.beat import beat_entries, config_path
     from tasks.celery import app
-    from tasks.maintenance import RECONCILE_ENTRY
+    from tasks.maintenance import reconcile_entry
     from tasks.runtime import runtime
     from workers.schedules import ScheduleError, load_schedules
 
@@ -96,7 +96,7 @@ def beat(ctx: typer.Context) -> None:
     else:
         typer.echo(f"no schedule file at {path} (DOCQ_CONFIG): beat runs the reconciler only",
                    err=True)
-    app.conf.beat_schedule = {**beat_entries(found), "jobs-reconcile": RECONCILE_ENTRY}
+    app.conf.beat_schedule = {**beat_entries(found), "jobs-reconcile": reconcile_entry(settings)}
     now = datetime.now(UTC)
     for s in found:
         typer.echo(f"schedule {s.name}: cron '{s.cron.expr}' {s.cron.timezone}, "

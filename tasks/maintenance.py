@@ -2,8 +2,8 @@
 
 `reconcile()` runs the rules of workers/reconcile.py over the store and Redis, and acts on them:
 it sends lost batches again as a new chord and merges finished jobs nobody merged. The beat task
-`jobs.reconcile` runs it every DOCQ_RECONCILE_EVERY_S seconds (RECONCILE_ENTRY, for the beat
-schedule); `docq resume` runs it by hand.
+`jobs.reconcile` runs it every DOCQ_RECONCILE_EVERY_S seconds (`reconcile_entry`, for the
+beat schedule); `docq resume` runs it by hand.
 
 Memory: Celery replaces a pool process whose RSS passed `worker_max_memory_per_child` once its
 task is done (tasks/celery.py sets it from DOCQ_WORKER_MAX_MEMORY_MB). Here a new pool process
@@ -39,34 +39,16 @@ from workers.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# Settings read here that belong in workers/settings.py; until they are there, these apply.
-DEFAULTS: dict[str, float] = {
-    "reconcile_every_s": 60.0,
-    "worker_max_memory_mb": 1024.0,
-    "worker_soft_shutdown_s": 20.0,
-}
-
 LOCK_KEY, LOCK_TTL_S = "docq:reconcile:lock", 300
 RSS_KEY = "docq:workers:rss"
 RSS_EVERY_S = 5.0
 RSS_STALE_S = 4 * RSS_EVERY_S  # an entry not refreshed for this long is a worker that is gone
 
 
-def setting(settings: Settings, name: str) -> float:
-    return float(getattr(settings, name, DEFAULTS[name]))
-
-
 def reconcile_entry(settings: Settings) -> dict[str, Any]:
     """The beat entry for `jobs.reconcile`; a tick that waited a whole period is dropped."""
-    every_s = setting(settings, "reconcile_every_s")
+    every_s = settings.reconcile_every_s
     return {"task": "jobs.reconcile", "schedule": every_s, "options": {"expires": every_s}}
-
-
-RECONCILE_ENTRY: dict[str, Any] = {
-    "task": "jobs.reconcile",
-    "schedule": DEFAULTS["reconcile_every_s"],
-    "options": {"expires": DEFAULTS["reconcile_every_s"]},
-}
 
 
 def broker_redis() -> Any:
@@ -138,7 +120,7 @@ def reconcile_jobs() -> dict[str, Any]:
         return {"skipped": "another reconcile is running"}
     try:
         # A job that just finished is merged by its own chord callback; give it one period.
-        records = reconcile(merge_grace_s=setting(runtime().settings, "reconcile_every_s"))
+        records = reconcile(merge_grace_s=runtime().settings.reconcile_every_s)
     finally:
         client.delete(LOCK_KEY)
     return {
@@ -153,7 +135,7 @@ def reconcile_jobs() -> dict[str, Any]:
 
 def max_memory_kib(settings: Settings) -> int | None:
     """Celery's `worker_max_memory_per_child` (KiB) from DOCQ_WORKER_MAX_MEMORY_MB; 0 is off."""
-    mb = setting(settings, "worker_max_memory_mb")
+    mb = settings.worker_max_memory_mb
     return int(mb * 1024) if mb > 0 else None
 
 
@@ -170,7 +152,7 @@ def baseline_warning(rss_mb: float, limit_mb: float) -> str | None:
 
 @worker_process_init.connect
 def _check_baseline(**_: Any) -> None:
-    limit_mb = setting(runtime().settings, "worker_max_memory_mb")
+    limit_mb = runtime().settings.worker_max_memory_mb
     warning = baseline_warning(_rss_mb(psutil.Process()), limit_mb)
     if warning:
         logger.warning("pid %s: %s", os.getpid(), warning)
@@ -225,7 +207,7 @@ _reporter: _RssReporter | None = None
 @worker_ready.connect
 def _start_rss_reports(sender: Any, **_: Any) -> None:
     global _reporter
-    _reporter = _RssReporter(sender.hostname, setting(runtime().settings, "worker_max_memory_mb"))
+    _reporter = _RssReporter(sender.hostname, runtime().settings.worker_max_memory_mb)
     _reporter.safe_publish()
     # The main process's event-loop timer: no thread in a process that forks pool processes.
     sender.timer.call_repeatedly(RSS_EVERY_S, _reporter.safe_publish)

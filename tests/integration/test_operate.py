@@ -243,6 +243,18 @@ def test_two_beats_started_by_mistake_still_make_one_run(
         assert "Traceback" not in beat.log()
 
 
+def test_beat_runs_the_reconciler_as_often_as_configured(
+    scheduled: dict[str, str], services: Any
+) -> None:
+    # Given `docq beat` with the reconciler every second (the default is a minute)
+    beat = services("beat", [*DOCQ, "beat"], {**scheduled, "DOCQ_RECONCILE_EVERY_S": "1"})
+    beat.wait_for(r"beat: Starting")
+    # When it has run for a few seconds
+    time.sleep(4.5)
+    # Then it sent the reconciler about once a second
+    assert beat.log().count("Sending due task jobs-reconcile") >= 3, beat.log()[-3000:]
+
+
 def test_bad_schedules_stop_beat_with_a_message_naming_them(
     scheduled: dict[str, str], tmp_path: Path
 ) -> None:
