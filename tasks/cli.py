@@ -164,7 +164,8 @@ def _echo_limiter() -> None:
 
     try:
         typer.echo(format_limiter_status(limiter_status(runtime().settings)))
-    except Exception as exc:  # a status line must not fail the command: say what is missing
+    # A status line must not fail the command: say what is missing.
+    except Exception as exc:  # noqa: BLE001
         typer.echo(f"rate limiter: unavailable ({type(exc).__name__}: {exc})")
 
 

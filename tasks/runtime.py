@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import make_sessionmaker
-from workers.limiter import Limiter, Limits, scope_for
+from tasks.limits import limiter_for
 from workers.llm import EndpointConfig, OpenAICompatibleLLM
 from workers.processing import Services
 from workers.settings import Settings
@@ -123,12 +123,7 @@ class Runtime:
         redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
             resolve_broker(s), max_connections=REDIS_CONNECTIONS, timeout=10, socket_timeout=10,
             socket_connect_timeout=5))
-        limiter = Limiter(
-            redis, scope_for(base_url, s.model_name, s.key_fingerprint),
-            Limits(rpm=s.llm_rpm, tpm=s.llm_tpm, max_inflight=s.llm_max_inflight,
-                   refund_unused_tokens=s.llm_tpm_charge == "usage"),
-            slot_ttl_s=s.llm_timeout_s + 30,
-        )
+        limiter = limiter_for(s, redis, base_url)
         self._redis = redis
         return Services(self.sessions, s, llm, limiter, asyncio.Semaphore(s.worker_inflight),
                         redis=redis, endpoint=base_url)

@@ -146,25 +146,19 @@ async def run_batch(svc: Services, batch_id: int, owner: str, budget_s: float) -
         # Count the delivery and take the first claim in one transaction (a round trip less
         # per batch); a batch that will not be worked is not claimed.
         info = leases.start_delivery(session, batch_id)
-        if info is None or info.deliveries > cfg.max_deliveries or (
-                info.job_status == JobStatus.CANCELLED):
+        if info is None or _not_to_work(cfg, info) is not None:
             return info, None
         return info, _claim_or_finish(session, info, owner, cfg.lease_s)
 
     info, claim = await svc.db(begin)
     if info is None:
         return Outcome("missing", reason=f"batch {batch_id} is not in the store")
-    if info.deliveries > cfg.max_deliveries:
-        message = (
-            f"batch {batch_id} was delivered {info.deliveries - 1} times without finishing "
-            f"(worker crashes?); its unfinished chunks are recorded as failed"
-        )
-        await svc.db(lambda s: _close(s, info, ResultStatus.ERROR, message))
-        logger.error("%s", message)
-        return Outcome("done", reason="poison")
-    if info.job_status == JobStatus.CANCELLED:
-        await svc.db(lambda s: _close(s, info, ResultStatus.CANCELLED, CANCELLED_MESSAGE))
-        return Outcome("done", reason="cancelled")
+    if stop := _not_to_work(cfg, info):
+        reason, status, message = stop
+        await svc.db(lambda s: _close(s, info, status, message))
+        if reason == "poison":
+            logger.error("%s", message)
+        return Outcome("done", reason=reason)
     deadline = time.monotonic() + budget_s
     pipeline = svc.pipeline(info)
     guard = JobGuard(svc.redis, info.job_id, info.budget_tokens, info.budget_cost)
@@ -181,6 +175,18 @@ async def run_batch(svc: Services, batch_id: int, owner: str, budget_s: float) -
             await svc.db(lambda s: leases.end_delivery(s, info, owner, done=False))
             return outcome
         claim = None
+
+
+def _not_to_work(cfg: Settings, info: BatchInfo) -> tuple[str, str, str] | None:
+    """Why this delivery closes the batch without calling the model (reason, status, message)."""
+    if info.deliveries > cfg.max_deliveries:
+        return "poison", ResultStatus.ERROR, (
+            f"batch {info.batch_id} was delivered {info.deliveries - 1} times without finishing "
+            f"(worker crashes?); its unfinished chunks are recorded as failed"
+        )
+    if info.job_status == JobStatus.CANCELLED:
+        return "cancelled", ResultStatus.CANCELLED, CANCELLED_MESSAGE
+    return None
 
 
 def _claim_or_finish(session: Session, info: BatchInfo, owner: str, lease_s: float) -> leases.Claim:
