@@ -106,7 +106,7 @@ def config_path(settings: Settings) -> Path:
     return Path(settings.config_path)
 
 
-@app.task(name=RUN_TASK)  # type: ignore[untyped-decorator]
+@app.task(name=RUN_TASK)
 def run_schedule(name: str, window_start: str) -> dict[str, Any]:
     """Run one window of a schedule: submit its new and changed documents as one job."""
     rt = runtime()

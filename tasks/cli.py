@@ -79,7 +79,7 @@ def submit(
         return
     handle = do_submit(paths, pipeline, **options, name=name, cache=cache,
                        budget_tokens=budget_tokens, budget_cost=budget_cost)
-    report = handle.report.as_dict() if handle.report else {"job_id": handle.id}
+    report: dict[str, Any] = handle.report.as_dict() if handle.report else {"job_id": handle.id}
     if as_json and not wait:
         typer.echo(json.dumps(report))
     elif not as_json:

@@ -24,7 +24,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import make_sessionmaker
 from tasks.limits import limiter_for
-from workers.llm import EndpointConfig, OpenAICompatibleLLM
 from workers.processing import Services
 from workers.settings import Settings
 
@@ -109,6 +108,10 @@ class Runtime:
         return self._services
 
     async def _build_services(self) -> Services:
+        # Imported here: langchain-openai and the SDK cost a producer or a `docq status` over a
+        # second and ~50 MiB, and only a worker calls the model.
+        from workers.llm import EndpointConfig, OpenAICompatibleLLM
+
         s = self.settings
         base_url = resolve_endpoint(s)
         llm = OpenAICompatibleLLM(EndpointConfig(

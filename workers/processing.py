@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,11 +24,13 @@ from workers.errors import PermanentError, RateLimitedError, RetryableError
 from workers.guard import JobGuard
 from workers.leases import BatchInfo, WorkItem
 from workers.limiter import Limiter, LimiterBusy
-from workers.llm import LLM, Completion
 from workers.pipelines import OutputParseError, Pipeline, Prompt, build_pipeline
 from workers.retry import backoff_s
 from workers.settings import Settings
 from workers.tokens import count_tokens
+
+if TYPE_CHECKING:  # the model client imports langchain-openai: a producer never needs it
+    from workers.llm import LLM, Completion
 
 logger = logging.getLogger(__name__)
 
