@@ -256,17 +256,19 @@ def test_a_429_pauses_every_process_and_no_chunk_retries_before_retry_after(
     simulator: Any, docq_env: Any, workers: Any, proxy: Any
 ) -> None:
     # Given a provider allowing 30 requests a minute (one per 2 s once the bucket is empty),
-    # slow answers (1 s), and docqueue wrongly told 300: its first wave of 32 calls (4 batches
-    # of 8, all sent before any answer) overflows the provider's bucket
-    sim = simulator("--rpm", "30", "--latency-ms", "1000", "--seed", "13")
+    # slow answers (3 s), and docqueue wrongly told 300: its first wave of 36 calls (4 batches
+    # of 9) overflows the provider's bucket. (The first answer would teach docqueue the
+    # provider's limit: the 3 s leave the four processes time to send the wave before it, even
+    # on a loaded machine, and the 6 calls over leave room for a refill or two meanwhile.)
+    sim = simulator("--rpm", "30", "--latency-ms", "3000", "--seed", "13")
     recorder = proxy(sim.url)
     env = docq_env(recorder.url, llm_rpm=300, llm_max_tokens=MAX_TOKENS, chunk_tokens=60,
-                   chunk_overlap_tokens=0, batch_max_chunks=8, max_attempts=10)
+                   chunk_overlap_tokens=0, batch_max_chunks=9, max_attempts=10)
     workers(env)
     workers(env)
-    # When a job of 34 chunks runs (a fifth batch of 2 waits for a free process)
-    handle = submit(notes(34), "summarize")
-    final = handle.wait(timeout=60)
+    # When a job of 38 chunks runs (a fifth batch of 2 waits for a free process)
+    handle = submit(notes(38), "summarize")
+    final = handle.wait(timeout=90)
     # Then every chunk succeeded in the end
     assert final["status"] == "succeeded", final
     assert all(r.status == "ok" for r in rows(handle.id))
