@@ -18,6 +18,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import Batch, Chunk, Document, DocumentStatus, Job, JobStatus
+from workers.batching import Batcher
 from workers.chunking import Chunker, ChunkSpan
 from workers.pipelines import Pipeline, build_pipeline
 from workers.settings import Settings
@@ -84,35 +85,32 @@ def create_job(
 
 
 class _BatchAssigner:
-    """Streams chunks into batches by count and token budget, as the producer reads them."""
+    """Numbers the batches `Batcher` forms from the chunks' token counts as the producer reads
+    them, and keeps each closed batch's size for its row."""
 
     def __init__(self, max_chunks: int, max_tokens: int) -> None:
-        self.max_chunks, self.max_tokens = max_chunks, max_tokens
-        self.seq, self.count, self.tokens = 0, 0, 0
-        self.closed: list[dict[str, int]] = []
+        self._batcher: Batcher[int] = Batcher(max_items=max_chunks, max_tokens=max_tokens,
+                                              tokens=int)
+        self.seq = 0  # the open batch's number; batches count from 1
+        self._closed: list[dict[str, int]] = []
 
     def place(self, tokens: int) -> int:
         """Return the batch seq for a chunk of `tokens` tokens."""
-        full = self.count >= self.max_chunks or self.tokens + tokens > self.max_tokens
-        if self.seq == 0 or (full and self.count > 0):
-            self._close()
+        if (closed := self._batcher.add(tokens)) is not None:
+            self._keep(closed)
+        if self._batcher.pending == 1:  # this chunk opened a batch
             self.seq += 1
-        self.count += 1
-        self.tokens += tokens
         return self.seq
 
-    def _close(self) -> None:
-        if self.count:
-            self.closed.append(
-                {"seq": self.seq, "chunk_count": self.count, "token_count": self.tokens}
-            )
-        self.count, self.tokens = 0, 0
+    def _keep(self, batch: list[int]) -> None:
+        self._closed.append({"seq": self.seq, "chunk_count": len(batch), "token_count": sum(batch)})
 
     def finish(self) -> None:
-        self._close()
+        if (closed := self._batcher.flush()) is not None:
+            self._keep(closed)
 
     def take_closed(self) -> list[dict[str, int]]:
-        out, self.closed = self.closed, []
+        out, self._closed = self._closed, []
         return out
 
 
