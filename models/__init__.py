@@ -1,6 +1,12 @@
 """SQLAlchemy tables of the results store, the session factory and migrations."""
 
-from models.db import make_engine, make_sessionmaker, plan_for_now, upgrade, upsert
+from models.db import (
+    make_engine,
+    make_sessionmaker,
+    plan_for_now,
+    upgrade,
+    upsert_statement,
+)
 from models.tables import (
     FINAL_RESULT_STATES,
     Base,
@@ -33,5 +39,5 @@ __all__ = [
     "make_sessionmaker",
     "plan_for_now",
     "upgrade",
-    "upsert",
+    "upsert_statement",
 ]

@@ -6,6 +6,7 @@ unchanged corpus again makes no model call at all.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
@@ -14,7 +15,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import CachedResponse, plan_for_now, upsert
+from models import CachedResponse, plan_for_now, upsert_statement
 from workers.pipelines import Prompt
 
 POLICIES = ("use", "refresh", "off")
@@ -55,10 +56,16 @@ def lookup(session: Session, keys: Iterable[str]) -> dict[str, tuple[Any, str | 
 
 def store(session: Session, entries: Sequence[dict[str, Any]], *, refresh: bool) -> None:
     """Remember successful answers; `refresh` overwrites what was there."""
-    upsert(
-        session,
+    if entries:
+        session.execute(_store_statement(session.get_bind().dialect.name, refresh), list(entries))
+
+
+@functools.cache
+def _store_statement(dialect: str, refresh: bool) -> Any:
+    """`store`'s upsert, built once (it runs with every batch's flush, as `leases.record`)."""
+    return upsert_statement(
+        dialect,
         CachedResponse.__table__,  # type: ignore[arg-type]
-        entries,
         keys=("key",),
         update=("output", "finish_reason", "tokens_in", "tokens_out", "model") if refresh else None,
     )

@@ -13,7 +13,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Table, and_, exists, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
 from models import (
@@ -25,6 +24,7 @@ from models import (
     Result,
     ResultStatus,
     plan_for_now,
+    upsert_statement,
 )
 
 RESULT_COLUMNS = (
@@ -220,14 +220,9 @@ def _record_statement(dialect: str) -> Any:
     doubled the client time of a 25-row flush (benchmarks/bench_store.py); the statement is
     immutable, so one serves every flush.
     """
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     table: Table = Result.__table__  # type: ignore[assignment]
-    stmt = insert(table)
-    return stmt.on_conflict_do_update(
-        index_elements=("chunk_id", "pipeline_version"),
-        set_={c: stmt.excluded[c] for c in RESULT_COLUMNS},
-        where=table.c.status == ResultStatus.RETRY,
-    )
+    return upsert_statement(dialect, table, ("chunk_id", "pipeline_version"), RESULT_COLUMNS,
+                            where=table.c.status == ResultStatus.RETRY)
 
 
 def finalize_unfinished(session: Session, info: BatchInfo, status: str, message: str) -> int:
