@@ -3,7 +3,7 @@
     python benchmarks/bench_chunking.py [--docs 2000] [--chunk-tokens 400] [--overlap 40]
 
 Documents of about 8,000 tokens are generated one at a time (seeded, so every run splits the
-same corpus) and split by `workers.chunking.Chunker`; only the time spent in `split` counts.
+same corpus) and split by `workers.ingest.chunking.Chunker`; only the time spent in `split` counts.
 For comparison, a slice of the same corpus goes through langchain-text-splitters'
 `RecursiveCharacterTextSplitter.from_tiktoken_encoder` with the same limits, and both run on
 text without spaces (CJK), the case where a recursive splitter falls back to single characters.
@@ -28,7 +28,7 @@ import psutil
 import tiktoken
 from langchain_text_splitters import RecursiveCharacterTextSplitter
 
-from workers.chunking import Chunker
+from workers.ingest.chunking import Chunker
 from workers.tokens import ENCODING_NAME, count_tokens, encoding
 
 RESULTS = Path(__file__).resolve().parent / "results" / "chunking.json"

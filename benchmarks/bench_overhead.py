@@ -114,7 +114,7 @@ async def _stack(url: str, n: int, stack: str) -> dict[str, Any]:
     import aiohttp
     import httpx
 
-    from workers.llm import EndpointConfig, OpenAICompatibleLLM
+    from workers.provider.client import EndpointConfig, OpenAICompatibleLLM
 
     pipe = build_pipeline("summarize", {})
     prompts = [pipe.render(text, "chat") for _, text in corpus(n, 5)]

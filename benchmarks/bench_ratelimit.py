@@ -49,8 +49,8 @@ from benchmarks.harness import (
 from benchmarks.harness import table as render_table
 from models import Result
 from tasks.worker_process import WorkerProcess
+from workers.batch.processing import prompt_tokens
 from workers.pipelines import build_pipeline
-from workers.processing import prompt_tokens
 from workers.simulator.process import SimulatorProcess
 from workers.tokens import count_tokens
 
@@ -84,8 +84,9 @@ def corpus(n: int, seed: int) -> tuple[list[tuple[str, str]], int]:
 
 def run(name: str, limits_known: bool, args: argparse.Namespace, workdir: Path,
         docs: list[tuple[str, str]], charge: int) -> dict[str, Any]:
+    from models import FINAL_JOB_STATES as TERMINAL
     from tasks import submit
-    from tasks.api import TERMINAL, job_status
+    from tasks.api import job_status
     from tasks.limits import limiter_status
     from tasks.runtime import reset_runtime, runtime
 

@@ -11,7 +11,7 @@ Then, --repeats times (the machine is shared, so each figure is min / median / m
 
 - upsert, 1 writer and 2 writers: a result row for every chunk through `leases.record`, in
   flushes of --flush-rows rows, each flush its own transaction, as `_Writer` in
-  workers/processing.py does; each writer is its own process with its own engine. The results
+  workers/batch/processing.py does; each writer is its own process with its own engine. The results
   table is emptied before each of these passes. 200 rows is `FLUSH_ROWS`; but a `_Writer`
   belongs to one batch (at most `batch_max_chunks`, 25, rows), so 25 is the most a flush holds
   with the default settings, and both sizes are measured.
@@ -52,12 +52,12 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.harness import DEFAULT_PG_URL, WORDS, machine, results_store, write_json
 from benchmarks.harness import table as render_table
 from models import Chunk, Document, DocumentStatus, Job, JobStatus, make_sessionmaker
-from workers import leases
-from workers.merging import merge_job
+from workers.batch import leases
+from workers.ingest.sources import SourceDocument
+from workers.jobs.merging import merge_job
+from workers.jobs.submission import create_job, ingest, mark_submitted
 from workers.pipelines import build_pipeline
 from workers.settings import Settings
-from workers.sources import SourceDocument
-from workers.submission import create_job, ingest, mark_submitted
 
 ROWS_PER_S_TARGET, MERGE_S_TARGET = 5_000.0, 30.0
 PARAGRAPH_WORDS = 280  # a paragraph and the overlap fit in one 400-token chunk, two do not
@@ -121,7 +121,7 @@ def chunk_list(sessions: Any, job_id: int) -> list[tuple[int, int]]:
 
 def make_rows(target: Target, chunks: list[tuple[int, int]], error_share: float, seed: int,
               mark: str = "") -> list[dict[str, Any]]:
-    """One result row per chunk, as `_call` in workers/processing.py shapes them."""
+    """One result row per chunk, as `_call` in workers/batch/processing.py shapes them."""
     rng = random.Random(seed)
     failing_doc = chunks[0][1]  # every chunk of the first document fails
     rows = []

@@ -94,8 +94,8 @@ def wait_for_job(job_id: int, timeout_s: float, log: Path, poll_s: float = 0.1) 
     """
     from sqlalchemy import select
 
+    from models import FINAL_JOB_STATES as TERMINAL
     from models import Job
-    from tasks.api import TERMINAL
     from tasks.runtime import runtime
 
     deadline = time.monotonic() + timeout_s

@@ -4,10 +4,12 @@ from models.db import (
     make_engine,
     make_sessionmaker,
     plan_for_now,
+    store_id,
     upgrade,
     upsert_statement,
 )
 from models.tables import (
+    FINAL_JOB_STATES,
     FINAL_RESULT_STATES,
     Base,
     Batch,
@@ -20,9 +22,11 @@ from models.tables import (
     JobStatus,
     Result,
     ResultStatus,
+    StoreIdentity,
 )
 
 __all__ = [
+    "FINAL_JOB_STATES",
     "FINAL_RESULT_STATES",
     "Base",
     "Batch",
@@ -35,9 +39,11 @@ __all__ = [
     "JobStatus",
     "Result",
     "ResultStatus",
+    "StoreIdentity",
     "make_engine",
     "make_sessionmaker",
     "plan_for_now",
+    "store_id",
     "upgrade",
     "upsert_statement",
 ]

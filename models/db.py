@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Table, create_engine, event, text
+from sqlalchemy import Engine, Table, create_engine, event, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -88,3 +88,13 @@ def upgrade(url: str, revision: str = "head") -> None:
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["url"] = url
     command.upgrade(cfg, revision)
+
+
+def store_id(session: Session) -> str:
+    """This store's identity (a uuid made by its first migration)."""
+    from models.tables import StoreIdentity
+
+    value = session.scalar(select(StoreIdentity.id).limit(1))
+    if value is None:
+        raise LookupError("the results store has no identity row: run `docq db upgrade`")
+    return value

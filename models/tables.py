@@ -39,6 +39,12 @@ class JobStatus(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
+# A job in one of these states is done: nothing more runs for it unless `docq retry` reopens it.
+FINAL_JOB_STATES = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.PARTIAL, JobStatus.FAILED, JobStatus.CANCELLED}
+)
+
+
 class DocumentStatus(enum.StrEnum):
     PENDING = "pending"
     REJECTED = "rejected"
@@ -206,7 +212,7 @@ class Result(Base):
     )
 
 
-# -- schedules (workers/schedules.py) -----------------------------------------------------------
+# -- schedules (workers/jobs/schedules.py) -----------------------------------------------------------
 
 
 class RunStatus(enum.StrEnum):
@@ -254,3 +260,15 @@ class ScheduleDocument(Base):
     run_id: Mapped[int | None] = mapped_column(
         ForeignKey("schedule_runs.id", ondelete="SET NULL")
     )
+
+
+class StoreIdentity(Base):
+    """One row: a random id given to this store when its schema was made (migration 0003).
+
+    A producer stamps it on every message it sends; a worker whose store has another id is
+    pointed at the wrong database and says so instead of working on look-alike ids.
+    """
+
+    __tablename__ = "store_identity"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)

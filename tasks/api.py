@@ -4,37 +4,29 @@ from __future__ import annotations
 
 import os
 import time
-from array import array
-from collections.abc import Callable, Collection, Iterable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
-from celery import Signature, Task, uuid
-from kombu.entity import Queue
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
-from models import Batch, Document, Job, JobStatus, Result
+from models import FINAL_JOB_STATES, Document, Job, JobStatus, Result
+from tasks.publish import forget_chord_results, publish
 from tasks.runtime import runtime
-from workers.cache import POLICIES as CACHE_POLICIES
-from workers.errors import InputError
-from workers.openai_batch import PIPELINE_NAME as OPENAI_BATCH
-from workers.openai_batch import read_batch_file, write_batch_results
-from workers.pipelines import build_pipeline
-from workers.settings import Settings
-from workers.sources import SourceDocument
-from workers.submission import (
+from workers.batch.cache import POLICIES as CACHE_POLICIES
+from workers.errors import InputError, WorkerError
+from workers.ingest.sources import SourceDocument
+from workers.jobs.submission import (
     SubmitReport,
-    batch_ids,
     create_job,
     ingest,
     mark_submitted,
     read_sources,
 )
-
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.PARTIAL, JobStatus.FAILED,
-                      JobStatus.CANCELLED})
+from workers.pipelines import build_pipeline
+from workers.pipelines.openai_batch import PIPELINE_NAME as OPENAI_BATCH
+from workers.pipelines.openai_batch import read_batch_file, write_batch_results
+from workers.settings import Settings
 
 
 def submit(
@@ -111,118 +103,8 @@ def write_openai_batch(
         return write_batch_results(session, job_id, output_path, error_path)
 
 
-def forget_chord_results() -> None:
-    """Drop any result subscriptions Celery opened in this process.
-
-    `publish` sends its chord without result objects, so it subscribes to nothing; this stays
-    for code that sends tasks through Celery's canvas here (each result object subscribes to its
-    task's result key and unsubscribes when collected, possibly at exit after an embedded Redis
-    is gone). Close them now instead.
-    """
-    from tasks.celery import app
-
-    consumer = getattr(app.backend, "result_consumer", None)
-    if consumer is not None and getattr(consumer, "_pubsub", None) is not None:
-        consumer.stop()
-        consumer.subscribed_to.clear()
-        consumer._pubsub = None
-
-
-PUBLISH_PIPELINE = 1000  # Redis commands per round trip when sending a chord's header
-
-
-def publish(job_id: int, *, batches: Collection[int] | None = None) -> int:
-    """Queue the job's unfinished batches as one chord whose callback merges the job.
-
-    `batches` limits it to those ids (the reconciler sending lost batches again); they are
-    stamped as sent now. Once the chord is out, the job's publish marker is set in Redis.
-    """
-    from tasks.batches import process_batch
-    from tasks.jobs import merge_job
-    from tasks.maintenance import broker_redis
-    from workers.reconcile import mark_published
-
-    wanted = None if batches is None else set(batches)
-    header = _Header()
-    with runtime().sessions.begin() as session:
-        total = session.scalar(select(Job.batches_total).where(Job.id == job_id)) or 0
-        for bid, seq, n in batch_ids(session, job_id):
-            if wanted is None or bid in wanted:
-                header.add(bid, seq, n)
-        if wanted is not None and header:
-            session.execute(update(Batch).where(Batch.id.in_(list(header.ids)))
-                            .values(updated_at=datetime.now(UTC)))
-    body = merge_job.si(job_id).set(argsrepr=f"job={job_id}")
-    if not header:  # an empty chord never runs its body
-        body.apply_async()
-        return 0
-    _send_chord(process_batch, header, body,
-                lambda seq, n: f"job={job_id} batch={seq}/{total} chunks={n}")
-    mark_published(broker_redis(), job_id)
-    return len(header)
-
-
-class _Header:
-    """The batches a chord will send, as three arrays: 24 bytes a batch, not a tuple each."""
-
-    def __init__(self) -> None:
-        self.ids, self.seqs, self.chunks = array("q"), array("q"), array("q")
-
-    def add(self, batch_id: int, seq: int, chunks: int) -> None:
-        self.ids.append(batch_id)
-        self.seqs.append(seq)
-        self.chunks.append(chunks)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        return zip(self.ids, self.seqs, self.chunks, strict=True)
-
-
-def _send_chord(
-    task: Task, header: _Header, body: Signature, describe: Callable[[int, int], str]
-) -> None:
-    """Send `task(batch_id)` for each batch of `header` as one chord whose callback is `body`.
-
-    The messages are those of `chord(header)(body)`: each header task carries the group id,
-    its index in the group and the body, and the Redis backend's counter (`<group>.s`) holds
-    the size, so the last header task to finish sends the body. What Celery's canvas adds for a
-    caller that waits on results is left out: a signature, a frozen copy and a result object
-    per header task, all built before the first is sent and kept until the last is, and a
-    subscription to every result key; and each message and each task-sent event cost a Redis
-    round trip through a newly built client. For 40,000 batches that took the producer from
-    206 MiB (the ingest) to a 452 MiB peak, and 46 s (benchmarks/bench_producer.py). Here each
-    message is built and sent in turn, through one producer whose publishes go out
-    PUBLISH_PIPELINE Redis commands a round trip; the counter is set before the first message,
-    so no header task can finish before its chord exists. `describe(seq, chunks)` is the header
-    task's argsrepr (what Flower shows).
-    """
-    app = task.app
-    amqp = app.amqp
-    group_id = uuid()
-    body.freeze(group_id=group_id)  # as chord.run: the body's task id, in the header's group
-    app.backend.ensure_chords_allowed()
-    app.backend.set_chord_size(group_id, len(header))
-    route = amqp.router.route({}, task.name, None, None, task)  # one task: one route for all
-    sent_event = app.conf.task_send_sent_event
-    with app.producer_or_acquire() as producer, _pipelined(producer):
-        if isinstance(route.get("queue"), Queue):  # bound once, not copied for every message
-            route["queue"] = route["queue"].bind(producer.channel)
-        for index, (batch_id, seq, chunks) in enumerate(header):
-            message = amqp.create_task_message(
-                uuid(), task.name, (batch_id,), {}, group_id=group_id, group_index=index,
-                chord=body, reply_to=app.thread_oid, time_limit=task.time_limit,
-                soft_time_limit=task.soft_time_limit, create_sent_event=sent_event,
-                ignore_result=task.ignore_result, argsrepr=describe(seq, chunks),
-            )
-            amqp.send_task_message(producer, task.name, message, **route)
-
-
-def _pipelined(producer: Any) -> AbstractContextManager[Any]:
-    """Batch the producer's publishes where kombu can (5.7+ on Redis), else send each at once."""
-    batch = getattr(producer, "batch", None)
-    return batch(PUBLISH_PIPELINE) if batch is not None else nullcontext()
+class JobStalledError(WorkerError):
+    """A waited-for job made no progress for longer than the caller allowed."""
 
 
 @dataclass
@@ -240,22 +122,33 @@ class JobHandle:
         timeout: float | None = None,
         poll_s: float = 0.5,
         progress: Callable[[dict[str, Any]], None] | None = None,
+        stall_s: float | None = None,
     ) -> dict[str, Any]:
         """Block until the job is merged in a final state; returns its status.
 
         Raises:
             TimeoutError: the job was not final within `timeout` seconds.
+            JobStalledError: no chunk of the job became final for `stall_s` seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        moved_at, last = time.monotonic(), None
         while True:
             st = self.status()
             if progress is not None:
                 progress(st)
             # A cancelled job is final once merged; the others are final when they say so.
-            if st["status"] in TERMINAL and (st["status"] != JobStatus.CANCELLED
-                                             or st["finished_at"] is not None):
+            if st["status"] in FINAL_JOB_STATES and (st["status"] != JobStatus.CANCELLED
+                                                     or st["finished_at"] is not None):
                 return st
-            if deadline is not None and time.monotonic() > deadline:
+            now = time.monotonic()
+            if (st["status"], st["chunks_done"]) != last:
+                moved_at, last = now, (st["status"], st["chunks_done"])
+            elif stall_s is not None and now - moved_at > stall_s:
+                raise JobStalledError(
+                    f"job {self.id} has not moved for {now - moved_at:.0f} s "
+                    f"({st['chunks_done']}/{st['chunks_total']} chunks done): no worker seems to "
+                    "be working on it with this store and broker (see `docq workers`)")
+            if deadline is not None and now > deadline:
                 raise TimeoutError(f"job {self.id} is still {st['status']} after {timeout:g}s "
                                    f"({st['chunks_done']}/{st['chunks_total']} chunks done)")
             time.sleep(poll_s)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Task
 from celery.exceptions import Retry
 
-from tasks.celery import app
-from tasks.runtime import runtime
-from workers.processing import run_batch
-from workers.retry import backoff_s
+from tasks.celery import app, broker_redis
+from tasks.runtime import WrongStoreError, runtime
+from workers.batch.processing import run_batch
+from workers.provider.retry import backoff_s
 
 logger = logging.getLogger(__name__)
 
@@ -21,10 +21,17 @@ MAX_CRASH_RETRIES = 8  # unexpected failures (store down, bugs) before the batch
 
 
 @app.task(name="batches.process", bind=True, max_retries=None)
-def process_batch(self: Task, batch_id: int) -> dict[str, Any]:
-    """Call the model for every unfinished chunk of the batch and record its result."""
+def process_batch(self: Task, batch_id: int, store: str | None = None) -> dict[str, Any]:
+    """Call the model for every unfinished chunk of the batch and record its result.
+
+    `store` is the identity of the results store the producer wrote the batch to.
+    """
     rt = runtime()
     s = rt.settings
+    try:
+        rt.check_store(store, f"batch {batch_id}")
+    except WrongStoreError as exc:
+        refuse_wrong_store(self, exc)
     # Unique per delivery: two copies of one message must not share a lease.
     owner = f"{os.getpid()}:{uuid.uuid4().hex[:20]}"
     budget_s = s.task_soft_time_limit_s - s.llm_timeout_s - 15
@@ -50,10 +57,17 @@ def process_batch(self: Task, batch_id: int) -> dict[str, Any]:
     return {"batch_id": batch_id, "state": outcome.state}
 
 
+def refuse_wrong_store(task: Task, exc: WrongStoreError) -> NoReturn:
+    """Put the message back for a worker of the right store, and stop this misconfigured one:
+    working on it here would touch look-alike ids of another store's jobs."""
+    logger.critical("%s; stopping this worker", exc)
+    task.app.control.shutdown(destination=[task.request.hostname])
+    raise task.retry(countdown=5, max_retries=None) from None
+
+
 def _mark_abandoned(batch_id: int) -> None:
     """Tell the reconciler this batch has no message left, so it is sent again."""
-    from tasks.maintenance import broker_redis
-    from workers.reconcile import mark_abandoned
+    from workers.jobs.reconcile import mark_abandoned
 
     try:
         mark_abandoned(broker_redis(), batch_id)

@@ -3,7 +3,7 @@
 Beat only enqueues (STYLE §13). The task is where a window is claimed (one row per schedule
 and window: two beats started by mistake still give one run), the schedule's lock is taken
 (a run overlapping another one's ingestion is skipped), and the new and changed documents are
-submitted as one job. See workers/schedules.py for what a run compares and when the baseline
+submitted as one job. See workers/jobs/schedules.py for what a run compares and when the baseline
 moves.
 """
 
@@ -22,13 +22,14 @@ from redis.exceptions import LockError
 
 from tasks.celery import app
 from tasks.runtime import resolve_broker, runtime
-from workers.schedules import (
+from workers import keys
+from workers.clock import as_utc
+from workers.jobs.schedules import (
     Cron,
     RunCounts,
     Schedule,
     ScheduleError,
     as_record,
-    as_utc,
     changed_documents,
     claim_window,
     end_run,
@@ -37,13 +38,12 @@ from workers.schedules import (
     load_schedules,
     settle_runs,
 )
+from workers.jobs.submission import read_sources
 from workers.settings import Settings
-from workers.submission import read_sources
 
 logger = logging.getLogger(__name__)
 
 RUN_TASK = "schedules.run"
-LOCK_KEY = "docq:schedule:{}:lock"
 # The lock is renewed every few hundred documents, so its life only bounds how long a dead
 # run blocks the next one.
 LOCK_TTL_S = 300
@@ -118,7 +118,7 @@ def run_schedule(name: str, window_start: str) -> dict[str, Any]:
         return {"schedule": name, "window": window_start, "status": "duplicate"}
     client = redis.Redis.from_url(resolve_broker(rt.settings), socket_timeout=10,
                                   socket_connect_timeout=5)
-    lock = client.lock(LOCK_KEY.format(name), timeout=LOCK_TTL_S)
+    lock = client.lock(keys.schedule_lock(name), timeout=LOCK_TTL_S)
     try:
         if not lock.acquire(blocking=False):
             return _end(run_id, name, window_start, "skipped",

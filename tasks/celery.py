@@ -8,15 +8,18 @@ from typing import Any
 from celery import Celery
 from celery.signals import after_setup_logger, worker_process_init
 
-from tasks.runtime import reset_runtime, resolve_broker, runtime
+from tasks.runtime import max_memory_kib, reset_runtime, resolve_broker, runtime
 
 app = Celery("docqueue", include=["tasks.batches", "tasks.jobs", "tasks.beat"])
 
 
+def broker_redis() -> Any:
+    """This process's client of the Redis that holds the messages (it is the result backend)."""
+    return app.backend.client
+
+
 @app.on_configure.connect
 def _configure(sender: Celery, **_: Any) -> None:
-    from tasks.maintenance import max_memory_kib
-
     s = runtime().settings
     broker = resolve_broker(s)
     # The visibility timeout must be set in all three places Celery reads it.

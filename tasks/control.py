@@ -8,12 +8,13 @@ from typing import Any
 
 import redis
 
-from tasks.api import forget_chord_results, publish
+from tasks.publish import forget_chord_results, publish
 from tasks.runtime import resolve_broker, runtime
-from workers import control
-from workers.guard import stop_key
+from workers import keys
+from workers.batch.guard import StopReason
+from workers.jobs import control
+from workers.jobs.submission import read_sources
 from workers.pipelines import build_pipeline
-from workers.submission import read_sources
 
 
 def _redis() -> redis.Redis:
@@ -30,7 +31,7 @@ def cancel(job_id: int) -> bool:
         changed = control.cancel_job(session, job_id)
     if changed:
         client = _redis()
-        client.set(stop_key(job_id), "cancelled")
+        client.set(keys.job_stop(job_id), StopReason.CANCELLED)
         client.close()
     return changed
 
@@ -46,7 +47,7 @@ def retry(job_id: int, *, include_skipped: bool = False, budget_tokens: int | No
                                   budget_tokens=budget_tokens, budget_cost=budget_cost)
     if n:
         client = _redis()
-        client.delete(stop_key(job_id))  # a raised budget lets the skipped chunks run
+        client.delete(keys.job_stop(job_id))  # a raised budget lets the skipped chunks run
         client.close()
         publish(job_id)
         forget_chord_results()

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
 from rich.console import Console
 from rich.table import Table
@@ -20,11 +21,15 @@ from sqlalchemy import select
 
 from models import Document, Job, JobStatus, upgrade
 from tasks.runtime import reset_runtime, runtime
-from workers.sources import iter_documents
+from workers.ingest.sources import iter_documents
+
+if TYPE_CHECKING:
+    from workers.local.model import LocalModelServer
 
 CORPUS = Path(__file__).resolve().parents[1] / "examples" / "corpus"
 DEMO_NAME = "docq demo"
 WORKER_READY_S = 120
+STALL_S = 120.0  # no chunk finished for this long: the demo stops and says so
 
 
 def run_demo(console: Console, corpus: Path = CORPUS, fresh: bool = False) -> dict[str, Any]:
@@ -43,14 +48,15 @@ def run_demo(console: Console, corpus: Path = CORPUS, fresh: bool = False) -> di
         final = handle.status()
         _show(console, handle.id, final)
         return final
-    with _services(console) as env, _worker(console, env):
+    with _services(console) as (env, supervisor), _worker(console, env):
         started = time.monotonic()
         handle = submit(str(corpus), "summarize", name=DEMO_NAME)
         report = handle.report
         assert report is not None
         console.print(f"job {handle.id}: {report.documents_accepted} documents, "
                       f"{report.chunks} chunks; summarizing with the local model...")
-        final = handle.wait(timeout=1800, progress=_progress(console))
+        final = handle.wait(timeout=1800, progress=_progress(console, supervisor),
+                            stall_s=STALL_S)
         console.print(f"done in {time.monotonic() - started:.1f}s")
     _show(console, handle.id, final)
     return final
@@ -73,22 +79,28 @@ def _previous_run(corpus: Path) -> int | None:
 
 
 @contextlib.contextmanager
-def _services(console: Console) -> Iterator[dict[str, str]]:
-    """Start the embedded Redis and the local model if the settings name none."""
+def _services(console: Console) -> Iterator[tuple[dict[str, str], ModelSupervisor | None]]:
+    """Start the embedded Redis and the local model if the settings name none.
+
+    Yields the environment every process the demo starts gets (the store and home as absolute
+    paths, so a worker started elsewhere opens the same store), and the model's supervisor.
+    """
     settings = runtime().settings
-    env: dict[str, str] = {}
+    env = {"DOCQ_DATABASE_URL": settings.database_url, "DOCQ_HOME": str(settings.home)}
+    supervisor = None
     with contextlib.ExitStack() as stack:
         if not settings.broker_url:
-            from workers.embedded import EmbeddedRedis
+            from workers.local.embedded_redis import EmbeddedRedis
 
             redis = stack.enter_context(EmbeddedRedis(settings.home))
             env["DOCQ_BROKER_URL"] = redis.url
             console.print(f"embedded Redis at {redis.url}")
         if not settings.llm_base_url:
-            from workers.localmodel import LocalModelServer
+            from workers.local.model import LocalModelServer
 
             console.print("starting the local model (Gemma 3 270M)...")
-            model = stack.enter_context(LocalModelServer(settings.home))
+            model = LocalModelServer(settings.home).start()
+            supervisor = stack.enter_context(ModelSupervisor(console, model))
             env.update(DOCQ_LLM_BASE_URL=model.url, DOCQ_LLM_MODE="completion",
                        DOCQ_LLM_MODEL=model.model_name, DOCQ_WORKER_INFLIGHT="2")
             console.print(f"local model at {model.url}")
@@ -96,7 +108,7 @@ def _services(console: Console) -> Iterator[dict[str, str]]:
         os.environ.update(env)
         reset_runtime()  # this process now talks to what was started
         try:
-            yield env
+            yield env, supervisor
         finally:
             for key, value in saved.items():
                 if value is None:
@@ -104,6 +116,71 @@ def _services(console: Console) -> Iterator[dict[str, str]]:
                 else:
                     os.environ[key] = value
             reset_runtime()
+
+
+class ModelSupervisor:
+    """Watches the local model server this process started: names its end within a second,
+    restarts it once on the same port, and after a second death fails the demo with the reason.
+
+    While the server is down the worker's calls find the port closed; such calls are not
+    attempts (nothing was sent), so the chunks wait instead of failing.
+    """
+
+    POLL_S = 0.5
+    RESTART_AFTER_S = 2.0
+
+    def __init__(self, console: Console, server: LocalModelServer, restarts: int = 1) -> None:
+        self.console, self.server, self.restarts_left = console, server, restarts
+        self.failure: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="model-supervisor", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self.server.stop()
+
+    def check(self) -> None:
+        """Raise if the server is gone for good.
+
+        Raises:
+            LocalModelError: the server died and was not (or could not be) restarted.
+        """
+        if self.failure is not None:
+            from workers.local.model import LocalModelError
+
+            raise LocalModelError(self.failure)
+
+    def _watch(self) -> None:
+        from workers.local.model import LocalModelServer
+
+        while not self._stop.wait(self.POLL_S):
+            report = self.server.exit_report()
+            if report is None:
+                continue
+            headline, _, log = report.partition("\n")
+            self.console.print(f"[red]{headline}[/]", highlight=False)
+            self.console.print(log, style="dim", highlight=False, markup=False)
+            if self.restarts_left <= 0:
+                self.failure = f"{headline}; it was restarted once already, so the demo stops"
+                return
+            self.restarts_left -= 1
+            self.console.print(f"restarting it in {self.RESTART_AFTER_S:g} s (once); the "
+                               "chunks wait meanwhile")
+            if self._stop.wait(self.RESTART_AFTER_S):
+                return
+            port, home = self.server.port, self.server.state_dir.parent
+            self.server.stop()
+            try:
+                self.server = LocalModelServer(home, port=port).start()
+            except Exception as exc:  # noqa: BLE001 (any failure to restart ends the demo)
+                self.failure = f"{headline}; restarting it failed: {exc}"
+                return
+            self.console.print(f"the local model is back at {self.server.url}")
 
 
 @contextlib.contextmanager
@@ -121,10 +198,12 @@ def _worker(console: Console, env: dict[str, str]) -> Iterator[None]:
         worker.stop()
 
 
-def _progress(console: Console) -> Any:
+def _progress(console: Console, supervisor: ModelSupervisor | None) -> Any:
     last = [-1]
 
     def show(st: dict[str, Any]) -> None:
+        if supervisor is not None:
+            supervisor.check()
         if st["chunks_done"] != last[0]:
             last[0] = st["chunks_done"]
             console.print(f"  {st['chunks_done']}/{st['chunks_total']} chunks, "

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from workers.limiter import Limiter, Limits, scope_for
+from workers.provider.limiter import Limiter, Limits, scope_for
 from workers.settings import Settings
 
 READ_TIMEOUT_S = 5.0
@@ -129,7 +129,7 @@ def _scrub(text: str, url: str) -> str:
 def _endpoint(settings: Settings) -> str | None:
     if settings.llm_base_url:
         return settings.llm_base_url
-    from workers.localmodel import LocalModelServer
+    from workers.local.model import LocalModelServer
 
     return LocalModelServer(settings.home).running_url()
 
@@ -137,6 +137,6 @@ def _endpoint(settings: Settings) -> str | None:
 def _broker(settings: Settings) -> str | None:
     if settings.broker_url:
         return settings.broker_url
-    from workers.embedded import EmbeddedRedis
+    from workers.local.embedded_redis import EmbeddedRedis
 
     return EmbeddedRedis(settings.home).running_url()

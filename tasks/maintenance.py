@@ -1,6 +1,6 @@
 """Keeping jobs moving through crashes: the reconciler, and each worker's memory.
 
-`reconcile()` runs the rules of workers/reconcile.py over the store and Redis, and acts on them:
+`reconcile()` runs the rules of workers/jobs/reconcile.py over the store and Redis, and acts on them:
 it sends lost batches again as a new chord and merges finished jobs nobody merged. The beat task
 `jobs.reconcile` runs it every DOCQ_RECONCILE_EVERY_S seconds (`reconcile_entry`, for the
 beat schedule); `docq resume` runs it by hand.
@@ -25,9 +25,12 @@ import psutil
 import redis
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
-from tasks.celery import app
+from tasks.celery import app, broker_redis
+from tasks.jobs import merge_job
+from tasks.publish import publish
 from tasks.runtime import resolve_broker, runtime
-from workers.reconcile import (
+from workers import keys
+from workers.jobs.reconcile import (
     abandoned_batches,
     forget_abandoned,
     mark_published,
@@ -39,8 +42,8 @@ from workers.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-LOCK_KEY, LOCK_TTL_S = "docq:reconcile:lock", 300
-RSS_KEY = "docq:workers:rss"
+LOCK_KEY, LOCK_TTL_S = keys.RECONCILE_LOCK, 300
+RSS_KEY = keys.WORKERS_RSS
 RSS_EVERY_S = 5.0
 RSS_STALE_S = 4 * RSS_EVERY_S  # an entry not refreshed for this long is a worker that is gone
 
@@ -49,11 +52,6 @@ def reconcile_entry(settings: Settings) -> dict[str, Any]:
     """The beat entry for `jobs.reconcile`; a tick that waited a whole period is dropped."""
     every_s = settings.reconcile_every_s
     return {"task": "jobs.reconcile", "schedule": every_s, "options": {"expires": every_s}}
-
-
-def broker_redis() -> Any:
-    """This process's client of the Redis that holds the messages (it is the result backend)."""
-    return app.backend.client
 
 
 def reconcile(
@@ -68,9 +66,6 @@ def reconcile(
     `force` sends every unfinished batch nobody is working on (`docq resume JOB`).
     `merge_inline` merges in this process instead of queueing `jobs.merge`.
     """
-    from tasks.api import publish
-    from tasks.jobs import merge_job
-
     rt = runtime()
     client = broker_redis()
     with rt.sessions.begin() as session:
@@ -131,12 +126,6 @@ def reconcile_jobs() -> dict[str, Any]:
 
 
 # -- memory ---------------------------------------------------------------------------------------
-
-
-def max_memory_kib(settings: Settings) -> int | None:
-    """Celery's `worker_max_memory_per_child` (KiB) from DOCQ_WORKER_MAX_MEMORY_MB; 0 is off."""
-    mb = settings.worker_max_memory_mb
-    return int(mb * 1024) if mb > 0 else None
 
 
 def baseline_warning(rss_mb: float, limit_mb: float) -> str | None:

@@ -22,10 +22,11 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import make_sessionmaker
+from models import make_sessionmaker, store_id
 from tasks.limits import limiter_for
-from workers.processing import Services
-from workers.settings import Settings
+from workers.batch.processing import Services
+from workers.errors import WorkerError
+from workers.settings import Settings, masked_url
 
 T = TypeVar("T")
 
@@ -35,20 +36,30 @@ DB_THREADS = 32
 REDIS_CONNECTIONS = 64  # per process
 
 
+class WrongStoreError(WorkerError):
+    """A task names a results store other than the one this process is configured with."""
+
+
 def resolve_broker(settings: Settings) -> str:
     """The Redis URL: DOCQ_BROKER_URL, or the embedded server under DOCQ_HOME (started once)."""
     if settings.broker_url:
         return settings.broker_url
-    from workers.embedded import EmbeddedRedis
+    from workers.local.embedded_redis import EmbeddedRedis
 
     return EmbeddedRedis(settings.home).start().url
+
+
+def max_memory_kib(settings: Settings) -> int | None:
+    """Celery's `worker_max_memory_per_child` (KiB) from DOCQ_WORKER_MAX_MEMORY_MB; 0 is off."""
+    mb = settings.worker_max_memory_mb
+    return int(mb * 1024) if mb > 0 else None
 
 
 def resolve_endpoint(settings: Settings) -> str:
     """The model's base URL: DOCQ_LLM_BASE_URL, or the local model server if one is running."""
     if settings.llm_base_url:
         return settings.llm_base_url
-    from workers.localmodel import LocalModelServer
+    from workers.local.model import LocalModelServer
 
     url = LocalModelServer(settings.home).running_url()
     if url is None:
@@ -68,7 +79,29 @@ class Runtime:
     _thread: threading.Thread | None = None
     _services: Services | None = None
     _redis: aioredis.Redis | None = None
+    _store_id: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def store_id(self) -> str:
+        """This process's results store's identity (read once)."""
+        if self._store_id is None:
+            with self.sessions() as session:
+                self._store_id = store_id(session)
+        return self._store_id
+
+    def check_store(self, expected: str | None, what: str) -> None:
+        """Refuse work recorded in another store than this process's.
+
+        Raises:
+            WrongStoreError: the producer that sent `what` wrote to a different store.
+        """
+        if expected is not None and expected != self.store_id:
+            raise WrongStoreError(
+                f"{what} was recorded in another results store than this worker's "
+                f"({masked_url(self.settings.database_url)}): the producer and the worker must "
+                "use the same DOCQ_DATABASE_URL (a relative SQLite path is read from each "
+                "process's own directory)")
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -110,7 +143,7 @@ class Runtime:
     async def _build_services(self) -> Services:
         # Imported here: langchain-openai and the SDK cost a producer or a `docq status` over a
         # second and ~50 MiB, and only a worker calls the model.
-        from workers.llm import EndpointConfig, OpenAICompatibleLLM
+        from workers.provider.client import EndpointConfig, OpenAICompatibleLLM
 
         s = self.settings
         base_url = resolve_endpoint(s)

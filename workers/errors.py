@@ -1,14 +1,24 @@
-"""docqueue's exceptions.
+"""docqueue's exceptions: one tree, each class where it is raised, this page the map.
 
-WorkerError
-├── RetryableError            transient: retry with backoff
-│   └── RetryableLLMError       429, 408, 409, 5xx, timeout, connection, malformed body or output
-│       └── RateLimitedError      429 with the provider's Retry-After
-├── PermanentError            retrying cannot help
-│   ├── PermanentLLMError       400 (context length too), 401, 403, 404, content filter, quota
-│   └── InputError              a document or option the user gave is unusable
-│       └── PipelineError         unknown pipeline or bad pipeline options
-└── StoreError                the results store cannot be reached
+WorkerError                     the root; every message is written for the user
+├── RetryableError              transient: retry with backoff
+│   ├── RetryableLLMError         429, 408, 409, 5xx, timeout, connection, malformed body
+│   │   ├── RateLimitedError        429 with the provider's Retry-After
+│   │   ├── EndpointUnreachableError  connection refused, unknown host: not an attempt
+│   │   └── OutputParseError        the model's text cannot be used (pipelines/base.py)
+│   └── LimiterBusy               the limiter's wait is too long: re-queue (provider/limiter.py)
+├── PermanentError              retrying cannot help
+│   ├── PermanentLLMError         400 (context length too), 401, 403, 404, content filter, quota
+│   ├── RequestTooLargeError      a request over the whole token budget (provider/limiter.py)
+│   └── InputError                a document, option or setting the user gave is unusable
+│       ├── PipelineError           unknown pipeline or bad pipeline options
+│       ├── ScheduleError           a bad schedule in docq.toml (jobs/schedules.py)
+│       ├── BatchFileError          an OpenAI Batch file over its limits (pipelines/openai_batch.py)
+│       └── FlowerAuthError         Flower without credentials (tasks/flower.py)
+├── JobNotFinishedError         results asked of a job that is still running (pipelines/openai_batch.py)
+└── EmbeddedServiceError        an embedded server would not start (local/embedded_redis.py)
+    ├── EmbeddedRedisError
+    └── LocalModelError           the local model server (local/model.py)
 """
 
 from __future__ import annotations
@@ -52,6 +62,11 @@ class RateLimitedError(RetryableLLMError):
     """429: the provider asked us to slow down."""
 
 
+class EndpointUnreachableError(RetryableLLMError):
+    """No connection could be made (refused, unknown host): the request never left, nothing
+    was charged, and the call is not counted as an attempt; the batch waits and comes back."""
+
+
 class PermanentLLMError(LLMErrorMixin, PermanentError):
     def __init__(self, message: str, *, http_status: int | None = None, code: str | None = None):
         super().__init__(message)
@@ -65,7 +80,3 @@ class InputError(PermanentError):
 
 class PipelineError(InputError):
     """An unknown pipeline, or options it cannot work with."""
-
-
-class StoreError(WorkerError):
-    """The results store could not be reached or written."""

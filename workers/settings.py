@@ -10,8 +10,9 @@ import hashlib
 import itertools
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LLMMode = Literal["chat", "completion"]
@@ -37,6 +38,31 @@ DEFAULT_PRICES: dict[str, Price] = {
 }
 
 LOCAL_MODEL_NAME = "gemma-3-270m"
+
+
+def masked_url(url: str) -> str:
+    """`url` with any password replaced by ***, fit for a message or a log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+
+
+def absolute_sqlite_url(url: str) -> str:
+    """A SQLite URL with a relative file path made absolute against this working directory.
+
+    `sqlite:///docq.db` read in two directories is two stores; resolved once, in the process
+    that reads the settings, and handed on, it is one. Other URLs are returned as they are.
+    """
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        return url
+    path, sep, query = url[len(prefix):].partition("?")
+    if not path or path == ":memory:" or path.startswith("/"):
+        return url
+    return f"{prefix}{Path(path).expanduser().resolve()}{sep}{query}"
 
 
 class Settings(BaseSettings):
@@ -115,6 +141,18 @@ class Settings(BaseSettings):
         default=20.0, ge=0, description="Cold shutdown: how long running batches get before "
         "they are cut and re-queued."
     )
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, home: Path) -> Path:
+        # Resolved once, here: every process a command starts is handed the same directory,
+        # whatever its own working directory.
+        return home.expanduser().resolve()
+
+    @field_validator("database_url")
+    @classmethod
+    def _absolute_sqlite_path(cls, url: str) -> str:
+        return absolute_sqlite_url(url)
 
     @model_validator(mode="after")
     def _check_time_limits(self) -> Settings:

@@ -29,12 +29,12 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
+from models import FINAL_JOB_STATES as TERMINAL
 from models import Batch, Chunk, Job, Result, upgrade
 from tasks import submit
-from tasks.api import TERMINAL
 from tasks.runtime import runtime
 from tests.conftest import free_port
-from workers.reconcile import open_jobs
+from workers.jobs.reconcile import open_jobs
 
 pytestmark = pytest.mark.integration
 
@@ -139,7 +139,7 @@ def test_redis_flushed_mid_job_is_finished_by_the_reconciler(
     simulator: Any, docq_env: Any, workers: Any, redis_client: redis.Redis
 ) -> None:
     from tasks.maintenance import reconcile
-    from workers.reconcile import marker_key
+    from workers.jobs.reconcile import marker_key
 
     # Given a job in flight, with its publish marker in Redis
     sim = simulator("--latency-ms", "500", "--seed", "12")
@@ -278,9 +278,9 @@ def test_the_same_batch_delivered_to_two_worker_processes_calls_the_model_once_p
     simulator: Any, docq_env: Any, workers: Any
 ) -> None:
     from tasks.batches import process_batch
+    from workers.ingest.sources import iter_documents
+    from workers.jobs.submission import create_job, ingest, mark_submitted
     from workers.pipelines import build_pipeline
-    from workers.sources import iter_documents
-    from workers.submission import create_job, ingest, mark_submitted
 
     # Given two separate worker processes and a recorded, unpublished job with slow calls
     sim = simulator("--latency-ms", "500", "--seed", "15")

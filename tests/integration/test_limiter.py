@@ -19,7 +19,7 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from workers.limiter import Limiter, LimiterBusy, Limits, RequestTooLargeError, Ticket
+from workers.provider.limiter import Limiter, LimiterBusy, Limits, RequestTooLargeError, Ticket
 
 ROOT = Path(__file__).resolve().parents[2]
 SPAWN = multiprocessing.get_context("spawn")
@@ -350,7 +350,7 @@ def test_a_large_request_is_not_starved_by_a_stream_of_small_ones(redis_url: str
 COOL_DOWN_CHILD = """
 import asyncio, sys
 from redis.asyncio import Redis
-from workers.limiter import Limiter, Limits
+from workers.provider.limiter import Limiter, Limits
 
 async def main():
     client = Redis.from_url(sys.argv[1])
@@ -408,7 +408,7 @@ def test_a_cool_down_only_ever_extends(redis_url: str) -> None:
 KILLED_CHILD = """
 import asyncio, os, sys
 from redis.asyncio import Redis
-from workers.limiter import Limiter, Limits
+from workers.provider.limiter import Limiter, Limits
 
 async def main():
     client = Redis.from_url(sys.argv[1])

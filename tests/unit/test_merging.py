@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import Chunk, Document, Job, JobStatus, Result, make_sessionmaker, upgrade
-from workers.merging import merge_job
+from workers.jobs.merging import merge_job
 from workers.pipelines import build_pipeline
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

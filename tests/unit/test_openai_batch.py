@@ -14,8 +14,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import Chunk, Document, Job, JobStatus, Result, make_sessionmaker
 from workers.errors import InputError, PipelineError
-from workers.merging import merge_job
-from workers.openai_batch import (
+from workers.ingest.sources import SourceDocument
+from workers.jobs.merging import merge_job
+from workers.jobs.submission import create_job, ingest
+from workers.pipelines import build_pipeline
+from workers.pipelines.openai_batch import (
     MAX_FILE_BYTES,
     MAX_REQUESTS,
     BatchFileError,
@@ -23,10 +26,7 @@ from workers.openai_batch import (
     read_batch_file,
     write_batch_results,
 )
-from workers.pipelines import build_pipeline
 from workers.settings import Settings
-from workers.sources import SourceDocument
-from workers.submission import create_job, ingest
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 USER = [{"role": "user", "content": "Say hello."}]

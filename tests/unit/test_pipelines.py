@@ -16,9 +16,8 @@ from typing import Any
 
 import pytest
 
-from workers import prompts
 from workers.errors import PipelineError, RetryableLLMError
-from workers.pipelines import PIPELINE_NAMES, OutputParseError, Pipeline, build_pipeline
+from workers.pipelines import PIPELINE_NAMES, OutputParseError, Pipeline, build_pipeline, prompts
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT_PIPELINES = ("summarize", "classify", "extract", "custom")

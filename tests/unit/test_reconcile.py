@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from workers.reconcile import BatchState, JobState, plan_job
+from workers.jobs.reconcile import BatchState, JobState, plan_job
 
 T = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 VT = 3600.0
@@ -116,7 +116,7 @@ def test_a_pool_process_born_above_half_the_limit_is_warned_about() -> None:
 
 
 def test_the_memory_limit_reaches_celery_in_kib_and_zero_turns_it_off() -> None:
-    from tasks.maintenance import max_memory_kib
+    from tasks.runtime import max_memory_kib
     from workers.settings import Settings
 
     class WithLimit(Settings):
@@ -153,7 +153,7 @@ def test_the_workers_table_shows_each_process_against_the_limit() -> None:
 
 def test_open_jobs_reads_unfinished_leased_and_expired_chunks_per_batch(sqlite_url: str) -> None:
     from models import Batch, Chunk, Document, Job, Result, make_sessionmaker
-    from workers.reconcile import open_jobs
+    from workers.jobs.reconcile import open_jobs
 
     # Given a running job of three batches of two chunks: batch 1 finished, batch 2 with one
     # chunk under a live lease and one under an expired one, batch 3 never touched; and a

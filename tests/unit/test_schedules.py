@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from models import Document, Job, make_sessionmaker
 from models.tables import RunStatus, ScheduleDocument, ScheduleRun
 from tasks.beat import CronSchedule, beat_entries, current_window
-from workers.schedules import (
+from workers.ingest.sources import SourceDocument
+from workers.jobs.schedules import (
     Cron,
     RunCounts,
     ScheduleError,
@@ -29,7 +30,6 @@ from workers.schedules import (
     load_schedules,
     settle_runs,
 )
-from workers.sources import SourceDocument
 
 
 def utc(*args: int) -> datetime:

@@ -13,8 +13,8 @@ from typing import Any
 import pypdf
 import pytest
 
-from workers import sources
-from workers.sources import SourceDocument, iter_documents
+from workers.ingest import sources
+from workers.ingest.sources import SourceDocument, iter_documents
 
 LIMIT = 1_000_000
 

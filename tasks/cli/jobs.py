@@ -1,0 +1,293 @@
+"""`docq` commands for jobs and processes: submit, status, results, cancel, retry, worker,
+simulate, demo, db upgrade."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tasks.cli.app import JsonFlag, cli, db_cli, exit_for, fail
+
+
+def _read_option_file(path: Path | None, what: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise fail(f"cannot read the {what} file {path}: {exc.strerror}") from None
+
+
+@cli.command()
+def submit(
+    paths: Annotated[list[str], typer.Argument(help="Files, directories or globs.")],
+    pipeline: Annotated[str, typer.Option(
+        help="summarize, classify, extract, custom, or openai-batch (one OpenAI Batch file).")] = (
+        "summarize"),
+    labels: Annotated[str | None, typer.Option(help="classify: comma-separated labels.")] = None,
+    schema: Annotated[Path | None, typer.Option(help="extract: a JSON schema file.")] = None,
+    prompt: Annotated[Path | None, typer.Option(help="custom: a template file with {text}.")] = (
+        None),
+    name: Annotated[str | None, typer.Option(help="A name for the job.")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the job, showing progress.")] = False,
+    cache: Annotated[str, typer.Option(help="use, refresh or off: the response cache.")] = "use",
+    budget_tokens: Annotated[int | None, typer.Option(help="Stop calling past this.")] = None,
+    budget_cost: Annotated[float | None, typer.Option(help="Stop past this many dollars.")] = (
+        None),
+    dry_run: Annotated[bool, typer.Option(help="Print the estimated tokens and cost; exit.")] = (
+        False),
+    as_json: JsonFlag = False,
+) -> None:
+    """Record documents as a job and queue its batches."""
+    from tasks.api import submit as do_submit
+
+    schema_obj = None
+    if (schema_text := _read_option_file(schema, "schema")) is not None:
+        try:
+            schema_obj = json.loads(schema_text)
+        except json.JSONDecodeError as exc:
+            raise fail(f"the schema file {schema} is not JSON: {exc}") from None
+    options: dict[str, Any] = {
+        "labels": [x.strip() for x in labels.split(",") if x.strip()] if labels else None,
+        "schema": schema_obj,
+        "prompt": _read_option_file(prompt, "prompt"),
+    }
+    if dry_run:
+        _print_estimate(paths, pipeline, options, as_json)
+        return
+    handle = do_submit(paths, pipeline, **options, name=name, cache=cache,
+                       budget_tokens=budget_tokens, budget_cost=budget_cost)
+    report: dict[str, Any] = handle.report.as_dict() if handle.report else {"job_id": handle.id}
+    if as_json and not wait:
+        typer.echo(json.dumps(report))
+    elif not as_json:
+        typer.echo(f"job {handle.id}: {report['documents_accepted']} documents accepted, "
+                   f"{report['documents_rejected']} rejected; {report['chunks']} chunks in "
+                   f"{report['batches']} batches")
+        for item in report["rejected"]:
+            typer.echo(f"  rejected {item['id']}: {item['error']}")
+    if wait:
+        from tasks.progress import watch
+
+        final = handle.wait() if as_json else watch(handle.id)
+        if as_json:
+            typer.echo(json.dumps({**report, "final": final}))
+        else:
+            typer.echo(_summary(final))
+        if (done := exit_for(final["status"])) is not None:
+            raise done
+
+
+def _print_estimate(paths: list[str], pipeline: str, options: dict[str, Any],
+                    as_json: bool) -> None:
+    from tasks.control import estimate
+
+    est = estimate(paths, pipeline, **options)
+    if as_json:
+        typer.echo(json.dumps(est))
+        return
+
+    def dollars(x: float | None) -> str:
+        return "unknown (no price for this model)" if x is None else f"${x:.4f}"
+
+    typer.echo(f"{est['documents']} documents ({est['rejected']} rejected), {est['chunks']} "
+               f"chunks\ntokens in: {est['tokens_in']}\ntokens out: at most "
+               f"{est['tokens_out_max']}\ncost: {dollars(est['cost_min'])} to "
+               f"{dollars(est['cost_max'])}")
+
+
+def _progress_line() -> Any:
+    last: list[str] = [""]
+
+    def show(st: dict[str, Any]) -> None:
+        line = (f"job {st['id']} {st['status']}: {st['chunks_done']}/{st['chunks_total']} chunks"
+                f", {st['tokens_in'] + st['tokens_out']} tokens")
+        if line != last[0]:
+            typer.echo(line, err=True)
+            last[0] = line
+
+    return show
+
+
+def _summary(st: dict[str, Any]) -> str:
+    cost = "unknown" if st["cost"] is None else f"${st['cost']:.4f}"
+    text = (f"job {st['id']} {st['status']}: {st['chunks_by_state']} "
+            f"tokens in {st['tokens_in']} out {st['tokens_out']}, cost {cost}")
+    return text + (f"\n  {st['reason']}" if st.get("reason") else "")
+
+
+@cli.command()
+def status(
+    job: int,
+    watch: Annotated[bool, typer.Option(help="Draw live progress until the job ends.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show a job's state, progress, tokens and cost, and the rate limiter's state."""
+    from tasks.api import job_status
+
+    if watch and not as_json:
+        from tasks.progress import watch as watch_job
+
+        st = watch_job(job)
+    else:
+        st = job_status(job)
+    if as_json:
+        typer.echo(json.dumps(st))
+        return
+    typer.echo(_summary(st))
+    _echo_limiter()
+
+
+def _echo_limiter() -> None:
+    from tasks.limits import format_limiter_status, limiter_status
+    from tasks.runtime import runtime
+
+    try:
+        typer.echo(format_limiter_status(limiter_status(runtime().settings)))
+    # A status line must not fail the command: say what is missing.
+    except Exception as exc:  # noqa: BLE001
+        typer.echo(f"rate limiter: unavailable ({type(exc).__name__}: {exc})")
+
+
+@cli.command()
+def results(
+    job: int,
+    fmt: Annotated[str, typer.Option("--format", help="jsonl, csv or openai-batch.")] = "jsonl",
+    output: Annotated[Path | None, typer.Option(
+        help="Write here instead of stdout; openai-batch: the prefix of its two files.")] = None,
+) -> None:
+    """Write one record per document: status, merged output, error, tokens, cost."""
+    from tasks.api import document_results, job_status
+
+    if fmt == "openai-batch":
+        _write_openai_batch(job, output)
+        return
+    if fmt not in ("jsonl", "csv"):
+        raise fail(f"unknown format {fmt!r}: choose jsonl, csv or openai-batch")
+    job_status(job)  # a clear error for an unknown job
+    out = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
+    try:
+        rows = document_results(job)
+        if fmt == "jsonl":
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        else:
+            fields = ["id", "source", "status", "output", "error", "chunks", "tokens_in",
+                      "tokens_out", "cost", "content_hash"]
+            writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                row["output"] = json.dumps(row["output"], ensure_ascii=False)
+                writer.writerow(row)
+    finally:
+        if output:
+            out.close()
+
+
+def _write_openai_batch(job: int, prefix: Path | None) -> None:
+    """PREFIX.output.jsonl and PREFIX.errors.jsonl, OpenAI's output and error files."""
+    from tasks.api import write_openai_batch
+
+    if prefix is None:
+        raise fail("--format openai-batch writes two files: give their prefix with --output "
+                   "PREFIX (PREFIX.output.jsonl and PREFIX.errors.jsonl)")
+    paths = prefix.with_name(prefix.name + ".output.jsonl"), prefix.with_name(
+        prefix.name + ".errors.jsonl")
+    try:
+        ok, failed = write_openai_batch(job, *paths)
+    except OSError as exc:
+        raise fail(f"cannot write {exc.filename}: {exc.strerror}") from None
+    typer.echo(f"{ok} responses in {paths[0]}\n{failed} errors in {paths[1]}")
+
+
+@cli.command()
+def cancel(job: int) -> None:
+    """Cancel a job: queued batches close, running ones stop before their next model call."""
+    from tasks.control import cancel as do_cancel
+
+    if do_cancel(job):
+        typer.echo(f"job {job} cancelled; its batches stop and the merge records what was done")
+    else:
+        typer.echo(f"job {job} had already ended; nothing to cancel")
+
+
+@cli.command()
+def retry(
+    job: int,
+    include_skipped: Annotated[bool, typer.Option(help="Also budget-skipped chunks.")] = False,
+    budget_tokens: Annotated[int | None, typer.Option(help="A new token budget.")] = None,
+    budget_cost: Annotated[float | None, typer.Option(help="A new dollar budget.")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the job again.")] = False,
+) -> None:
+    """Run a job's failed chunks again as a new chord, then merge the job again."""
+    from tasks.api import JobHandle
+    from tasks.control import retry as do_retry
+
+    n = do_retry(job, include_skipped=include_skipped, budget_tokens=budget_tokens,
+                 budget_cost=budget_cost)
+    typer.echo(f"job {job}: {n} chunks queued again" if n else f"job {job}: nothing to retry")
+    if n and wait:
+        final = JobHandle(job).wait(progress=_progress_line())
+        typer.echo(_summary(final))
+        if (done := exit_for(final["status"])) is not None:
+            raise done
+
+
+@cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(
+    ctx: typer.Context,
+    concurrency: Annotated[int | None, typer.Option(
+        "-c", "--concurrency", help="Pool processes, or threads with --pool threads.")] = None,
+    pool: Annotated[str, typer.Option(
+        "-P", "--pool", help="prefork: a process per batch, for CPU-bound work (zero-latency "
+        "endpoints, big corpora); threads: many batches share one process and its connections, "
+        "for latency-bound work (use -c 16 to fill an in-flight cap of 256 with 2 s calls).")
+    ] = "prefork",
+) -> None:
+    """Run a Celery worker with docqueue's defaults (extra arguments go to Celery)."""
+    from tasks.celery import app
+    from tasks.runtime import runtime
+
+    if pool not in ("prefork", "threads"):
+        raise typer.BadParameter(f"choose prefork or threads, not {pool!r}", param_hint="--pool")
+    n = concurrency or runtime().settings.worker_concurrency
+    app.worker_main(["worker", f"--concurrency={n}", f"--pool={pool}", "--events",
+                     "--loglevel=INFO", "--without-gossip", *ctx.args])
+
+
+@cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "help_option_names": []})
+def simulate(ctx: typer.Context) -> None:
+    """Run the provider simulator (`docq simulate --help` for its options)."""
+    from workers.simulator import main as simulator_main
+
+    raise typer.Exit(simulator_main(list(ctx.args)))
+
+
+@cli.command()
+def demo(
+    fresh: Annotated[bool, typer.Option(help="Process the corpus again even if stored.")] = False,
+) -> None:
+    """Summarize the bundled example corpus with the local model, start to finish."""
+    from rich.console import Console
+
+    from tasks.demo import run_demo
+
+    final = run_demo(Console(), fresh=fresh)
+    if (done := exit_for(final["status"])) is not None:
+        raise done
+
+
+@db_cli.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the store's tables."""
+    from models import upgrade
+    from tasks.runtime import runtime
+
+    upgrade(runtime().settings.database_url)
+    typer.echo("the results store is up to date")

@@ -1,0 +1,136 @@
+"""`docq` commands for operating docqueue: schedules, beat, Flower, live progress."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tasks.cli.app import JsonFlag, cli, fail
+
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@cli.command()
+def schedules(as_json: JsonFlag = False) -> None:
+    """List the schedules of DOCQ_CONFIG with their last and next runs."""
+    from tasks.beat import config_path
+    from tasks.runtime import runtime
+    from workers.jobs.schedules import ScheduleError, last_runs, load_schedules, missing_source
+
+    rt = runtime()
+    path = config_path(rt.settings)
+    if not path.exists():
+        typer.echo("[]" if as_json else f"no schedule file at {path} (DOCQ_CONFIG)")
+        return
+    try:
+        found = load_schedules(path, check_sources=False)
+    except ScheduleError as exc:
+        raise fail(str(exc)) from None
+    with rt.sessions() as session:
+        runs = last_runs(session, [s.name for s in found])
+    now = datetime.now(UTC)
+    rows = [{
+        "name": s.name, "source": s.source, "pipeline": s.pipeline,
+        "options": _shown_options(s.options), "cron": s.cron.expr, "timezone": s.cron.timezone,
+        "next_run": s.cron.next_after(now).isoformat(), "last_run": runs.get(s.name),
+        "problem": missing_source(s.source),
+    } for s in found]
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    if not rows:
+        typer.echo(f"no schedules in {path}")
+    for row in rows:
+        typer.echo(_schedule_lines(row))
+
+
+def _shown_options(options: dict[str, Any]) -> dict[str, Any]:
+    shown = dict(options)
+    if "prompt" in shown:  # a template can be long and private: say only that it is there
+        shown["prompt"] = f"({len(str(shown['prompt']))} characters)"
+    return shown
+
+
+def _schedule_lines(row: dict[str, Any]) -> str:
+    lines = [(f"{row['name']}: {row['pipeline']} over {row['source']}, "
+              f"cron '{row['cron']}' {row['timezone']}, next run {row['next_run']}")]
+    if row["problem"]:
+        lines.append(f"  problem: {row['problem']}")
+    last = row["last_run"]
+    if last is None:
+        lines.append("  last run: never")
+    else:
+        job = f", job {last['job_id']} {last['job_status']}" if last["job_id"] else ""
+        lines.append(
+            f"  last run: window {last['window_start']} {last['status']}{job}: "
+            f"{last['documents_seen']} seen, {last['documents_new']} new, "
+            f"{last['documents_changed']} changed, {last['documents_unchanged']} unchanged, "
+            f"{last['documents_rejected']} unreadable")
+        if last["reason"]:
+            lines.append(f"  {last['reason']}")
+    return "\n".join(lines)
+
+
+@cli.command(context_settings=_PASS_THROUGH)
+def beat(ctx: typer.Context) -> None:
+    """Run Celery beat: the schedules of DOCQ_CONFIG and the reconciler (extra arguments go
+    to Celery beat)."""
+    from tasks.beat import beat_entries, config_path
+    from tasks.celery import app
+    from tasks.maintenance import reconcile_entry
+    from tasks.runtime import runtime
+    from workers.jobs.schedules import ScheduleError, load_schedules
+
+    settings = runtime().settings
+    path = config_path(settings)
+    found = []
+    if path.exists():
+        try:
+            found = load_schedules(path)
+        except ScheduleError as exc:
+            raise fail(str(exc)) from None
+    else:
+        typer.echo(f"no schedule file at {path} (DOCQ_CONFIG): beat runs the reconciler only",
+                   err=True)
+    app.conf.beat_schedule = {**beat_entries(found), "jobs-reconcile": reconcile_entry(settings)}
+    now = datetime.now(UTC)
+    for s in found:
+        typer.echo(f"schedule {s.name}: cron '{s.cron.expr}' {s.cron.timezone}, "
+                   f"next run {s.cron.next_after(now).isoformat()}", err=True)
+    home = Path(settings.home)
+    home.mkdir(parents=True, exist_ok=True)
+    app.start(["beat", f"--schedule={home / 'celerybeat-schedule'}", "--loglevel=INFO",
+               *ctx.args])
+
+
+@cli.command(context_settings=_PASS_THROUGH)
+def flower(
+    ctx: typer.Context,
+    address: Annotated[str | None, typer.Option(
+        help="Address to bind (default DOCQ_FLOWER_ADDRESS, 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(
+        help="Port (default DOCQ_FLOWER_PORT, 5555).")] = None,
+    url_prefix: Annotated[str | None, typer.Option(
+        help="Serve under this path, behind a reverse proxy.")] = None,
+    max_tasks: Annotated[int, typer.Option(help="Tasks Flower keeps in memory.")] = 10_000,
+    insecure_local: Annotated[bool, typer.Option(
+        "--insecure-local", help="Serve without credentials; loopback addresses only.")] = False,
+) -> None:
+    """Run Flower with credentials from DOCQ_FLOWER_USER and DOCQ_FLOWER_PASSWORD (extra
+    arguments go to Flower)."""
+    from tasks.flower import FlowerAuthError, run_flower
+    from tasks.runtime import runtime
+
+    settings = runtime().settings
+    try:
+        run_flower(
+            settings, address=settings.flower_address if address is None else address,
+            port=settings.flower_port if port is None else port, insecure_local=insecure_local,
+            url_prefix=url_prefix, max_tasks=max_tasks, extra_args=list(ctx.args),
+        )
+    except FlowerAuthError as exc:
+        raise fail(str(exc)) from None

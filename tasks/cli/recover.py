@@ -1,0 +1,78 @@
+"""`docq` commands for recovery: resume a job whose messages or workers were lost; see workers."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from tasks.cli.app import JsonFlag, cli, fail
+
+# Celery is imported inside the commands: `docq --help` stays fast and opens nothing.
+
+
+@cli.command()
+def resume(
+    job: Annotated[int | None, typer.Argument(help="A job id; without it, every open job.")] = (
+        None),
+    as_json: JsonFlag = False,
+) -> None:
+    """Queue again what a job lost (worker killed, Redis lost) and merge it when it is done.
+
+    With JOB: every unfinished batch of the job that no live worker holds is sent again, and a
+    job whose chunks all have a final result is merged. Without: the reconciler's rules run once
+    over every open job (what the beat task does each minute). Running it twice is harmless.
+    """
+    from tasks.maintenance import reconcile
+
+    if job is not None:
+        _check_resumable(job)
+    records = reconcile(None if job is None else [job], force=job is not None, merge_inline=True)
+    if as_json:
+        typer.echo(json.dumps(records))
+        return
+    if not records:
+        typer.echo("no open jobs")
+    for r in records:
+        typer.echo(_resume_line(r))
+
+
+def _check_resumable(job_id: int) -> None:
+    from models import Job, JobStatus
+    from tasks.runtime import runtime
+
+    with runtime().sessions() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise fail(f"job {job_id} does not exist")
+        if job.status == JobStatus.PENDING:
+            raise fail(f"job {job_id} was never fully submitted (status pending): "
+                       f"submit its documents again")
+        if job.status not in (JobStatus.RUNNING, JobStatus.CANCELLED) or (
+                job.status == JobStatus.CANCELLED and job.finished_at is not None):
+            typer.echo(f"job {job_id} is {job.status}: nothing to resume")
+            raise typer.Exit(0)
+
+
+def _resume_line(r: dict[str, Any]) -> str:
+    parts = []
+    if r["resent"]:
+        parts.append(f"sent {r['resent']} batches again")
+    if r["in_progress"]:
+        parts.append(f"{r['in_progress']} batches in progress under a live lease")
+    if r["merged"]:
+        parts.append(f"merged: {r['merged']}" if r["merged"] != "queued" else "merge queued")
+    if not parts:
+        parts.append("nothing to do")
+    return f"job {r['job_id']}: {'; '.join(parts)} ({r['reason']})"
+
+
+@cli.command()
+def workers(as_json: JsonFlag = False) -> None:
+    """Show each worker process's memory (RSS) against DOCQ_WORKER_MAX_MEMORY_MB."""
+    from tasks.maintenance import format_worker_memory, worker_memory
+    from tasks.runtime import runtime
+
+    rows = worker_memory(runtime().settings)
+    typer.echo(json.dumps(rows) if as_json else format_worker_memory(rows))

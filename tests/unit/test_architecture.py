@@ -1,0 +1,192 @@
+"""The house's rules, checked on the source: no import cycle, and imports only go down the layers.
+
+Every import counts, also one inside a function (a lazy import still ties two modules together).
+The layers, top to bottom (docs/ARCHITECTURE.md explains them):
+
+    tasks                                  the Celery layer, the CLI, the public API
+    workers.jobs                           a job's life
+    workers.batch                          one batch delivery
+    workers.provider                       calling the model
+    workers.pipelines                      what is asked of the model
+    workers.ingest                         reading and cutting documents
+    workers.{settings,errors,tokens,keys,clock}   shared names
+    models                                 the tables
+
+A module may import from its own layer and the layers below it. `workers.local` and
+`workers.simulator` stand beside the layers: they import only the shared names and models, and
+only `tasks` imports them.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("models", "workers", "tasks")
+FOUNDATION = ("workers.settings", "workers.errors", "workers.tokens", "workers.keys",
+              "workers.clock")
+LAYERS: list[tuple[str, ...]] = [
+    ("tasks",),
+    ("workers.jobs",),
+    ("workers.batch",),
+    ("workers.provider",),
+    ("workers.pipelines",),
+    ("workers.ingest",),
+    FOUNDATION,
+    ("models",),
+]
+BESIDE = ("workers.local", "workers.simulator")
+
+
+def module_files() -> dict[str, Path]:
+    """Every module of the project's packages by dotted name (a package by its own name)."""
+    found = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join(parts)] = path
+    return found
+
+
+def imports_of(name: str, path: Path, modules: set[str]) -> Iterator[str]:
+    """The project modules `name` imports, wherever in the file the import stands."""
+    is_package = path.name == "__init__.py"
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in modules:
+                    yield alias.name
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = name.split(".") if is_package else name.split(".")[:-1]
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            for alias in node.names:
+                target = f"{base}.{alias.name}"
+                if target in modules:
+                    yield target  # `from package import module`
+                elif base in modules:
+                    yield base
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = module_files()
+    names = set(files)
+    return {name: set(imports_of(name, path, names)) - {name} for name, path in files.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _within(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def layer_of(module: str) -> int | None:
+    for i, prefixes in enumerate(LAYERS):
+        if _within(module, prefixes):
+            return i
+    return None
+
+
+def forbidden_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Each import that goes up a layer, or into a side package from anywhere but `tasks`."""
+    wrong = []
+    for source, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            if _within(source, BESIDE) and _within(target, BESIDE):
+                if source.split(".")[:2] != target.split(".")[:2]:
+                    wrong.append(f"{source} -> {target} (side packages are independent)")
+                continue
+            if _within(target, BESIDE):
+                if not _within(source, ("tasks",)):
+                    wrong.append(f"{source} -> {target} (only tasks uses {target})")
+                continue
+            if _within(source, BESIDE):
+                if not _within(target, (*FOUNDATION, "models")):
+                    wrong.append(f"{source} -> {target} (a side package uses shared names only)")
+                continue
+            low, high = layer_of(source), layer_of(target)
+            if low is None or high is None:
+                wrong.append(f"{source} -> {target} (a module outside the declared layers)")
+            elif high < low:
+                wrong.append(f"{source} -> {target} (imports a layer above its own)")
+    return wrong
+
+
+def test_the_project_has_no_import_cycle() -> None:
+    # Given every import of every module, lazy ones included
+    graph = import_graph()
+    # Then no two modules reach each other
+    assert cycles(graph) == []
+
+
+def test_imports_only_go_down_the_layers() -> None:
+    assert forbidden_imports(import_graph()) == []
+
+
+def test_every_module_is_in_a_layer() -> None:
+    unplaced = [m for m in module_files()
+                if layer_of(m) is None and not _within(m, BESIDE) and m != "workers"]
+    assert unplaced == []
+
+
+def test_workers_and_models_never_import_celery() -> None:
+    # The work runs from a REPL; only tasks/ knows Celery.
+    offenders = []
+    for name, path in module_files().items():
+        if _within(name, ("workers", "models")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import | ast.ImportFrom):
+                    mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                            else [node.module or ""])
+                    offenders += [f"{name}: {m}" for m in mods if m.split(".")[0] in
+                                  ("celery", "kombu")]
+    assert offenders == []
+
+
+def test_the_checks_see_a_cycle_and_an_upward_import() -> None:
+    # Given a small graph with both faults planted
+    graph = {"workers.ingest.a": {"workers.jobs.b"}, "workers.jobs.b": {"workers.ingest.a"},
+             "models.c": set()}
+    # Then both checks report them
+    assert cycles(graph) == [["workers.ingest.a", "workers.jobs.b"]]
+    assert forbidden_imports(graph) == [
+        "workers.ingest.a -> workers.jobs.b (imports a layer above its own)"]

@@ -1,0 +1,1 @@
+"""One batch delivery: processing under chunk leases, the result writer, the cache, the guard."""

@@ -1,0 +1,1 @@
+"""Reading and cutting documents: sources, token-aware chunking, batching."""

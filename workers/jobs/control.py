@@ -1,0 +1,118 @@
+"""What users do to a job after submitting it: cancel it, retry what failed, estimate it first."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from models import FINAL_JOB_STATES, Batch, BatchStatus, Chunk, Job, JobStatus, Result, ResultStatus
+from workers.batch.processing import prompt_tokens
+from workers.ingest.chunking import Chunker
+from workers.ingest.sources import SourceDocument
+from workers.pipelines import Pipeline
+from workers.settings import Settings
+
+
+def cancel_job(session: Session, job_id: int) -> bool:
+    """Mark the job cancelled; False if it had already ended. Batches stop before their next call."""
+    done = _rowcount(session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.not_in(FINAL_JOB_STATES))
+        .values(status=JobStatus.CANCELLED, reason=f"cancelled by the user at "
+                f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC")
+    ))
+    if not done and session.get(Job, job_id) is None:
+        raise LookupError(f"job {job_id} does not exist")
+    return bool(done)
+
+
+def reopen_failed(
+    session: Session, job_id: int, *, include_skipped: bool,
+    budget_tokens: int | None = None, budget_cost: float | None = None,
+) -> int:
+    """Forget the job's failed (and budget-skipped) results so their chunks run again.
+
+    Returns how many chunks will run again; their batches are queued again and the job is
+    running until the merge.
+    """
+    job = session.get(Job, job_id)
+    if job is None:
+        raise LookupError(f"job {job_id} does not exist")
+    states = [ResultStatus.ERROR] + ([ResultStatus.SKIPPED_BUDGET] if include_skipped else [])
+    failed = select(Result.chunk_id).where(Result.job_id == job_id, Result.status.in_(states))
+    seqs = set(session.scalars(select(Chunk.batch_seq).where(Chunk.id.in_(failed))))
+    removed = _rowcount(session.execute(
+        delete(Result).where(Result.job_id == job_id, Result.status.in_(states))
+    ))
+    if not removed:
+        return 0
+    session.execute(
+        update(Batch).where(Batch.job_id == job_id, Batch.seq.in_(seqs))
+        .values(status=BatchStatus.QUEUED, deliveries=0)
+    )
+    session.execute(
+        update(Chunk).where(Chunk.job_id == job_id, Chunk.batch_seq.in_(seqs))
+        .values(lease_owner=None, lease_expires_at=None)
+    )
+    values: dict[str, Any] = {"status": JobStatus.RUNNING, "reason": None, "finished_at": None}
+    if budget_tokens is not None:
+        values["budget_tokens"] = budget_tokens
+    if budget_cost is not None:
+        values["budget_cost"] = budget_cost
+    session.execute(update(Job).where(Job.id == job_id).values(**values))
+    return int(removed)
+
+
+def _rowcount(result: Any) -> int:
+    return int(result.rowcount)
+
+
+@dataclass
+class Estimate:
+    """What a job would cost, without recording or calling anything."""
+
+    documents: int = 0
+    rejected: int = 0
+    chunks: int = 0
+    tokens_in: int = 0
+    tokens_out_max: int = 0
+    cost_min: float | None = 0.0
+    cost_max: float | None = 0.0
+    rejections: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "rejections"} | {
+            "rejected_documents": [{"id": i, "error": e} for i, e in self.rejections[:100]]}
+
+
+def estimate(
+    settings: Settings, pipeline: Pipeline, documents: Iterable[SourceDocument]
+) -> Estimate:
+    """Prompt tokens exactly (offline tokenizer); output tokens at most max_tokens per chunk."""
+    est = Estimate()
+    chunker = Chunker(settings.chunk_tokens, settings.chunk_overlap_tokens)
+    for doc in documents:
+        if doc.error is not None:
+            est.rejected += 1
+            est.rejections.append((doc.external_id, doc.error))
+            continue
+        assert doc.text is not None
+        est.documents += 1
+        for span in chunker.split(doc.text):
+            prompt = pipeline.render(span.text, settings.mode)
+            est.chunks += 1
+            est.tokens_in += prompt_tokens(prompt)
+            est.tokens_out_max += min(prompt.max_tokens or settings.llm_max_tokens,
+                                      settings.llm_max_tokens)
+    price = settings.price_for(settings.model_name)
+    if price is None:
+        est.cost_min = est.cost_max = None
+    else:
+        est.cost_min = est.tokens_in * price.input_per_mtok / 1e6
+        est.cost_max = est.cost_min + est.tokens_out_max * price.output_per_mtok / 1e6
+    return est

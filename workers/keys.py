@@ -1,0 +1,39 @@
+"""Every Redis key docqueue writes, in one place (Celery's and kombu's own keys are theirs).
+
+Redis holds transport and coordination only; losing any of these loses no result (the store is
+the system of record), only time: the reconciler rebuilds what matters.
+"""
+
+from __future__ import annotations
+
+PREFIX = "docq"
+
+
+def job_published(job_id: int) -> str:
+    """Set once a job's chord is out; its absence after a Redis loss tells the reconciler."""
+    return f"{PREFIX}:job:{job_id}:published"
+
+
+def job_stop(job_id: int) -> str:
+    """Set by `docq cancel` (or a spent budget): the job's batches make no further call."""
+    return f"{PREFIX}:job:{job_id}:stop"
+
+
+def job_spend(job_id: int) -> tuple[str, str]:
+    """The job's running spend: tokens and cost, primed from the store."""
+    return f"{PREFIX}:job:{job_id}:tokens", f"{PREFIX}:job:{job_id}:cost"
+
+
+ABANDONED_BATCHES = f"{PREFIX}:batches:abandoned"  # set: batches a worker gave up on
+RECONCILE_LOCK = f"{PREFIX}:reconcile:lock"  # one reconciler at a time
+WORKERS_RSS = f"{PREFIX}:workers:rss"  # hash: each worker process's memory report
+
+
+def schedule_lock(name: str) -> str:
+    """Held by the beat that runs a schedule's window (two beats: one run)."""
+    return f"{PREFIX}:schedule:{name}:lock"
+
+
+def limiter_scope(endpoint_hash: str, model: str, key_fingerprint: str) -> str:
+    """The limiter's scope for one endpoint, model and key; its keys hang off it (lua/)."""
+    return f"{PREFIX}:lim:{endpoint_hash}:{model}:{key_fingerprint}"

@@ -1,0 +1,1 @@
+"""What runs on one machine with nothing but Python: the embedded Redis and the local model."""

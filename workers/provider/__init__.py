@@ -1,0 +1,1 @@
+"""Calling the model: the OpenAI-compatible client, the global limiter, headers, backoff."""

@@ -1,0 +1,406 @@
+"""The global rate limiter: one RPM + TPM budget and one in-flight cap shared by every process.
+
+Each (endpoint, model, key) scope is a pair of continuously refilling buckets held in Redis,
+each of capacity = one period's limit, starting full and refilling at limit/period, which is
+how the provider meters us. Every step is one Lua script (see `workers/provider/lua/`) run against Redis's
+clock, so all machines agree on time and no two callers can take the same capacity.
+
+Guarantee, per dimension (L = the limit, P = period_s, Redis time): a call is admitted only if
+its whole reservation fits in the bucket at that instant, so for every interval [a, b]
+
+    reserved by calls admitted in [a, b]  <=  L + L * (b - a) / P  +  refunds settled in [a, b].
+
+With no refunds, no window of length P admits more than 2 L, and a window of length w no more
+than L + L w / P: the envelope of the provider's own bucket. A refund only returns the part of a
+call's charge that has not refilled yet (charges refill oldest first), so when every call uses
+at most what it reserved, what the calls really use also stays inside L + L (b - a) / P: a
+provider metering with the same bucket never has cause to answer 429. Overruns are charged at
+settle time and paid back before anyone else is admitted.
+
+Waiting happens in the caller, in short sleeps; nothing is held while waiting. Within a process
+one waiter at a time polls Redis (the others queue behind it, first come first served); across
+processes the first process to be refused holds a claim on what its waiter needs, and the others
+may only use what is left beyond it, so a large request is not starved by a stream of small ones.
+
+Build one Limiter per process and scope, after the fork, on that process's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import os
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from workers import keys
+from workers.errors import PermanentError, RetryableError
+from workers.provider import scripts
+from workers.provider.headers import RateLimitHeaders, parse_rate_limit_headers
+
+POLL_CAP_S = 0.25  # longest sleep between two looks at the shared state
+CLAIM_GRACE_S = 0.25  # how long a waiter's claim outlives its next expected look
+SLOT_POLL_FIRST_S = 0.005  # first pause when every in-flight slot is taken; doubles per look
+OUTPUT_WEIGHT = 2 / 51  # moving average of output sizes over about the last 50 calls
+OUTPUT_MARGIN_SD = 2.0  # reserve mean + 2 sd of the output: few calls overrun, refunds cost little
+OUTPUT_CACHE_S = 5.0  # how long a process reuses the shared average before reading it again
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The provider's budget for one scope; None means unknown (learned from headers) or none."""
+
+    rpm: int | None
+    tpm: int | None
+    max_inflight: int
+    period_s: float = 60.0
+    # False for a provider that charges prompt + max_tokens when it admits a call and gives
+    # nothing back (OpenAI, docqueue's simulator): settle then charges overruns only.
+    refund_unused_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("rpm", "tpm"):
+            value = getattr(self, name)
+            if value is not None and not _is_count(value, minimum=1):
+                raise ValueError(f"Limits.{name} must be a whole number >= 1 or None: {value!r}")
+        if not _is_count(self.max_inflight, minimum=1):
+            raise ValueError(
+                f"Limits.max_inflight must be a whole number >= 1: {self.max_inflight!r}"
+            )
+        if not _is_positive(self.period_s):
+            raise ValueError(f"Limits.period_s must be a finite number > 0, got {self.period_s!r}")
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """One admitted call: its in-flight slot and its reservation. Settle or release it once."""
+
+    slot_id: str
+    tokens: int
+    admitted_at_us: int  # Redis clock
+    # Where this call's charges sit in the shared buckets (for refunds) and how much had been
+    # admitted up to and including it (for reading the provider's remaining-* headers).
+    request_mark: float
+    token_mark: float
+    requests_admitted: float
+    tokens_admitted: float
+
+    @property
+    def admitted_at_s(self) -> float:
+        return self.admitted_at_us / 1e6
+
+
+class LimiterBusy(RetryableError):
+    """The wait for capacity is longer than the caller accepts; nothing is held.
+
+    `wait_s` is the wait still needed (a lower bound when the in-flight cap is what is full),
+    a fair countdown for retrying later; `reason` is "rate", "cool-down", "in-flight" or "queue".
+    """
+
+    def __init__(self, wait_s: float, reason: str) -> None:
+        super().__init__(f"rate limiter busy ({reason}): capacity in about {wait_s:.2f}s")
+        self.wait_s = wait_s
+        self.reason = reason
+
+
+class RequestTooLargeError(PermanentError):
+    """One request needs more tokens than the whole per-period budget: it can never be sent."""
+
+    def __init__(self, tokens: int, tpm: int) -> None:
+        super().__init__(
+            f"a request of {tokens} tokens exceeds the whole token budget of {tpm} per period; "
+            "use smaller chunks or a lower max_tokens"
+        )
+        self.tokens = tokens
+        self.tpm = tpm
+
+
+def scope_for(endpoint: str, model: str, key_fingerprint: str) -> str:
+    """The limiter scope of one provider endpoint, model and API key (given as a fingerprint)."""
+    endpoint_hash = hashlib.sha256(endpoint.rstrip("/").encode()).hexdigest()[:12]
+    return keys.limiter_scope(endpoint_hash, model, key_fingerprint)
+
+
+class Limiter:
+    """Shared RPM/TPM buckets and in-flight slots for one scope, over an asyncio Redis client."""
+
+    def __init__(self, redis: Redis, scope: str, limits: Limits, *, slot_ttl_s: float) -> None:
+        if not scope or any(ch in scope for ch in "{} \t\r\n"):
+            raise ValueError(f"limiter scope must be non-empty without braces or spaces: {scope!r}")
+        if not _is_positive(slot_ttl_s):
+            raise ValueError(f"slot_ttl_s must be a finite number > 0, got {slot_ttl_s!r}")
+        self.scope = scope
+        self.limits = limits
+        self._redis = redis
+        self._keys = [f"{{{scope}}}:state", f"{{{scope}}}:slots", f"{{{scope}}}:out"]
+        self._common = [limits.rpm or 0, limits.tpm or 0, _us(limits.period_s)]
+        self._slot_ttl_us = _us(slot_ttl_s)
+        self._acquire_lua = redis.register_script(scripts.ACQUIRE)
+        self._finish_lua = redis.register_script(scripts.FINISH)
+        self._cool_down_lua = redis.register_script(scripts.COOL_DOWN)
+        self._snapshot_lua = redis.register_script(scripts.SNAPSHOT)
+        self._gate = asyncio.Lock()  # one waiter per process polls Redis; the rest queue here
+        self._free_at = 0.0  # loop time when the last reply expected room for a call again
+        self._claimant = os.urandom(8).hex()  # this process's name on a claim
+        self._outputs: dict[str, tuple[float, float] | None] = {}  # key: (mean, variance)
+        self._outputs_read_at: dict[str, float] = {}
+
+    def __repr__(self) -> str:
+        return f"Limiter(scope={self.scope!r}, limits={self.limits!r})"
+
+    async def acquire(self, tokens: int, *, max_wait_s: float) -> Ticket:
+        """Reserve one request, `tokens` tokens and an in-flight slot, waiting up to max_wait_s.
+
+        Raises:
+            LimiterBusy: the wait would be longer than max_wait_s (nothing is held).
+            RequestTooLargeError: `tokens` exceeds the whole token budget.
+        """
+        _check_count("tokens", tokens)
+        if not (math.isfinite(max_wait_s) and max_wait_s >= 0):
+            raise ValueError(f"max_wait_s must be a finite number >= 0, got {max_wait_s!r}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max_wait_s
+        slot_id = os.urandom(8).hex()
+        if not self._gate.locked():  # nobody of this process is waiting: try at once
+            first = await self._attempt(tokens, slot_id, max_wait_s)
+            if isinstance(first, Ticket):
+                return first
+        try:
+            async with asyncio.timeout(deadline - loop.time()):
+                await self._gate.acquire()
+        except TimeoutError:
+            raise LimiterBusy(max(self._free_at - loop.time(), 0.0), "queue") from None
+        try:
+            return await self._wait_turn(tokens, slot_id, deadline)
+        finally:
+            self._gate.release()
+
+    async def _wait_turn(self, tokens: int, slot_id: str, deadline: float) -> Ticket:
+        loop = asyncio.get_running_loop()
+        slot_pause = SLOT_POLL_FIRST_S
+        delay = self._free_at - loop.time()
+        while True:
+            pause = min(delay, POLL_CAP_S, deadline - loop.time())
+            if pause > 0:
+                await asyncio.sleep(pause)
+            left = deadline - loop.time()
+            outcome = await self._attempt(tokens, slot_id, max(0.0, left))
+            if isinstance(outcome, Ticket):
+                return outcome
+            status, seconds = outcome
+            if status == "wait":
+                delay = seconds
+                continue
+            # Every slot is taken: any call may finish at any moment, so look again soon.
+            if left <= 0:
+                raise LimiterBusy(min(seconds, POLL_CAP_S), "in-flight")
+            delay = min(slot_pause, left, seconds) * random.uniform(0.5, 1.0)
+            slot_pause = min(2 * slot_pause, POLL_CAP_S)
+
+    async def _attempt(
+        self, tokens: int, slot_id: str, left_s: float
+    ) -> Ticket | tuple[str, float]:
+        reply = await self._acquire_lua(
+            keys=self._keys[:2],
+            args=[
+                *self._common, tokens, self.limits.max_inflight, self._slot_ttl_us, slot_id,
+                _us(left_s), _us(POLL_CAP_S), _us(CLAIM_GRACE_S), self._claimant,
+            ],
+        )
+        status = _text(reply[0])
+        loop_now = asyncio.get_running_loop().time()
+        if status == "ok":
+            now_us, k_r, k_t, a_r, a_t, next_us = (float(_text(x)) for x in reply[1:7])
+            self._free_at = loop_now + next_us / 1e6
+            return Ticket(slot_id, tokens, int(now_us), k_r, k_t, a_r, a_t)
+        value = float(_text(reply[1]))
+        if status == "big":
+            raise RequestTooLargeError(tokens, int(value))
+        seconds = value / 1e6
+        if status == "busy":
+            raise LimiterBusy(seconds, _text(reply[2]))
+        if status == "wait":
+            self._free_at = loop_now + seconds
+        return status, seconds
+
+    async def settle(
+        self,
+        ticket: Ticket,
+        used_tokens: int,
+        *,
+        headers: Mapping[str, str] | None = None,
+        output_key: str | None = None,
+        output_tokens: int | None = None,
+    ) -> None:
+        """The call succeeded: charge what it used instead of what it reserved (refunding the
+        rest unless Limits.refund_unused_tokens is False), and free the slot.
+
+        Pass the response `headers` to do `observe` in the same round trip, and `output_key`
+        with `output_tokens` to do `record_output_tokens` in it too.
+        """
+        _check_count("used_tokens", used_tokens)
+        output = _output_pair(output_key, output_tokens)
+        charged = used_tokens
+        if not self.limits.refund_unused_tokens:
+            charged = max(used_tokens, ticket.tokens)
+        await self._finish(ticket, charged, False, _headers(headers), output)
+
+    async def release(
+        self, ticket: Ticket, *, refund: bool, headers: Mapping[str, str] | None = None
+    ) -> None:
+        """The call failed: free the slot; with refund=True (the provider consumed nothing, e.g.
+        a 429 or a refused connection) also give back its request and tokens."""
+        charged = 0 if refund else ticket.tokens
+        await self._finish(ticket, charged, refund, _headers(headers), None)
+
+    async def observe(self, headers: Mapping[str, str], *, ticket: Ticket | None = None) -> None:
+        """Learn the limits from x-ratelimit-* headers and lower the shared buckets to what the
+        provider reports remaining. Pass the ticket of the call that got these headers: the
+        calls admitted after it are then counted as not yet seen by the provider."""
+        parsed = _headers(headers)
+        if parsed is not None:
+            await self._finish(None, 0, False, parsed, None, since=ticket)
+
+    async def record_output_tokens(self, key: str, tokens: int) -> None:
+        """Add one real output size to the shared moving average of pipeline `key`."""
+        await self._finish(None, 0, False, None, _output_pair(key, tokens))
+
+    async def expected_output_tokens(self, key: str, *, cap: int, default: int) -> int:
+        """What to reserve for the output of a call of pipeline `key`: the moving mean of real
+        outputs plus OUTPUT_MARGIN_SD standard deviations, at most `cap` (max_tokens); `default`
+        (also capped) until a size has been recorded."""
+        _check_key(key)
+        _check_count("cap", cap, minimum=1)
+        _check_count("default", default)
+        now = time.monotonic()
+        if now - self._outputs_read_at.get(key, -math.inf) > OUTPUT_CACHE_S:
+            mean, variance = await self._redis.hmget(self._keys[2], [f"{key}|m", f"{key}|v"])
+            stats = None if mean is None else (float(mean), float(variance or 0))
+            self._remember_output(key, stats)
+        stats = self._outputs[key]
+        if stats is None:
+            return min(default, cap)
+        estimate = math.ceil(stats[0] + OUTPUT_MARGIN_SD * math.sqrt(max(stats[1], 0.0)))
+        return max(0, min(cap, estimate))
+
+    async def cool_down(self, seconds: float) -> float:
+        """After a 429: no process is admitted for `seconds` (an existing longer cool-down is
+        kept), and the buckets are emptied as the provider's is. Returns the cool-down in force."""
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"cool-down seconds must be a finite number >= 0, got {seconds!r}")
+        left = await self._cool_down_lua(keys=self._keys[:2], args=[*self._common, _us(seconds)])
+        return float(_text(left)) / 1e6
+
+    async def snapshot(self) -> dict[str, Any]:
+        """The shared state for `docq status`: limits, use over the last period, availability."""
+        reply = await self._snapshot_lua(keys=self._keys[:2], args=self._common)
+        # In the script's order: limit r, t; learned r, t; available r, t; used r, t; in flight;
+        # cool-down µs left.
+        values = [float(_text(x)) for x in reply]
+        configured = (self.limits.rpm, self.limits.tpm)
+        return {
+            "scope": self.scope,
+            "period_s": self.limits.period_s,
+            **{
+                name: {
+                    "limit": int(values[i]) or None,
+                    "configured": configured[i],
+                    "learned": int(values[2 + i]) or None,
+                    "used": int(values[6 + i]),
+                    "available": round(values[4 + i], 3) if values[i] else None,
+                }
+                for i, name in enumerate(("requests", "tokens"))
+            },
+            "inflight": int(values[8]),
+            "max_inflight": self.limits.max_inflight,
+            "cool_down_s": round(values[9] / 1e6, 3),
+        }
+
+    async def _finish(
+        self,
+        ticket: Ticket | None,
+        charged: int,
+        refund_request: bool,
+        headers: RateLimitHeaders | None,
+        output: tuple[str, int] | None,
+        *,
+        since: Ticket | None = None,
+    ) -> None:
+        call = ticket or since
+        h = headers or RateLimitHeaders()
+        reply = await self._finish_lua(
+            keys=self._keys,
+            args=[
+                *self._common,
+                *(
+                    (ticket.slot_id, ticket.tokens, charged, int(refund_request),
+                     ticket.request_mark, ticket.token_mark)
+                    if ticket else ("", 0, 0, 0, 0, 0)
+                ),
+                *(output or ("", 0)),
+                OUTPUT_WEIGHT,
+                h.limit_requests or 0,
+                h.limit_tokens or 0,
+                -1 if h.remaining_requests is None else h.remaining_requests,
+                -1 if h.remaining_tokens is None else h.remaining_tokens,
+                *(
+                    (call.admitted_at_us, call.requests_admitted, call.tokens_admitted)
+                    if call else (-1, 0, 0)
+                ),
+            ],
+        )
+        if output is not None:
+            self._remember_output(output[0], (float(_text(reply[0])), float(_text(reply[1]))))
+
+    def _remember_output(self, key: str, stats: tuple[float, float] | None) -> None:
+        self._outputs[key] = stats
+        self._outputs_read_at[key] = time.monotonic()
+
+
+def _headers(headers: Mapping[str, str] | None) -> RateLimitHeaders | None:
+    if headers is None:
+        return None
+    parsed = parse_rate_limit_headers(headers)
+    return None if parsed.empty else parsed
+
+
+def _output_pair(key: str | None, tokens: int | None) -> tuple[str, int] | None:
+    if key is None and tokens is None:
+        return None
+    if key is None or tokens is None:
+        raise ValueError("output_key and output_tokens go together: give both or neither")
+    _check_key(key)
+    _check_count("output_tokens", tokens)
+    return key, tokens
+
+
+def _check_key(key: str) -> None:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"output key must be a non-empty string, got {key!r}")
+
+
+def _check_count(name: str, value: int, *, minimum: int = 0) -> None:
+    if not _is_count(value, minimum=minimum):
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+
+
+def _is_count(value: object, *, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_positive(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def _us(seconds: float) -> int:
+    return round(seconds * 1_000_000)
+
+
+def _text(value: bytes | str | int) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
