@@ -27,6 +27,18 @@ PG_URL = os.environ.get("DOCQ_TEST_PG_URL", "postgresql://postgres@127.0.0.1:543
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+# A test that asks for one of these needs a server: it carries the integration marker, wherever
+# it lives (`pytest -m "not integration"` runs what needs none).
+SERVER_FIXTURES = frozenset({"redis_url", "redis_client", "pg_url", "docq_env",
+                             "workers", "simulator"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
 def _reachable(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=1):

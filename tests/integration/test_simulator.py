@@ -25,6 +25,8 @@ from tests.plugins.simulator import SimulatorFactory
 from workers.simulator.process import SimulatorProcess, SimulatorStartError
 from workers.simulator.tokens import count_messages, count_text
 
+pytestmark = pytest.mark.integration
+
 MODEL = "docq-sim"
 
 

@@ -41,8 +41,8 @@ if TYPE_CHECKING:  # the model client imports langchain-openai: a producer never
 logger = logging.getLogger(__name__)
 
 CANCELLED_MESSAGE = "the job was cancelled before this chunk's call"
-INLINE_WAIT_S = 5.0
-MAX_PARSE_ATTEMPTS = 2  # a retry due sooner than this waits in the task; later ones re-queue it
+INLINE_WAIT_S = 5.0  # a retry due sooner than this waits in the task; later ones re-queue it
+MAX_PARSE_ATTEMPTS = 2  # output that does not parse comes back the same at temperature 0
 FLUSH_ROWS, FLUSH_EVERY_S = 200, 0.25
 HELD_POLL_S = 1.0
 

@@ -1,0 +1,361 @@
+"""The batch processor on its own: a fake model behind our `LLM` protocol, a store on SQLite.
+
+These pin the rules of workers/batch/processing.py that the multi-process integration tests
+only show end to end: how many calls a chunk gets for each kind of failure, what a stopped job
+records, that paid rows survive a store that refuses writes, and that a final row stays final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import Batch, Job, JobStatus, Result, ResultStatus, make_sessionmaker, upgrade
+from workers import keys
+from workers.batch import leases
+from workers.batch.guard import StopReason
+from workers.batch.processing import Outcome, Services, _Writer, run_batch
+from workers.errors import (
+    EndpointUnreachableError,
+    PermanentLLMError,
+    RateLimitedError,
+    RetryableLLMError,
+)
+from workers.ingest.sources import iter_documents
+from workers.jobs.submission import batch_ids, create_job, ingest
+from workers.pipelines import Prompt, build_pipeline
+from workers.provider.client import Completion, classify_status_error
+from workers.settings import Settings
+
+# -- fakes of our own interfaces -------------------------------------------------------------
+
+
+@dataclass
+class FakeLLM:
+    """The `LLM` protocol: answers each call with `answer(prompt, call_number)`."""
+
+    answer: Callable[[Prompt, int], Completion | BaseException]
+    calls: list[Prompt] = field(default_factory=list)
+
+    async def complete(self, prompt: Prompt, *, max_tokens: int) -> Completion:
+        self.calls.append(prompt)
+        result = self.answer(prompt, len(self.calls))
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def aclose(self) -> None:
+        return None
+
+
+class FakeRedis:
+    """The four commands the job guard uses, in memory."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    async def get(self, key: str) -> bytes | None:
+        return self.data.get(key)
+
+    async def set(self, key: str, value: Any, nx: bool = False) -> bool:
+        if nx and key in self.data:
+            return False
+        self.data[key] = str(value).encode()
+        return True
+
+    async def incrby(self, key: str, amount: int) -> int:
+        value = int(self.data.get(key, b"0")) + amount
+        self.data[key] = str(value).encode()
+        return value
+
+    async def incrbyfloat(self, key: str, amount: float) -> float:
+        value = float(self.data.get(key, b"0")) + amount
+        self.data[key] = repr(value).encode()
+        return value
+
+
+def completion(text: str = "A short summary.", tokens_in: int = 20,
+               tokens_out: int = 10) -> Completion:
+    return Completion(text=text, finish_reason="stop", tokens_in=tokens_in,
+                      tokens_out=tokens_out, latency_ms=1.0)
+
+
+# -- a job in a SQLite store -----------------------------------------------------------------
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(database_url=f"sqlite:///{tmp_path}/store.db", llm_base_url="http://fake/v1",
+                    llm_model="fake", llm_mode="chat", max_attempts=3,
+                    retry_backoff_base_s=0.01, retry_backoff_max_s=1, worker_inflight=1)
+
+
+@pytest.fixture
+def sessions(settings: Settings) -> sessionmaker[Session]:
+    upgrade(settings.database_url)
+    return make_sessionmaker(settings.database_url)
+
+
+def make_job(sessions: sessionmaker[Session], settings: Settings, n_docs: int,
+             pipeline: str = "summarize", options: dict[str, Any] | None = None,
+             **job: Any) -> tuple[int, int]:
+    """A job of `n_docs` one-chunk documents in one batch: (job id, batch id)."""
+    pipe = build_pipeline(pipeline, options or {})
+    with sessions.begin() as s:
+        job_id = create_job(s, settings, pipe, **job).id
+    docs = [(f"d{i}", f"Document number {i} tells a short story about a harbour.")
+            for i in range(n_docs)]
+    ingest(sessions, settings, job_id, iter_documents(docs, max_bytes=10**6))
+    with sessions.begin() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.RUNNING))
+        (batch_id, _, _), = list(batch_ids(s, job_id))
+    return job_id, batch_id
+
+
+def services(sessions: sessionmaker[Session], settings: Settings, llm: FakeLLM,
+             redis: FakeRedis | None = None) -> Services:
+    return Services(sessions, settings, llm, None, asyncio.Semaphore(settings.worker_inflight),
+                    redis=redis or FakeRedis(), endpoint="http://fake/v1")
+
+
+def deliver(svc: Services, batch_id: int, times: int = 10) -> list[Outcome]:
+    """Deliver the batch until it is done (a redelivery after each "retry")."""
+    outcomes = []
+    for n in range(times):
+        outcome = asyncio.run(run_batch(svc, batch_id, f"test:{n}", budget_s=30))
+        outcomes.append(outcome)
+        if outcome.state != "retry":
+            break
+    return outcomes
+
+
+def results(sessions: sessionmaker[Session], job_id: int) -> list[Result]:
+    with sessions() as s:
+        return list(s.scalars(select(Result).where(Result.job_id == job_id)
+                              .order_by(Result.chunk_id)))
+
+
+# -- attempts --------------------------------------------------------------------------------
+
+
+def test_a_transient_error_is_tried_up_to_the_attempt_cap_then_recorded_with_the_last_error(
+    sessions: sessionmaker[Session], settings: Settings,
+) -> None:
+    # Given a model that always answers 500
+    job_id, batch_id = make_job(sessions, settings, 1)
+    llm = FakeLLM(lambda p, n: RetryableLLMError("HTTP 500: boom", http_status=500))
+    # When the batch is delivered until it is done
+    deliver(services(sessions, settings, llm), batch_id)
+    # Then the chunk got max_attempts calls and one final error row that says so
+    (row,) = results(sessions, job_id)
+    assert len(llm.calls) == settings.max_attempts == 3
+    assert row.status == ResultStatus.ERROR and row.attempts == 3
+    assert row.error_message == "gave up after 3 attempts; last error: HTTP 500: boom"
+
+
+def test_output_that_does_not_parse_is_tried_twice_only(
+    sessions: sessionmaker[Session], settings: Settings,
+) -> None:
+    # Given an extract job whose model never returns JSON
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+    job_id, batch_id = make_job(sessions, settings, 1, "extract", {"schema": schema})
+    llm = FakeLLM(lambda p, n: completion("not json at all"))
+    deliver(services(sessions, settings, llm), batch_id)
+    # Then the parse cap (2) applies before the attempt cap (3)
+    (row,) = results(sessions, job_id)
+    assert len(llm.calls) == 2
+    assert row.status == ResultStatus.ERROR and row.attempts == 2
+    assert row.error_message.startswith("gave up after 2 attempts; last error: extract:")
+
+
+def test_a_permanent_error_is_recorded_at_once(
+    sessions: sessionmaker[Session], settings: Settings,
+) -> None:
+    job_id, batch_id = make_job(sessions, settings, 2)
+    llm = FakeLLM(lambda p, n: PermanentLLMError("HTTP 400 context_length_exceeded: too long",
+                                                 http_status=400, code="context_length_exceeded"))
+    deliver(services(sessions, settings, llm), batch_id)
+    rows = results(sessions, job_id)
+    assert len(llm.calls) == 2
+    assert [(r.status, r.attempts, r.http_status) for r in rows] == [("error", 1, 400)] * 2
+
+
+def test_a_refused_connection_is_not_an_attempt_and_the_batch_waits(
+    sessions: sessionmaker[Session], settings: Settings,
+) -> None:
+    # Given an endpoint that refuses connections for the first three calls, then answers
+    job_id, batch_id = make_job(sessions, settings, 2)
+    refused = EndpointUnreachableError("could not connect to http://fake/v1 (connection refused)",
+                                       code="connection_refused")
+    llm = FakeLLM(lambda p, n: refused if n <= 3 else completion())
+    svc = services(sessions, settings, llm)
+    # When the batch is delivered
+    first = asyncio.run(run_batch(svc, batch_id, "test:0", budget_s=30))
+    # Then the delivery stops at the first refusal and asks to come back, naming why
+    assert first.state == "retry" and first.reason == str(refused)
+    assert 0.5 <= first.retry_in_s <= 1.0
+    assert len(llm.calls) == 1 and results(sessions, job_id) == []
+    # and the later deliveries succeed with every chunk at attempt 1: no refusal was counted
+    deliver(svc, batch_id)
+    assert [(r.status, r.attempts) for r in results(sessions, job_id)] == [("ok", 1)] * 2
+    assert svc.endpoint_down.refusals == 0
+
+
+# -- stopping: budget, cancel, poison --------------------------------------------------------
+
+
+def test_a_spent_budget_skips_the_rest_and_overshoots_by_at_most_the_calls_in_flight(
+    sessions: sessionmaker[Session], settings: Settings,
+) -> None:
+    # Given a job of 5 chunks with a budget of 50 tokens and calls costing 30 each
+    job_id, batch_id = make_job(sessions, settings, 5, budget_tokens=50)
+    llm = FakeLLM(lambda p, n: completion(tokens_in=20, tokens_out=10))
+    redis = FakeRedis()
+    deliver(services(sessions, settings, llm, redis), batch_id)
+    # Then two calls were made (the second crossed the budget), the rest skipped
+    rows = results(sessions, job_id)
+    assert len(llm.calls) == 2
+    assert [r.status for r in rows].count(ResultStatus.OK) == 2
+    assert [r.status for r in rows].count(ResultStatus.SKIPPED_BUDGET) == 3
+    assert redis.data[keys.job_stop(job_id)] == StopReason.BUDGET.encode()
+
+
+def test_a_cancelled_job_makes_no_call_and_records_every_chunk_cancelled(
+    sessions: sessionmaker[Session], settings: Settings,
+) -> None:
+    job_id, batch_id = make_job(sessions, settings, 3)
+    redis = FakeRedis()
+    asyncio.run(redis.set(keys.job_stop(job_id), StopReason.CANCELLED))
+    llm = FakeLLM(lambda p, n: completion())
+    deliver(services(sessions, settings, llm, redis), batch_id)
+    assert llm.calls == []
+    assert {r.status for r in results(sessions, job_id)} == {ResultStatus.CANCELLED}
+
+
+def test_a_batch_delivered_too_often_is_closed_as_poison_without_a_call(
+    sessions: sessionmaker[Session], settings: Settings,
+) -> None:
+    job_id, batch_id = make_job(sessions, settings, 2)
+    with sessions.begin() as s:
+        s.execute(update(Batch).where(Batch.id == batch_id)
+                  .values(deliveries=settings.max_deliveries))
+    llm = FakeLLM(lambda p, n: completion())
+    (outcome,) = deliver(services(sessions, settings, llm), batch_id)
+    assert outcome == Outcome("done", reason="poison")
+    assert llm.calls == []
+    rows = results(sessions, job_id)
+    assert {r.status for r in rows} == {ResultStatus.ERROR}
+    assert "was delivered 5 times without finishing" in rows[0].error_message
+
+
+# -- the result writer -----------------------------------------------------------------------
+
+
+def test_the_writer_keeps_paid_rows_in_order_through_a_store_that_refuses_writes(
+    sessions: sessionmaker[Session], settings: Settings,
+) -> None:
+    # Given a store that refuses the first two flushes
+    job_id, _ = make_job(sessions, settings, 3)
+    svc = services(sessions, settings, FakeLLM(lambda p, n: completion()))
+    real_db, refusals = svc.db, itertools.count()
+
+    async def flaky_db(fn: Callable[[Session], Any]) -> Any:
+        if next(refusals) < 2:
+            raise OperationalError("INSERT", {}, Exception("the database system is starting up"))
+        return await real_db(fn)
+
+    svc.db = flaky_db  # type: ignore[method-assign]
+    with sessions() as s:
+        chunks = [(c.id, c.document_id) for c in s.scalars(
+            select(leases.Chunk).where(leases.Chunk.job_id == job_id).order_by(leases.Chunk.id))]
+    writer = _Writer(svc, "summarize-test")
+
+    async def write() -> None:
+        for n, (chunk_id, doc_id) in enumerate(chunks):
+            row = leases.blank_result(chunk_id, job_id, doc_id, 1)
+            row.update({"status": ResultStatus.OK, "output": {"summary": f"s{n}"}})
+            writer.rows.append(row)
+        await writer.flush()
+
+    # When the rows are flushed
+    asyncio.run(write())
+    # Then all three are stored, none lost, after the store came back
+    with sessions() as s:
+        stored = s.execute(select(Result.chunk_id, Result.output).order_by(Result.chunk_id)).all()
+    assert [(c, o["summary"]) for c, o in stored] == [
+        (chunk_id, f"s{n}") for n, (chunk_id, _) in enumerate(chunks)]
+    assert next(refusals) == 3  # two refused flushes, one that went through
+
+
+def test_a_final_row_is_never_overwritten(
+    sessions: sessionmaker[Session], settings: Settings,
+) -> None:
+    # Given a chunk whose result is final (ok)
+    job_id, _ = make_job(sessions, settings, 1)
+    with sessions() as s:
+        chunk = s.scalars(select(leases.Chunk).where(leases.Chunk.job_id == job_id)).one()
+    version = "summarize-test"
+    ok = leases.blank_result(chunk.id, job_id, chunk.document_id, 1)
+    ok.update({"status": ResultStatus.OK, "output": {"summary": "first"}})
+    with sessions.begin() as s:
+        leases.record(s, version, [ok])
+    # When a late delivery writes an error, a retry and another answer for it
+    for status, output in ((ResultStatus.ERROR, None), (ResultStatus.RETRY, None),
+                           (ResultStatus.OK, {"summary": "second"})):
+        late = leases.blank_result(chunk.id, job_id, chunk.document_id, 2)
+        late.update({"status": status, "output": output})
+        with sessions.begin() as s:
+            leases.record(s, version, [late])
+    # Then the first final row stands
+    (row,) = results(sessions, job_id)
+    assert (row.status, row.output, row.attempts) == ("ok", {"summary": "first"}, 1)
+
+
+# -- the model client's mapping of statuses --------------------------------------------------
+
+
+def status_error(status: int, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> openai.APIStatusError:
+    request = httpx.Request("POST", "http://fake/v1/chat/completions")
+    body = {"error": {"message": f"status {status}", "type": "x", "code": code}}
+    response = httpx.Response(status, json=body, headers=headers or {}, request=request)
+    return openai.APIStatusError(f"status {status}", response=response, body=body["error"])
+
+
+@pytest.mark.parametrize(("status", "code", "kind"), [
+    (400, None, PermanentLLMError),
+    (400, "context_length_exceeded", PermanentLLMError),
+    (401, "invalid_api_key", PermanentLLMError),
+    (403, None, PermanentLLMError),
+    (404, "model_not_found", PermanentLLMError),
+    (408, None, RetryableLLMError),
+    (409, None, RetryableLLMError),
+    (429, "rate_limit_exceeded", RateLimitedError),
+    (429, "insufficient_quota", PermanentLLMError),
+    (500, None, RetryableLLMError),
+    (502, None, RetryableLLMError),
+    (503, None, RetryableLLMError),
+    (529, None, RetryableLLMError),
+])
+def test_each_status_maps_to_retry_or_not(status: int, code: str | None, kind: type) -> None:
+    error = classify_status_error(status_error(status, code), "sk-secret")
+    assert type(error) is kind
+    assert error.http_status == status
+
+
+def test_a_429_carries_the_providers_retry_after() -> None:
+    error = classify_status_error(status_error(429, "rate_limit_exceeded",
+                                               {"retry-after-ms": "1500"}), None)
+    assert isinstance(error, RateLimitedError)
+    assert error.retry_after_s == pytest.approx(1.5)
