@@ -23,14 +23,22 @@ from workers.provider.client import EndpointConfig, OpenAICompatibleLLM
 
 
 def _complete(base_url: str, timeout_s: float = 5.0) -> BaseException:
-    async def call() -> BaseException:
+    return _timed_complete(base_url, timeout_s)[0]
+
+
+def _timed_complete(base_url: str, timeout_s: float) -> tuple[BaseException, float]:
+    """The error one call raised, and how long the call took (the client's build not counted:
+    on a loaded machine building it takes longer than the timeouts under test)."""
+
+    async def call() -> tuple[BaseException, float]:
         llm = OpenAICompatibleLLM(EndpointConfig(
             base_url=base_url, model="m", mode="completion", api_key="sk-test-secret-123",
             timeout_s=timeout_s, temperature=0.0, max_connections=2))
+        started = time.monotonic()
         try:
             await llm.complete(Prompt(text="hello"), max_tokens=5)
         except BaseException as exc:  # noqa: BLE001 (the test inspects it)
-            return exc
+            return exc, time.monotonic() - started
         finally:
             await llm.aclose()
         raise AssertionError("the call succeeded")
@@ -84,10 +92,9 @@ def test_a_refused_connection_is_named_as_such_and_is_not_an_attempt() -> None:
     probe.close()
     url = f"http://127.0.0.1:{port}/v1"
     # When a call is made there
-    started = time.monotonic()
-    exc = _complete(url, timeout_s=60)
+    exc, took = _timed_complete(url, timeout_s=60)
     # Then it fails at once, as "unreachable", and says "connection refused", not "timeout"
-    assert time.monotonic() - started < 5
+    assert took < 5
     assert isinstance(exc, EndpointUnreachableError)
     assert str(exc) == f"could not connect to {url} (connection refused)"
     assert exc.code == "connection_refused"
@@ -110,16 +117,14 @@ def test_a_response_cut_mid_body_is_a_reset_and_counts_as_an_attempt() -> None:
 def test_a_server_that_never_answers_times_out_naming_the_limit() -> None:
     def silent(conn: socket.socket) -> None:
         _read_request(conn)
-        time.sleep(2.0)
+        time.sleep(6.0)
 
     with _server(silent) as url:
-        started = time.monotonic()
-        exc = _complete(url, timeout_s=0.5)
-        took = time.monotonic() - started
+        exc, took = _timed_complete(url, timeout_s=0.5)
     assert type(exc) is RetryableLLMError
     assert exc.code == "timeout"
     assert str(exc) == f"the model at {url} did not answer within 0.5 s (DOCQ_LLM_TIMEOUT_S)"
-    assert 0.4 < took < 1.9
+    assert 0.4 < took < 5.0  # the client's limit, not the server hanging up after 6 s
 
 
 def test_an_unknown_host_is_named_and_is_not_an_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
