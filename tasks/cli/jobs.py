@@ -119,7 +119,7 @@ def _summary(st: dict[str, Any]) -> str:
     reason on a second line when the job has one."""
     from tasks.progress import chunks_in_words
 
-    cost = "unknown (no price for this model)" if st["cost"] is None else f"${st['cost']:.4f}"
+    cost = "unknown" if st["cost"] is None else f"${st['cost']:.4f}"
     rejected = st.get("documents_rejected") or 0
     documents = f"; {rejected:,} documents rejected" if rejected else ""
     text = (f"job {st['id']} {st['status']}: {chunks_in_words(st)}{documents}; tokens in "
