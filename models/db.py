@@ -90,11 +90,15 @@ def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(cfg, revision)
 
 
+class MissingIdentityError(LookupError):
+    """The store has no identity row: its first migration never ran to the end."""
+
+
 def store_id(session: Session) -> str:
     """This store's identity (a uuid made by its first migration)."""
     from models.tables import StoreIdentity
 
     value = session.scalar(select(StoreIdentity.id).limit(1))
     if value is None:
-        raise LookupError("the results store has no identity row: run `docq db upgrade`")
+        raise MissingIdentityError("the results store has no identity row: run `docq db upgrade`")
     return value

@@ -11,14 +11,23 @@ from typing import Any
 from sqlalchemy import func, select
 
 from models import FINAL_JOB_STATES, Document, Job, JobStatus, Result
-from tasks.publish import forget_chord_results, publish
+from tasks.failures import explain, service_errors
+from tasks.publish import check_broker, forget_chord_results, publish
 from tasks.runtime import runtime
 from workers.batch.cache import POLICIES as CACHE_POLICIES
-from workers.errors import InputError, WorkerError
+from workers.errors import (
+    BrokerUnavailableError,
+    InputError,
+    JobNotFoundError,
+    JobNotPublishedError,
+    NothingToSubmitError,
+    WorkerError,
+)
 from workers.ingest.sources import SourceDocument
 from workers.jobs.submission import (
     SubmitReport,
     create_job,
+    discard_job,
     ingest,
     mark_submitted,
     read_sources,
@@ -51,25 +60,83 @@ def submit(
 
     Raises:
         PipelineError: an unknown pipeline or options it cannot use.
+        InputError: a bad option (cache policy, budget).
+        NothingToSubmitError: every input was rejected; no job is recorded, and the error
+            carries the first reasons.
+        StoreUnavailableError, StoreNotMigratedError: the results store cannot be used;
+            nothing is recorded.
+        BrokerUnavailableError: the broker cannot be reached before anything is recorded.
+        JobNotPublishedError: the job is recorded but the broker went away before its batches
+            were sent; `docq resume JOB` (or beat's reconciler) sends them once it is back.
     """
     options = {k: v for k, v in
                {"labels": labels, "schema": schema, "prompt": prompt}.items() if v is not None}
     pipe = build_pipeline(pipeline, options)
     if cache not in CACHE_POLICIES:
         raise InputError(f"unknown cache policy {cache!r}: choose use, refresh or off")
+    for option, budget in (("budget_tokens", budget_tokens), ("budget_cost", budget_cost)):
+        if budget is not None and not budget > 0:
+            flag = "--" + option.replace("_", "-")
+            raise InputError(f"{option} ({flag}) must be above 0, not {budget!r}")
     rt = runtime()
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
-    documents = _source_documents(sources, pipe.name, rt.settings)  # checks a batch file first
-    with rt.sessions.begin() as session:
-        job_id = create_job(session, rt.settings, pipe, name, cache_policy=cache,
-                            budget_tokens=budget_tokens, budget_cost=budget_cost).id
-    report = ingest(rt.sessions, rt.settings, job_id, documents)
-    with rt.sessions.begin() as session:
-        mark_submitted(session, job_id)
-    publish(job_id)  # only after the commit: a worker must find every row it is sent
+    with service_errors(rt.settings):
+        # The broker is asked first: a dead one found only at the end would leave a job that
+        # waits for it, where now nothing is recorded.
+        _check_broker_first(rt.settings)
+        documents = _source_documents(sources, pipe.name, rt.settings)  # a batch file: first
+        with rt.sessions.begin() as session:
+            job_id = create_job(session, rt.settings, pipe, name, cache_policy=cache,
+                                budget_tokens=budget_tokens, budget_cost=budget_cost).id
+        report = ingest(rt.sessions, rt.settings, job_id, documents)
+        if not report.documents_accepted:
+            with rt.sessions.begin() as session:
+                discard_job(session, job_id)
+            raise _nothing_to_submit(report)
+        with rt.sessions.begin() as session:
+            mark_submitted(session, job_id)
+    try:
+        publish(job_id)  # only after the commit: a worker must find every row it is sent
+    except Exception as exc:
+        if not isinstance(found := explain(exc, rt.settings), BrokerUnavailableError):
+            raise
+        raise JobNotPublishedError(_not_sent(job_id, report, found, rt.settings),
+                                   job_id=job_id) from exc
     forget_chord_results()
     return JobHandle(job_id, report)
+
+
+def _check_broker_first(settings: Settings) -> None:
+    try:
+        check_broker(settings)
+    except Exception as exc:
+        found = explain(exc, settings)
+        if found is None:
+            raise
+        raise type(found)(f"{found}; nothing was recorded") from exc
+
+
+def _nothing_to_submit(report: SubmitReport) -> NothingToSubmitError:
+    """The error for a submit whose every document was rejected: the count and first reasons."""
+    count = report.documents_rejected
+    if count == 0:
+        message = "nothing to submit: the inputs hold no documents; no job was recorded"
+    else:
+        reasons = "; ".join(error.rstrip(".") for _, error in report.rejected[:3])
+        more = f" (and {count - 3:,} more)" if count > 3 else ""
+        inputs = "the one input was" if count == 1 else f"all {count:,} inputs were"
+        message = f"nothing to submit: {inputs} rejected, so no job was recorded: {reasons}{more}"
+    return NothingToSubmitError(message, rejected=list(report.rejected), count=count)
+
+
+def _not_sent(job_id: int, report: SubmitReport, cause: WorkerError, settings: Settings) -> str:
+    every_s = settings.reconcile_every_s
+    return (f"job {job_id} is recorded ({report.documents_accepted:,} documents, "
+            f"{report.chunks:,} chunks in {report.batches:,} batches) but none of its batches "
+            f"was sent: {cause}. Nothing is lost: once the broker is back, `docq resume "
+            f"{job_id}` sends them, and a running `docq beat` does so by itself within "
+            f"{every_s:g} s (DOCQ_RECONCILE_EVERY_S)")
 
 
 def _source_documents(
@@ -99,7 +166,8 @@ def write_openai_batch(
 
     Returns (successful requests written, failed requests written).
     """
-    with runtime().sessions() as session:
+    rt = runtime()
+    with service_errors(rt.settings), rt.sessions() as session:
         return write_batch_results(session, job_id, output_path, error_path)
 
 
@@ -158,11 +226,17 @@ class JobHandle:
 
 
 def job_status(job_id: int) -> dict[str, Any]:
-    """The job row plus live progress counted from the result rows."""
-    with runtime().sessions.begin() as session:
+    """The job row plus live progress counted from the result rows.
+
+    Raises:
+        JobNotFoundError: no job has this id.
+        StoreUnavailableError, StoreNotMigratedError: the results store cannot be used.
+    """
+    rt = runtime()
+    with service_errors(rt.settings), rt.sessions.begin() as session:
         job = session.get(Job, job_id)
         if job is None:
-            raise LookupError(f"job {job_id} does not exist")
+            raise JobNotFoundError(f"job {job_id} does not exist")
         counts = dict(session.execute(
             select(Result.status, func.count())
             .where(Result.job_id == job_id, Result.pipeline_version == job.pipeline_version)
@@ -193,7 +267,8 @@ def job_status(job_id: int) -> dict[str, Any]:
 
 def document_results(job_id: int) -> Iterator[dict[str, Any]]:
     """One record per document, in submission order, streamed from the store."""
-    with runtime().sessions() as session:
+    rt = runtime()
+    with service_errors(rt.settings), rt.sessions() as session:
         rows = session.scalars(
             select(Document).where(Document.job_id == job_id).order_by(Document.id)
             .execution_options(yield_per=1000)

@@ -24,6 +24,7 @@ from tasks.celery import app
 from tasks.runtime import resolve_broker, runtime
 from workers import keys
 from workers.clock import as_utc
+from workers.errors import JobNotPublishedError
 from workers.jobs.schedules import (
     Cron,
     RunCounts,
@@ -158,12 +159,17 @@ def _run_locked(
     job_id = None
     if first is not None:
         opts = schedule.options
-        handle = submit(
-            (as_record(d) for d in chain([first], docs)), schedule.pipeline,
-            labels=opts.get("labels"), schema=opts.get("schema"), prompt=opts.get("prompt"),
-            name=f"schedule {name[:150]} {window:%Y-%m-%d %H:%M}Z",
-        )
-        job_id = handle.id
+        try:
+            job_id = submit(
+                (as_record(d) for d in chain([first], docs)), schedule.pipeline,
+                labels=opts.get("labels"), schema=opts.get("schema"), prompt=opts.get("prompt"),
+                name=f"schedule {name[:150]} {window:%Y-%m-%d %H:%M}Z",
+            ).id
+        except JobNotPublishedError as exc:
+            # The job is recorded and the reconciler sends it when the broker is back: the
+            # run follows that job like any other.
+            logger.warning("schedule %s window %s: %s", name, iso, exc)
+            job_id = exc.job_id
     with rt.sessions.begin() as session:
         status = finish_ingest(session, run_id, counts, job_id)
     logger.info("schedule %s window %s: %d seen, %d new, %d changed, %d unchanged, "

@@ -81,7 +81,7 @@ def watch(job_id: int, *, interval_s: float = 1.0, out: IO[str] | None = None) -
     """Show the job's progress on `out` (stdout) until it is final; returns its final status.
 
     Raises:
-        LookupError: the job does not exist.
+        JobNotFoundError: the job does not exist.
     """
     out = out if out is not None else sys.stdout
     view: _LiveBar | _PlainLines = _LiveBar(out) if out.isatty() else _PlainLines(out)
@@ -150,6 +150,26 @@ class _LiveBar:
             self.task = self.progress.add_task("job", total=snap.total or None, **fields)
         self.progress.update(self.task, completed=snap.done, total=snap.total or None, **fields)
         self.progress.refresh()
+
+
+# How each result state reads in a sentence, in the order a summary lists them.
+_STATE_WORDS = (("ok", "ok"), ("error", "failed"), ("skipped_budget", "skipped (budget spent)"),
+                ("cancelled", "cancelled"))
+
+
+def chunks_in_words(status: dict[str, Any]) -> str:
+    """A job's chunks by state as a phrase: `160 ok, 3 failed, 2 retrying, 5 waiting`."""
+    by_state = dict(status["chunks_by_state"])
+    parts = [f"{by_state.pop(state):,} {words}" for state, words in _STATE_WORDS
+             if by_state.get(state)]
+    parts += [f"{n:,} {state.replace('_', ' ')}" for state, n in sorted(by_state.items()) if n]
+    retrying = int(status.get("chunks_retrying") or 0)
+    if retrying:
+        parts.append(f"{retrying:,} retrying")
+    waiting = int(status["chunks_total"]) - int(status["chunks_done"]) - retrying
+    if waiting > 0:
+        parts.append(f"{waiting:,} waiting")
+    return ", ".join(parts) if parts else "no chunks"
 
 
 def _rate(tpm: float | None) -> str:

@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from celery import Signature, Task, uuid
 from kombu.entity import Queue
 from sqlalchemy import select, update
@@ -20,9 +21,25 @@ from models import Batch, Job, store_id
 from tasks.batches import process_batch
 from tasks.celery import app, broker_redis
 from tasks.jobs import merge_job
-from tasks.runtime import runtime
+from tasks.runtime import resolve_broker, runtime
 from workers.jobs.reconcile import mark_published
 from workers.jobs.submission import batch_ids
+from workers.settings import Settings
+
+BROKER_CHECK_TIMEOUT_S = 5.0
+
+
+def check_broker(settings: Settings) -> None:
+    """Ask the broker for a PONG, with short timeouts, before a job is recorded.
+
+    Raises redis-py's error (tasks/failures.py names it for the user).
+    """
+    client = redis.Redis.from_url(resolve_broker(settings), socket_timeout=BROKER_CHECK_TIMEOUT_S,
+                                  socket_connect_timeout=BROKER_CHECK_TIMEOUT_S)
+    try:
+        client.ping()
+    finally:
+        client.close()
 
 
 def forget_chord_results() -> None:

@@ -14,8 +14,17 @@ WorkerError                     the root; every message is written for the user
 │       ├── PipelineError           unknown pipeline or bad pipeline options
 │       ├── ScheduleError           a bad schedule in docq.toml (jobs/schedules.py)
 │       ├── BatchFileError          an OpenAI Batch file over its limits (pipelines/openai_batch.py)
-│       └── FlowerAuthError         Flower without credentials (tasks/flower.py)
+│       ├── FlowerAuthError         Flower without credentials (tasks/flower.py)
+│       └── NothingToSubmitError    every input of a submit was rejected: no job is recorded
+├── JobNotFoundError            no job with that id (also a LookupError)
 ├── JobNotFinishedError         results asked of a job that is still running (pipelines/openai_batch.py)
+├── ServiceUnavailableError     a service docqueue needs cannot be used (tasks/failures.py maps
+│   │                             the drivers' exceptions to these, URLs masked)
+│   ├── StoreUnavailableError     the results store: unreachable, refusing the credentials, absent
+│   ├── StoreNotMigratedError     the store is reachable but its tables are missing or old
+│   ├── BrokerUnavailableError    Redis (broker and chord counters): unreachable or refusing
+│   │   └── JobNotPublishedError    a job was recorded but its batches could not be sent
+│   └── EndpointCheckError        the model endpoint failed `docq check` (tasks/checks.py)
 └── EmbeddedServiceError        an embedded server would not start (local/embedded_redis.py)
     ├── EmbeddedRedisError
     └── LocalModelError           the local model server (local/model.py)
@@ -76,6 +85,52 @@ class PermanentLLMError(LLMErrorMixin, PermanentError):
 
 class InputError(PermanentError):
     """Unusable input: the message names the input and the problem."""
+
+
+class NothingToSubmitError(InputError):
+    """A submit whose every input was rejected: no job is recorded (an empty job helps nobody).
+
+    `rejected` holds the first (id, reason) pairs, `count` how many were rejected in all.
+    """
+
+    def __init__(self, message: str, *, rejected: list[tuple[str, str]], count: int) -> None:
+        super().__init__(message)
+        self.rejected = rejected
+        self.count = count
+
+
+class JobNotFoundError(WorkerError, LookupError):
+    """No job has this id in the configured results store."""
+
+
+class ServiceUnavailableError(WorkerError):
+    """A service docqueue needs cannot be used; the message names it (URL masked), the setting
+    behind it and what to do."""
+
+
+class StoreUnavailableError(ServiceUnavailableError):
+    """The results store cannot be reached, refuses the credentials or does not exist."""
+
+
+class StoreNotMigratedError(ServiceUnavailableError):
+    """The results store is reachable but lacks docqueue's tables (or has older ones)."""
+
+
+class BrokerUnavailableError(ServiceUnavailableError):
+    """Redis, the broker and chord counter, cannot be reached or refuses the credentials."""
+
+
+class JobNotPublishedError(BrokerUnavailableError):
+    """A job is recorded and marked running, but its batches could not be sent: with no publish
+    marker in Redis, `docq resume JOB` or beat's reconciler sends them once the broker is back."""
+
+    def __init__(self, message: str, *, job_id: int) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+class EndpointCheckError(ServiceUnavailableError):
+    """The model endpoint cannot be reached, refuses the API key, or does not serve the model."""
 
 
 class PipelineError(InputError):

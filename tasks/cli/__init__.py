@@ -2,30 +2,138 @@
 
 Each module of this package registers its commands on the one app of `tasks/cli/app.py` when
 imported; this module imports them all and runs the app. No command module imports this one.
+
+Every failure ends as one line on stderr, `error: ...`, and an exit status of its kind (the
+constants in tasks/cli/app.py, listed in the README): a usage error never prints Click's usage
+block, a driver's exception is named by the service it failed to reach (tasks/failures.py), and
+no configured secret is printed. `--debug` (anywhere on the line) or DOCQ_DEBUG=1 adds the
+traceback.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 import typer
 from pydantic import ValidationError
+from typer.exceptions import Abort, TyperException
 
 from tasks.cli import jobs, operate, recover  # noqa: F401  (they register their commands)
-from tasks.cli.app import cli
-from workers.errors import WorkerError
+from tasks.cli.app import (
+    EXIT_INTERNAL,
+    EXIT_JOB_FAILED,
+    EXIT_NOT_SENT,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    cli,
+)
+from workers.errors import JobNotPublishedError, ServiceUnavailableError, WorkerError
+from workers.settings import Settings
 
 __all__ = ["cli", "main"]
 
+DEBUG_FLAG = "--debug"
 
-def main() -> None:
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    # Everything after `--` belongs to the command (celery's own options, say).
+    head, sep, tail = _split(args)
+    debug = DEBUG_FLAG in head or os.environ.get("DOCQ_DEBUG", "").lower() in ("1", "true", "yes")
+    args = [a for a in head if a != DEBUG_FLAG] + sep + tail
     try:
-        cli()
-    except (WorkerError, LookupError, RuntimeError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "settings"
-        typer.echo(f"error: invalid setting {where}: {first['msg']}", err=True)
-        sys.exit(2)
+        code = cli(args=args, prog_name="docq", standalone_mode=False)
+    except TyperException as exc:  # Click's usage errors, as Typer carries them
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            typer.echo(ctx.get_help())
+        else:
+            _report(_usage_line(exc), exc, debug=False)
+        code = EXIT_USAGE
+    except Abort:
+        typer.echo("error: interrupted", err=True)
+        code = 130
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line and a status
+        code, line = _failure(exc)
+        _report(line, exc, debug=debug)
+        if code == EXIT_INTERNAL and not debug:
+            typer.echo("  (a fault of docqueue: run again with --debug and report the traceback)",
+                       err=True)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _split(args: list[str]) -> tuple[list[str], list[str], list[str]]:
+    if "--" in args:
+        i = args.index("--")
+        return args[:i], ["--"], args[i + 1:]
+    return args, [], []
+
+
+def _failure(exc: Exception) -> tuple[int, str]:
+    """The exit status and the line for an exception a command let out."""
+    from tasks.failures import explain
+    from workers.local.embedded_redis import EmbeddedServiceError
+
+    if isinstance(exc, ValidationError):
+        return EXIT_USAGE, _settings_line(exc)
+    settings = _settings()
+    if (mapped := explain(exc, settings)) is not None:
+        exc = mapped
+    if isinstance(exc, JobNotPublishedError):
+        return EXIT_NOT_SENT, str(exc)
+    if isinstance(exc, ServiceUnavailableError | EmbeddedServiceError):
+        return EXIT_UNAVAILABLE, str(exc)
+    if isinstance(exc, TimeoutError) or type(exc).__name__ == "JobStalledError":
+        return EXIT_JOB_FAILED, str(exc)
+    if isinstance(exc, WorkerError | LookupError):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, RuntimeError) and str(exc).startswith("no model endpoint"):
+        return EXIT_UNAVAILABLE, str(exc)
+    first = str(exc).splitlines()[0] if str(exc) else "no message"
+    return EXIT_INTERNAL, f"unexpected {type(exc).__name__}: {first}"
+
+
+def _report(line: str, exc: BaseException, *, debug: bool) -> None:
+    from tasks.failures import scrub
+
+    settings = _settings()
+    if debug:
+        text = "".join(traceback.format_exception(exc))
+        typer.echo(scrub(text, settings).rstrip(), err=True)
+    typer.echo(scrub(f"error: {line}", settings), err=True)
+
+
+def _usage_line(exc: TyperException) -> str:
+    message = exc.format_message()
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        message += f" (see `{ctx.command_path} --help`)"
+    return message[:1].lower() + message[1:]
+
+
+def _settings_line(exc: ValidationError) -> str:
+    """One invalid setting, named by its variable, with the value given (secrets excepted)."""
+    first = exc.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if not loc:  # a rule across settings: the message names them
+        return f"invalid settings: {message}"
+    name = "DOCQ_" + loc[0].upper()
+    shown = "" if any(w in name for w in ("PASSWORD", "KEY", "URL")) else (
+        f"={first.get('input')!r}" if isinstance(first.get("input"), str | int | float) else "")
+    return f"invalid setting {name}{shown}: {message}"
+
+
+_cached: list[Settings | None] = []
+
+
+def _settings() -> Settings | None:
+    """The settings, for masking and naming; None when they cannot be read."""
+    if not _cached:
+        try:
+            _cached.append(Settings())
+        except Exception:  # noqa: BLE001 - an invalid setting is reported on its own
+            _cached.append(None)
+    return _cached[0]

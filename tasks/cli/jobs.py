@@ -115,9 +115,15 @@ def _progress_line() -> Any:
 
 
 def _summary(st: dict[str, Any]) -> str:
+    """`job 7 partial: 160 ok, 3 failed; tokens in 51,200, out 9,600; cost $0.0123`, and the
+    reason on a second line when the job has one."""
+    from tasks.progress import chunks_in_words
+
     cost = "unknown" if st["cost"] is None else f"${st['cost']:.4f}"
-    text = (f"job {st['id']} {st['status']}: {st['chunks_by_state']} "
-            f"tokens in {st['tokens_in']} out {st['tokens_out']}, cost {cost}")
+    rejected = st.get("documents_rejected") or 0
+    documents = f"; {rejected:,} documents rejected" if rejected else ""
+    text = (f"job {st['id']} {st['status']}: {chunks_in_words(st)}{documents}; tokens in "
+            f"{st['tokens_in']:,}, out {st['tokens_out']:,}; cost {cost}")
     return text + (f"\n  {st['reason']}" if st.get("reason") else "")
 
 

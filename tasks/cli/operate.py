@@ -9,9 +9,61 @@ from typing import Annotated, Any
 
 import typer
 
-from tasks.cli.app import JsonFlag, cli, fail
+from tasks.cli.app import EXIT_UNAVAILABLE, JsonFlag, cli, fail
 
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@cli.command()
+def check() -> None:
+    """Check the settings: reach the results store, the broker and the model endpoint.
+
+    One line each on stdout when it works; an `error:` line on stderr for each that does not,
+    and exit status 4.
+    """
+    from models import store_id
+    from tasks.failures import broker_name, explain, scrub, store_name
+    from tasks.publish import check_broker
+    from tasks.runtime import resolve_endpoint, runtime
+    from workers.provider.probe import probe_endpoint
+    from workers.settings import masked_url
+
+    settings = runtime().settings
+    failed = False
+
+    def attempt(what: str, step: Any) -> None:
+        nonlocal failed
+        try:
+            detail = step()
+        except Exception as exc:  # noqa: BLE001 - each check reports its own failure
+            failed = True
+            mapped = explain(exc, settings)
+            typer.echo(scrub(f"error: {mapped or exc}", settings), err=True)
+            return
+        typer.echo(f"{what}: ok{detail}")
+
+    def store() -> str:
+        with runtime().sessions() as session:
+            store_id(session)
+        return ""
+
+    def endpoint() -> str:
+        base = resolve_endpoint(settings)
+        key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
+        found = probe_endpoint(base, api_key=key, model=settings.model_name,
+                               timeout_s=min(settings.llm_timeout_s, 10.0))
+        listed = f", serving {settings.model_name}" if found.models else ""
+        return f" ({masked_url(base)}{listed})"
+
+    attempt(store_name(settings), store)
+    def broker() -> str:
+        check_broker(settings)
+        return ""
+
+    attempt(broker_name(settings), broker)
+    attempt("the model endpoint", endpoint)
+    if failed:
+        raise typer.Exit(EXIT_UNAVAILABLE)
 
 
 @cli.command()
@@ -64,9 +116,15 @@ def _schedule_lines(row: dict[str, Any]) -> str:
     if last is None:
         lines.append("  last run: never")
     else:
-        job = f", job {last['job_id']} {last['job_status']}" if last["job_id"] else ""
+        from workers.jobs.schedules import run_state
+
+        state = run_state(last["status"], last["job_status"])
+        job = ""
+        if last["job_id"]:
+            job = f" (job {last['job_id']}" + (
+                ")" if last["job_status"] == state else f" {last['job_status'] or 'deleted'})")
         lines.append(
-            f"  last run: window {last['window_start']} {last['status']}{job}: "
+            f"  last run: window {last['window_start']} {state}{job}: "
             f"{last['documents_seen']} seen, {last['documents_new']} new, "
             f"{last['documents_changed']} changed, {last['documents_unchanged']} unchanged, "
             f"{last['documents_rejected']} unreadable")

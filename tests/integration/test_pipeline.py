@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -174,7 +175,9 @@ def test_every_kind_of_bad_input_is_explained_and_the_rest_processed(
                                  "</body></html>")
     (d / "empty.txt").write_text("")
     (d / "binary.txt").write_bytes(b"\x00\x01\x02" * 100)
-    (d / "latin1.txt").write_bytes("caf\xe9".encode("latin-1") * 10)
+    (d / "latin1.txt").write_bytes("Le café était très chaud au port. ".encode("latin-1") * 5)
+    noise = random.Random(3)  # high bytes that no encoding reads as text
+    (d / "noise.txt").write_bytes(bytes(noise.randrange(0x80, 0x100) for _ in range(400)))
     (d / "big.txt").write_text("x" * 5000)
     (d / "image.png").write_bytes(b"\x89PNG....")
     lines = [
@@ -193,7 +196,7 @@ def test_every_kind_of_bad_input_is_explained_and_the_rest_processed(
     # Then each bad document carries its own reason and the good ones have outputs
     docs = list(handle.results())
     ok = {d["id"] for d in docs if d["status"] == "ok"}
-    assert ok == {"good.txt", "good.md", "page.html", "j1"}, docs
+    assert ok == {"good.txt", "good.md", "page.html", "latin1.txt", "j1"}, docs
     assert all(d["output"]["summary"] for d in docs if d["status"] == "ok")
     rejected = {d["source"]: d["error"] for d in docs if d["status"] == "rejected"}
     assert len(rejected) == 9, rejected
@@ -202,7 +205,7 @@ def test_every_kind_of_bad_input_is_explained_and_the_rest_processed(
     reasons = {Path(k.split(":")[0]).name + (":" + k.split(":")[1] if ":" in k else ""): v
                for k, v in rejected.items()}
     expected = {
-        "empty.txt": "is empty", "binary.txt": "binary", "latin1.txt": "not valid UTF-8",
+        "empty.txt": "is empty", "binary.txt": "binary", "noise.txt": "not valid UTF-8",
         "big.txt": "over the limit", "image.png": "supported ones", "docs.jsonl:2": "not valid JSON",
         "docs.jsonl:3": "has no 'text'", "docs.jsonl:4": "repeats the id 'j1'",
         "missing.txt": "does not exist",

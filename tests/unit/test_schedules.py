@@ -28,6 +28,7 @@ from workers.jobs.schedules import (
     claim_window,
     finish_ingest,
     load_schedules,
+    run_state,
     settle_runs,
 )
 
@@ -325,3 +326,23 @@ def test_unreadable_documents_are_counted_not_sent(store: sessionmaker[Session])
     # Then only the good one is sent and the reason is kept
     assert sent == ["a"]
     assert counts.rejected == 1 and counts.rejections == ["x.bin is binary"]
+
+
+@pytest.mark.parametrize(
+    ("status", "job_status", "shown"),
+    [
+        ("running", "running", "running"),
+        ("running", "pending", "running"),
+        ("running", "succeeded", "succeeded"),
+        ("running", "partial", "partial"),
+        ("running", "failed", "failed"),
+        ("running", "cancelled", "failed"),
+        ("running", None, "failed"),
+        ("unchanged", None, "unchanged"),
+        ("succeeded", "succeeded", "succeeded"),
+    ],
+)
+def test_a_run_reads_as_its_job_ended(status: str, job_status: str | None, shown: str) -> None:
+    # Given a run still `running` in the store after its job ended (settled at the next run)
+    # When it is shown / Then it reads as it will be settled, never "running, job succeeded"
+    assert run_state(RunStatus(status), job_status) == shown

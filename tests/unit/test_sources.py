@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
 import os
+import random
 import tracemalloc
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import docx
 import pypdf
 import pytest
 
@@ -278,9 +282,13 @@ def test_a_binary_file_is_an_error(tmp_path: Path) -> None:
     assert_clear_error(doc, "image.txt", "binary", "offset 6")
 
 
-def test_invalid_utf8_names_the_byte_offset(tmp_path: Path) -> None:
-    doc = only(write(tmp_path / "latin1.md", b"caf\xe9 au lait"))
-    assert_clear_error(doc, "latin1.md", "not valid UTF-8", "0xe9", "offset 3")
+def test_undetectable_bytes_name_the_first_bad_byte(tmp_path: Path) -> None:
+    # Given bytes that are no text in any encoding (high bytes, no NUL)
+    rnd = random.Random(3)
+    noise = bytes(rnd.randrange(0x80, 0x100) for _ in range(400))
+    # When read / Then refused, naming the first byte that is not UTF-8
+    doc = only(write(tmp_path / "noise.md", noise))
+    assert_clear_error(doc, "noise.md", "not valid UTF-8", "offset 0", "no known encoding")
 
 
 def test_a_file_over_the_limit_is_refused_by_its_size(tmp_path: Path) -> None:
@@ -291,8 +299,9 @@ def test_a_file_over_the_limit_is_refused_by_its_size(tmp_path: Path) -> None:
 
 
 def test_an_unsupported_extension_lists_the_supported_ones(tmp_path: Path) -> None:
-    doc = only(write(tmp_path / "slides.docx", b"PK\x03\x04"))
-    assert_clear_error(doc, "slides.docx", "'.docx'", ".txt", ".md", ".html", ".pdf", ".jsonl")
+    doc = only(write(tmp_path / "slides.pptx", b"PK\x03\x04"))
+    assert_clear_error(doc, "slides.pptx", "'.pptx'", ".txt", ".md", ".html", ".pdf", ".jsonl",
+                       ".gz", ".zip", ".docx")
 
 
 def test_a_file_that_cannot_be_opened_is_an_error(tmp_path: Path, monkeypatch: Any) -> None:
@@ -438,3 +447,236 @@ def test_every_kind_of_bad_input_in_one_stream_never_raises(tmp_path: Path) -> N
     for doc in docs:
         if doc.error is not None:
             assert_clear_error(doc)
+
+
+# -- legacy encodings ---------------------------------------------------------------------------
+
+FRENCH = "Le café était très chaud. Über die Brücke gehen wir, naïve façade, señor.\n"
+QUOTES = "He said \u201chello\u201d \u2013 it cost \u20ac5 \u2026 that\u2019s all. A naïve café.\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "text"),
+    [
+        ("latin1.txt", FRENCH.encode("latin-1"), FRENCH),
+        ("short-latin1.md", b"caf\xe9 au lait", "café au lait"),
+        ("windows1252.txt", QUOTES.encode("cp1252"), QUOTES),
+    ],
+)
+def test_latin1_and_windows1252_are_detected_and_recorded(
+    tmp_path: Path, name: str, data: bytes, text: str
+) -> None:
+    # Given text saved in Latin-1 or Windows-1252 (not valid UTF-8)
+    path = write(tmp_path / name, data)
+    # When it is read
+    doc = only(path)
+    # Then it reads as written, and the metadata names the encoding and the confidence
+    assert doc.error is None, doc.error
+    assert doc.text == text
+    assert doc.metadata["encoding"] == "cp1252"  # Latin-1's printable range, and more
+    assert doc.metadata["encoding_confidence"] >= 0.8
+    assert doc.content_hash == hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_cyrillic_in_windows1251_is_detected(tmp_path: Path) -> None:
+    text = "Привет, как дела? Всё хорошо, спасибо. Москва — столица России.\n"
+    doc = only(write(tmp_path / "ru.txt", text.encode("cp1251")))
+    assert (doc.text, doc.metadata["encoding"]) == (text, "cp1251")
+
+
+def test_text_below_the_confidence_floor_is_refused_with_the_guess(tmp_path: Path) -> None:
+    # Given ASCII words glued by random high bytes: no encoding reads it as text
+    rnd = random.Random(35)
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "and",
+             "runs", "away"]
+    data = bytearray()
+    for _ in range(80):
+        data += rnd.choice(words).encode()
+        data += bytes([rnd.randrange(0x80, 0x100)]) if rnd.random() < 0.5 else b" "
+    # When read / Then refused, with the best guess and the floor in the reason
+    doc = only(write(tmp_path / "mojibake.txt", bytes(data)))
+    assert_clear_error(doc, "mojibake.txt", "cannot be told with confidence", "best guess",
+                       "under the floor of 80%", "convert it to UTF-8")
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-be"])
+def test_utf16_with_a_byte_order_mark_is_read(tmp_path: Path, codec: str) -> None:
+    # Given UTF-16 text with its byte-order mark (full of NUL bytes, yet text)
+    text = "Grüße aus Köln — 東京\n"
+    data = text.encode(codec) if codec == "utf-16" else b"\xfe\xff" + text.encode(codec)
+    # When read / Then decoded, the mark dropped, the encoding recorded
+    doc = only(write(tmp_path / "wide.txt", data))
+    assert doc.error is None, doc.error
+    assert doc.text == text
+    assert doc.metadata["encoding"].startswith("utf-16")
+
+
+def test_truncated_utf16_is_refused(tmp_path: Path) -> None:
+    doc = only(write(tmp_path / "cut.txt", b"\xff\xfeh\x00i\x00!"))
+    assert_clear_error(doc, "cut.txt", "UTF-16-LE byte-order mark", "not valid UTF-16-LE")
+
+
+# -- compressed files -------------------------------------------------------------------------
+
+
+def test_a_gzipped_text_file_is_its_document(tmp_path: Path) -> None:
+    # Given notes.txt compressed with gzip
+    path = write(tmp_path / "notes.txt.gz", gzip.compress("Compressed café\n".encode()))
+    # When read / Then the document is the text inside, sized decompressed
+    doc = only(path)
+    assert (doc.text, doc.size_bytes) == ("Compressed café\n", len("Compressed café\n".encode()))
+    assert doc.metadata == {"format": "txt", "compression": "gzip"}
+    assert doc.external_id == path.as_posix()
+
+
+def test_a_gzipped_latin1_html_file_is_decoded_after_decompression(tmp_path: Path) -> None:
+    page = "<html><title>Café</title><p>Très bien</p></html>".encode("latin-1")
+    doc = only(write(tmp_path / "page.html.gz", gzip.compress(page)))
+    assert doc.text == "Très bien"
+    assert doc.metadata["title"] == "Café" and doc.metadata["encoding"] == "cp1252"
+
+
+def test_a_gzipped_jsonl_file_gives_its_lines(tmp_path: Path) -> None:
+    lines = "".join(json.dumps({"id": f"d{i}", "text": f"text {i}"}) + "\n" for i in range(3))
+    docs = read(write(tmp_path / "set.jsonl.gz", gzip.compress(lines.encode())))
+    assert [(d.external_id, d.text) for d in docs] == [(f"d{i}", f"text {i}") for i in range(3)]
+
+
+def test_a_gzip_over_the_limit_once_decompressed_is_refused(tmp_path: Path) -> None:
+    # Given 5,000 bytes of text that compress to a few dozen, and a limit of 1,000
+    path = write(tmp_path / "bomb.txt.gz", gzip.compress(b"a" * 5_000))
+    assert path.stat().st_size < 1_000
+    # When read / Then refused by its decompressed size
+    doc = only(path, max_bytes=1_000)
+    assert_clear_error(doc, "bomb.txt.gz", "decompresses to more than 1,000 bytes")
+
+
+def test_a_gzipped_jsonl_bomb_is_refused(tmp_path: Path) -> None:
+    # Given a JSONL.gz that expands over 200 times (20 MB of blank lines in about 20 kB)
+    path = write(tmp_path / "bomb.jsonl.gz", gzip.compress(b"\n" * 20_000_000, 9))
+    # When read / Then refused as a compression bomb
+    docs = read(path)
+    assert_clear_error(docs[-1], "bomb.jsonl.gz", "compression bomb")
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "problem"),
+    [
+        ("broken.txt.gz", b"\x1f\x8b\x08\x00garbage", "not a readable gzip file"),
+        ("plain.txt.gz", b"not gzip at all", "not a readable gzip file"),
+        ("archive.zip.gz", gzip.compress(b"PK"), "'.zip' file compressed with gzip"),
+    ],
+)
+def test_a_bad_gzip_is_refused_with_its_reason(
+    tmp_path: Path, name: str, data: bytes, problem: str
+) -> None:
+    assert_clear_error(only(write(tmp_path / name, data)), name, problem)
+
+
+def make_zip(path: Path, members: dict[str, bytes]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def test_each_member_of_a_zip_is_a_document(tmp_path: Path) -> None:
+    # Given a zip of two texts in folders, a Latin-1 file, a hidden file and a macOS fork
+    path = make_zip(tmp_path / "corpus.zip", {
+        "docs/a.txt": b"Alpha", "docs/b.md": b"# Beta", "old/c.txt": FRENCH.encode("latin-1"),
+        "docs/.DS_Store": b"\x00\x01", "__MACOSX/docs/._a.txt": b"\x00",
+    })
+    # When it is read
+    docs = read(path)
+    # Then each visible member is a document named <zip id>:<member path>, in archive order
+    name = path.as_posix()
+    assert [(d.external_id, d.source, d.text) for d in docs] == [
+        (f"{name}:docs/a.txt", f"{name}:docs/a.txt", "Alpha"),
+        (f"{name}:docs/b.md", f"{name}:docs/b.md", "# Beta"),
+        (f"{name}:old/c.txt", f"{name}:old/c.txt", FRENCH),
+    ]
+    assert docs[0].metadata == {"format": "txt", "archive": name}
+    assert docs[2].metadata["encoding"] == "cp1252"
+
+
+def test_path_traversal_members_are_refused_and_the_others_read(tmp_path: Path) -> None:
+    # Given a zip made to attack: members that climb out or are absolute, beside a good one
+    path = make_zip(tmp_path / "evil.zip", {
+        "../../etc/passwd.txt": b"root", "/abs/path.txt": b"abs", "ok.txt": b"Fine",
+        "dir\\win.txt": b"win", "nested/inner.zip": b"PK", "data.jsonl": b"{}",
+        "tool.exe": b"MZ",
+    })
+    # When it is read
+    docs = {d.external_id.rpartition(".zip:")[2]: d for d in read(path)}
+    # Then each bad member is refused with its reason, and the good one is a document
+    assert docs["ok.txt"].text == "Fine"
+    assert_clear_error(docs["../../etc/passwd.txt"], "climbs out", "path-traversal")
+    assert_clear_error(docs["/abs/path.txt"], "absolute", "path-traversal")
+    assert_clear_error(docs["dir\\win.txt"], "non-POSIX", "path-traversal")
+    assert_clear_error(docs["nested/inner.zip"], "an archive inside a zip", "do not nest")
+    assert_clear_error(docs["data.jsonl"], "JSONL file inside a zip", "gzip")
+    assert_clear_error(docs["tool.exe"], "'.exe'", "supported")
+
+
+def test_a_zip_bomb_is_refused_before_any_member_is_read(tmp_path: Path) -> None:
+    # Given 100 members of 100 kB of one letter each: 10 MB declared in about 30 kB
+    path = make_zip(tmp_path / "bomb.zip", {f"m{i}.txt": b"a" * 100_000 for i in range(100)})
+    assert path.stat().st_size * 200 < 10_000_000
+    # When it is read / Then the whole archive is refused as a zip bomb
+    doc = only(path)
+    assert_clear_error(doc, "bomb.zip", "10,000,000 bytes", "zip bomb")
+
+
+def test_a_zip_member_over_the_limit_is_refused_by_its_decompressed_size(tmp_path: Path) -> None:
+    rnd = random.Random(1)
+    big = "".join(rnd.choice("abcdefghij ") for _ in range(2_000)).encode()
+    path = make_zip(tmp_path / "mixed.zip", {"big.txt": big, "small.txt": b"small"})
+    big_doc, small_doc = read(path, max_bytes=1_000)
+    assert_clear_error(big_doc, "big.txt", "2,000 bytes decompressed", "limit of 1,000 bytes")
+    assert small_doc.text == "small"
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [(b"PK\x03\x04 truncated", "not a readable zip file"), (b"", "not a readable zip file")],
+)
+def test_a_damaged_zip_is_refused(tmp_path: Path, data: bytes, problem: str) -> None:
+    assert_clear_error(only(write(tmp_path / "bad.zip", data)), "bad.zip", problem)
+
+
+# -- Word documents ---------------------------------------------------------------------------
+
+
+def docx_bytes(paragraphs: list[str], table: list[list[str]] | None = None) -> bytes:
+    document = docx.Document()
+    document.core_properties.title = "Minutes"
+    for text in paragraphs:
+        document.add_paragraph(text)
+    if table:
+        grid = document.add_table(rows=len(table), cols=len(table[0]))
+        for r, row in enumerate(table):
+            for c, cell in enumerate(row):
+                grid.cell(r, c).text = cell
+    buffer = io.BytesIO()
+    document.save(buffer)
+    return buffer.getvalue()
+
+
+def test_a_word_document_gives_its_paragraphs_and_tables(tmp_path: Path) -> None:
+    # Given a .docx with two paragraphs, an empty one and a table
+    data = docx_bytes(["First point.", "", "Second point."], [["name", "vote"], ["Ana", "yes"]])
+    # When it is read, alone and inside a zip
+    doc = only(write(tmp_path / "minutes.docx", data))
+    [member] = read(make_zip(tmp_path / "board.zip", {"minutes.docx": data}))
+    # Then blocks come in order, table rows as tab-separated cells
+    assert doc.text == "First point.\n\nSecond point.\n\nname\tvote\nAna\tyes"
+    assert doc.metadata == {"format": "docx", "title": "Minutes"}
+    assert member.text == doc.text
+
+
+def test_a_damaged_or_empty_word_document_is_refused(tmp_path: Path) -> None:
+    broken = only(write(tmp_path / "broken.docx", b"PK\x03\x04 not really"))
+    empty = only(write(tmp_path / "empty.docx", docx_bytes([])))
+    assert_clear_error(broken, "broken.docx", "not a readable Word document")
+    assert_clear_error(empty, "empty.docx", "holds no text")

@@ -20,6 +20,7 @@ is the table of ids seen (an 8-byte digest and an 8-byte locator per id).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import stat
@@ -33,7 +34,19 @@ from typing import IO, Any
 import bs4
 import pypdf
 
-SUPPORTED_SUFFIXES = (".htm", ".html", ".jsonl", ".md", ".pdf", ".txt")
+from workers.ingest.archives import (
+    BoundedGunzip,
+    gunzip_document,
+    gzip_inner_suffix,
+    zip_members,
+)
+from workers.ingest.decoding import Rejected as _Rejected
+from workers.ingest.decoding import binary_problem, decode_text
+from workers.ingest.office import docx_text
+
+SUPPORTED_SUFFIXES = (".docx", ".gz", ".htm", ".html", ".jsonl", ".md", ".pdf", ".txt", ".zip")
+# What a .gz or a zip member may hold (archives do not nest).
+_DOCUMENT_SUFFIXES = (".docx", ".htm", ".html", ".md", ".pdf", ".txt")
 MAX_ID_CHARS = 1000  # models.tables.Document.external_id is a String(1000)
 _SNIFF_BYTES = 8192  # a NUL byte this early marks a binary file
 _GLOB_MAGIC = frozenset("*?[")
@@ -70,10 +83,6 @@ def iter_documents(
     if isinstance(inputs, str | os.PathLike):
         inputs = [inputs]
     yield from _Stream(max_bytes).documents(inputs)
-
-
-class _Rejected(Exception):
-    """Internal: this document cannot be read; the message is the user-facing sentence."""
 
 
 # -- the stream and its ids ---------------------------------------------------------------------
@@ -209,6 +218,12 @@ class _Stream:
         try:
             suffix = _readable_suffix(source, info, self.max_bytes)
             with open(path, "rb") as stream:
+                if suffix == ".zip":
+                    yield from self._zip(stream, source, external_id, info.st_size)
+                    return
+                if suffix == ".gz":
+                    yield from self._gzip(stream, source, external_id, info.st_size)
+                    return
                 if suffix == ".jsonl":
                     yield from self._jsonl_lines(stream, source, external_id)
                     return
@@ -218,6 +233,46 @@ class _Stream:
             yield _failed(external_id, source, str(exc), size), None
         except OSError as exc:
             yield _failed(external_id, source, _unreadable(source, exc), size), None
+
+    def _gzip(
+        self, stream: IO[bytes], source: str, external_id: str, compressed_bytes: int
+    ) -> Iterator[tuple[SourceDocument, int | None]]:
+        """A gzip'd document, or a gzip'd JSONL stream (see workers/ingest/archives.py)."""
+        inner = gzip_inner_suffix(source)
+        if inner == ".jsonl":
+            lines = BoundedGunzip(stream, source, compressed_bytes)
+            yield from self._jsonl_lines(lines, source, external_id)  # type: ignore[arg-type]
+            return
+        if inner not in _DOCUMENT_SUFFIXES:
+            kind = f"a {inner!r} file" if inner else "a file without an extension"
+            raise _Rejected(f"{source} is {kind} compressed with gzip; it may hold one of "
+                            f"{', '.join(_DOCUMENT_SUFFIXES + ('.jsonl',))}")
+        data = gunzip_document(stream, source, self.max_bytes)
+        text, metadata = _read(io.BytesIO(data), source, inner, self.max_bytes)
+        metadata["compression"] = "gzip"
+        yield _document(external_id, source, text, len(data), metadata, self.max_bytes), None
+
+    def _zip(
+        self, stream: IO[bytes], source: str, file_id: str, archive_bytes: int
+    ) -> Iterator[tuple[SourceDocument, int | None]]:
+        """One document per member, named `<zip id>:<member path>`; a bad member is an error of
+        its own and the others are still read."""
+        for member in zip_members(stream, source, archive_bytes, self.max_bytes,
+                                  _DOCUMENT_SUFFIXES):
+            member_id = _printable(f"{file_id}:{member.name}")
+            member_source = _printable(f"{source}:{member.name}")
+            if member.data is None:
+                yield _failed(member_id, member_source, str(member.problem)), None
+                continue
+            try:
+                text, metadata = _read(io.BytesIO(member.data), member_source, member.suffix,
+                                       self.max_bytes)
+            except _Rejected as exc:
+                yield _failed(member_id, member_source, str(exc), len(member.data)), None
+                continue
+            metadata["archive"] = source
+            yield _document(member_id, member_source, text, len(member.data), metadata,
+                            self.max_bytes), None
 
     def _jsonl_lines(
         self, stream: IO[bytes], source: str, file_id: str
@@ -312,22 +367,19 @@ def _read(
     """The text and metadata of one non-JSONL file."""
     if suffix == ".pdf":
         return _pdf_text(stream, source, max_bytes)
+    if suffix == ".docx":
+        return docx_text(stream, source, max_bytes)
     data = stream.read(max_bytes + 1)
     if len(data) > max_bytes:  # the file grew after it was measured
         raise _Rejected(_over_limit(source, len(data), max_bytes))
     if not data:
         raise _Rejected(f"{source} is empty")
-    if problem := _binary(data[:_SNIFF_BYTES]):
-        raise _Rejected(f"{source} {problem}")
-    try:
-        text = data.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as exc:
-        raise _Rejected(
-            f"{source} is not valid UTF-8 (byte {data[exc.start]:#04x} at offset {exc.start:,})"
-        ) from None
+    text, encoding = decode_text(data, source)  # UTF-8, a BOM's, or a detected legacy one
     if suffix in (".html", ".htm"):
-        return _html_text(text)
-    return text, {"format": suffix[1:]}
+        text, metadata = _html_text(text)
+    else:
+        metadata = {"format": suffix[1:]}
+    return text, {**metadata, **encoding}
 
 
 _BLOCK_TAGS = [
@@ -528,8 +580,7 @@ def _id_problem(external_id: str) -> str | None:
 
 
 def _binary(head: bytes) -> str | None:
-    nul = head.find(b"\x00")
-    return None if nul < 0 else f"is binary (a NUL byte at offset {nul:,}), not text"
+    return binary_problem(head)
 
 
 def _over_limit(label: str, size: int, limit: int) -> str:
@@ -553,7 +604,9 @@ def _readable_suffix(source: str, info: os.stat_result, max_bytes: int) -> str:
         kind = f"the extension {suffix!r}" if suffix else "no extension"
         supported = ", ".join(SUPPORTED_SUFFIXES)
         raise _Rejected(f"{source} has {kind}; the supported ones are {supported}")
-    if suffix != ".jsonl" and info.st_size > max_bytes:
+    # JSONL is limited line by line, a zip member by member, and a .gz by what it holds once
+    # decompressed (workers/ingest/archives.py).
+    if suffix not in (".jsonl", ".zip", ".gz") and info.st_size > max_bytes:
         raise _Rejected(_over_limit(source, info.st_size, max_bytes))
     return suffix
 

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from models import FINAL_JOB_STATES, Batch, BatchStatus, Chunk, Job, JobStatus, Result, ResultStatus
 from workers.batch.processing import prompt_tokens
+from workers.errors import JobNotFoundError
 from workers.ingest.chunking import Chunker
 from workers.ingest.sources import SourceDocument
 from workers.pipelines import Pipeline
@@ -27,7 +28,7 @@ def cancel_job(session: Session, job_id: int) -> bool:
                 f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC")
     ))
     if not done and session.get(Job, job_id) is None:
-        raise LookupError(f"job {job_id} does not exist")
+        raise JobNotFoundError(f"job {job_id} does not exist")
     return bool(done)
 
 
@@ -42,7 +43,7 @@ def reopen_failed(
     """
     job = session.get(Job, job_id)
     if job is None:
-        raise LookupError(f"job {job_id} does not exist")
+        raise JobNotFoundError(f"job {job_id} does not exist")
     states = [ResultStatus.ERROR] + ([ResultStatus.SKIPPED_BUDGET] if include_skipped else [])
     failed = select(Result.chunk_id).where(Result.job_id == job_id, Result.status.in_(states))
     seqs = set(session.scalars(select(Chunk.batch_seq).where(Chunk.id.in_(failed))))

@@ -440,6 +440,22 @@ def last_runs(session: Session, names: Sequence[str]) -> dict[str, dict[str, Any
     return {run.schedule: run_summary(run, job_status) for run, job_status in rows}
 
 
+def run_state(status: str, job_status: str | None) -> str:
+    """A run's state as a person should read it, consistent with its job's.
+
+    A run stays `running` in the store until the next run of its schedule settles it (that is
+    when the baseline moves), so a run whose job has ended reads as the run will be settled:
+    succeeded or partial with its job, failed when its job failed, was cancelled or is gone.
+    """
+    if status != RunStatus.RUNNING:
+        return str(status)
+    if job_status in (JobStatus.SUCCEEDED, JobStatus.PARTIAL):
+        return str(job_status)
+    if job_status in (JobStatus.FAILED, JobStatus.CANCELLED) or job_status is None:
+        return str(RunStatus.FAILED)
+    return str(RunStatus.RUNNING)
+
+
 def run_summary(run: ScheduleRun, job_status: str | None = None) -> dict[str, Any]:
     return {
         "window_start": _iso(run.window_start), "status": run.status, "reason": run.reason,

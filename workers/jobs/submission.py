@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import Batch, Chunk, Document, DocumentStatus, Job, JobStatus
@@ -285,6 +285,18 @@ def _insert_chunks(session: Session, rows: list[tuple[Any, ...]]) -> None:
     with raw.cursor() as cursor, cursor.copy(statement) as copy:
         for row in rows:
             copy.write_row(row)
+
+
+def discard_job(session: Session, job_id: int) -> None:
+    """Delete a pending job that accepted no document, with its rejected documents' rows.
+
+    A job with nothing to run would only sit in `docq status` as an empty success; the caller
+    reports the rejections instead. Nothing else refers to a pending job: no chunk, batch or
+    result row exists for it.
+    """
+    session.execute(delete(Batch).where(Batch.job_id == job_id))
+    session.execute(delete(Document).where(Document.job_id == job_id))
+    session.execute(delete(Job).where(Job.id == job_id, Job.status == JobStatus.PENDING))
 
 
 def mark_submitted(session: Session, job_id: int) -> None:

@@ -58,7 +58,7 @@ from models import (
     Result,
     ResultStatus,
 )
-from workers.errors import InputError, PipelineError, WorkerError
+from workers.errors import InputError, JobNotFoundError, PipelineError, WorkerError
 from workers.ingest.sources import MAX_ID_CHARS, SourceDocument
 from workers.ingest.sources import _lines as bounded_lines  # the JSONL reader's bounded line reader
 from workers.pipelines.base import Mode, Pipeline, Prompt
@@ -438,13 +438,13 @@ def write_batch_results(
     Returns (lines in the output file, lines in the error file).
 
     Raises:
-        LookupError: there is no such job.
+        JobNotFoundError: there is no such job.
         InputError: the job did not run the openai-batch pipeline.
         JobNotFinishedError: the job is not in a final state yet.
     """
     job = session.get(Job, job_id)
     if job is None:
-        raise LookupError(f"job {job_id} does not exist")
+        raise JobNotFoundError(f"job {job_id} does not exist")
     if job.pipeline != PIPELINE_NAME:
         raise InputError(
             f"job {job_id} ran the {job.pipeline!r} pipeline; OpenAI Batch result files need a "

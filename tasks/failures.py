@@ -1,0 +1,186 @@
+"""What a failed service call means to a person: one line naming the service, its setting and
+the remedy.
+
+The drivers (SQLAlchemy with psycopg or sqlite3, redis-py, kombu) raise their own exceptions,
+with pool internals in the traceback and, for some, the whole URL in the message. `explain()`
+maps one of them to docqueue's `ServiceUnavailableError` tree (workers/errors.py), naming the
+URL with its password masked; `service_errors()` does it for a block of the public API, so a
+caller of `submit()` or `job_status()` catches ours and never a driver's. Guarantees:
+
+- every message names the setting behind the service (DOCQ_DATABASE_URL, DOCQ_BROKER_URL) and
+  what to do, on one line;
+- no password of a configured URL and no API key appears in a message (`scrub`), whatever the
+  driver put in its own text;
+- an exception that is not a service's failure is left alone (`explain` returns None).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import urlsplit
+
+import kombu.exceptions
+import redis.exceptions
+import sqlalchemy.exc
+
+from models.db import MissingIdentityError
+from workers.errors import (
+    BrokerUnavailableError,
+    InputError,
+    StoreNotMigratedError,
+    StoreUnavailableError,
+    WorkerError,
+)
+from workers.settings import Settings, masked_url
+
+MAX_DETAIL_CHARS = 200  # the driver's own words, cut: one line, not a page
+
+# psycopg's and sqlite3's words for a schema that is not there (or older than the code).
+_NOT_MIGRATED = ("does not exist", "no such table", "no such column", "undefinedtable",
+                 "undefinedcolumn")
+_CREDENTIALS = ("password authentication failed", "authentication failed", "role ",
+                "no pg_hba.conf entry", "permission denied")
+
+
+def explain(exc: BaseException, settings: Settings | None) -> WorkerError | None:
+    """docqueue's error for `exc` (or for an exception it was raised from), else None."""
+    for cause in _chain(exc):
+        if isinstance(cause, WorkerError):
+            return None  # already ours: its message was written for the user
+        found = _store_error(cause, settings) or _broker_error(cause, settings)
+        if found is not None:
+            return found
+    return None
+
+
+@contextmanager
+def service_errors(settings: Settings) -> Iterator[None]:
+    """Raise docqueue's error for a driver's failure inside the block, chained to it."""
+    try:
+        yield
+    except Exception as exc:
+        found = explain(exc, settings)
+        if found is None:
+            raise
+        raise found from exc
+
+
+def scrub(text: str, settings: Settings | None) -> str:
+    """`text` with every configured secret replaced by ***: URL passwords and the API key."""
+    if settings is None:
+        return text
+    secrets = [
+        _password(settings.database_url), _password(settings.broker_url or ""),
+        settings.llm_api_key.get_secret_value() if settings.llm_api_key else None,
+        settings.flower_password.get_secret_value() if settings.flower_password else None,
+    ]
+    for url in (settings.database_url, settings.broker_url):
+        if url and (masked := masked_url(url)) != url:
+            text = text.replace(url, masked)
+    for secret in secrets:
+        if secret and len(secret) >= 3:  # a one-letter "secret" would blank out every word
+            text = text.replace(secret, "***")
+    return text
+
+
+def store_name(settings: Settings | None) -> str:
+    if settings is None:
+        return "the results store (DOCQ_DATABASE_URL)"
+    return f"the results store {masked_url(settings.database_url)} (DOCQ_DATABASE_URL)"
+
+
+def broker_name(settings: Settings | None) -> str:
+    if settings is None:
+        return "the broker (DOCQ_BROKER_URL)"
+    if settings.broker_url is None:
+        return f"the embedded Redis under {settings.home} (DOCQ_BROKER_URL is unset)"
+    return f"the broker {masked_url(settings.broker_url)} (DOCQ_BROKER_URL)"
+
+
+def _store_error(exc: BaseException, settings: Settings | None) -> WorkerError | None:
+    where = store_name(settings)
+    if isinstance(exc, MissingIdentityError):
+        return StoreNotMigratedError(
+            f"{where} has docqueue's tables but not its identity row: run `docq db upgrade`")
+    if isinstance(exc, sqlalchemy.exc.ArgumentError | sqlalchemy.exc.NoSuchModuleError):
+        return InputError(f"DOCQ_DATABASE_URL is not a usable database URL ({_detail(exc)}); "
+                          "use postgresql://USER:PASSWORD@HOST:PORT/DB or sqlite:///PATH")
+    if not isinstance(exc, sqlalchemy.exc.DBAPIError):
+        return None
+    detail = _detail(exc.orig if exc.orig is not None else exc)
+    low = detail.lower()
+    kind = type(exc.orig).__name__.lower() if exc.orig is not None else ""
+    if isinstance(exc, sqlalchemy.exc.ProgrammingError | sqlalchemy.exc.OperationalError) and (
+            any(m in low or m in kind for m in _NOT_MIGRATED)
+            and "database" not in low and "role" not in low):
+        return StoreNotMigratedError(
+            f"{where} is not set up for this version of docqueue: {detail}; "
+            "run `docq db upgrade` with the same DOCQ_DATABASE_URL")
+    if not isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
+        return None
+    if any(m in low for m in _CREDENTIALS):
+        return StoreUnavailableError(
+            f"{where} refuses the credentials: {detail}; check the user and password in "
+            "DOCQ_DATABASE_URL")
+    if "database" in low and "does not exist" in low:
+        return StoreUnavailableError(
+            f"{where} names a database that does not exist: {detail}; create it "
+            "(createdb) or fix the name in DOCQ_DATABASE_URL")
+    if "unable to open database file" in low:
+        return StoreUnavailableError(
+            f"cannot open {where}: {detail}; the file's directory must exist and be writable")
+    return StoreUnavailableError(
+        f"cannot reach {where}: {detail}; start the database there or point "
+        "DOCQ_DATABASE_URL at a running one")
+
+
+def _broker_error(exc: BaseException, settings: Settings | None) -> WorkerError | None:
+    where = broker_name(settings)
+    if isinstance(exc, redis.exceptions.AuthenticationError | redis.exceptions.ResponseError) and (
+            _is_auth(exc)):
+        return BrokerUnavailableError(
+            f"{where} refuses the credentials: {_detail(exc)}; check the password in "
+            "DOCQ_BROKER_URL (redis://:PASSWORD@HOST:PORT/DB)")
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError
+                  | kombu.exceptions.OperationalError | ConnectionRefusedError):
+        return BrokerUnavailableError(
+            f"cannot reach {where}: {_detail(exc)}; start Redis there or point "
+            "DOCQ_BROKER_URL at a running one")
+    return None
+
+
+def _is_auth(exc: BaseException) -> bool:
+    if isinstance(exc, redis.exceptions.AuthenticationError):
+        return True
+    text = str(exc).upper()
+    return any(word in text for word in ("NOAUTH", "WRONGPASS", "AUTH", "NOPERM"))
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and the exceptions it was raised from or while handling, nearest first."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _detail(exc: BaseException) -> str:
+    """The driver's message as a short phrase: first meaningful line, prefixes trimmed."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    for prefix in ("connection failed: ", "FATAL:  ", "FATAL: "):
+        text = text.removeprefix(prefix)
+    text = text.replace("FATAL:  ", "").replace("Error 111 ", "").rstrip(".")
+    if len(text) > MAX_DETAIL_CHARS:
+        text = text[: MAX_DETAIL_CHARS - 1] + "…"
+    return text
+
+
+def _password(url: str) -> str | None:
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
