@@ -1,9 +1,14 @@
-"""Keeping jobs moving through crashes: the reconciler, and each worker's memory.
+"""Keeping jobs moving through crashes: the rescuer, the reconciler, and each worker's memory.
+
+`rescue()` sends again, at once, the batches of deliveries whose heartbeat is gone (a worker
+killed or frozen: workers/batch/liveness.py). Every worker's main process runs it every
+DOCQ_HEARTBEAT_S seconds on its own timer, so a dead worker's batches go on within seconds of its
+heartbeat's TTL whether or not beat runs; any number of rescuers send each batch once.
 
 `reconcile()` runs the rules of workers/jobs/reconcile.py over the store and Redis, and acts on them:
 it sends lost batches again as a new chord and merges finished jobs nobody merged. The beat task
-`jobs.reconcile` runs it every DOCQ_RECONCILE_EVERY_S seconds (`reconcile_entry`, for the
-beat schedule); `docq resume` runs it by hand.
+`jobs.reconcile` runs it (after a rescue) every DOCQ_RECONCILE_EVERY_S seconds
+(`reconcile_entry`, for the beat schedule); `docq resume` runs it by hand.
 
 Memory: Celery replaces a pool process whose RSS passed `worker_max_memory_per_child` once its
 task is done (tasks/celery.py sets it from DOCQ_WORKER_MAX_MEMORY_MB). Here a new pool process
@@ -30,6 +35,7 @@ from tasks.jobs import merge_job
 from tasks.publish import publish
 from tasks.runtime import resolve_broker, runtime
 from workers import keys
+from workers.batch.liveness import dead_deliveries, take_rescue
 from workers.jobs.reconcile import (
     abandoned_batches,
     forget_abandoned,
@@ -37,6 +43,7 @@ from workers.jobs.reconcile import (
     open_jobs,
     plan_job,
     published,
+    rescue_targets,
 )
 from workers.settings import Settings
 
@@ -52,6 +59,30 @@ def reconcile_entry(settings: Settings) -> dict[str, Any]:
     """The beat entry for `jobs.reconcile`; a tick that waited a whole period is dropped."""
     every_s = settings.reconcile_every_s
     return {"task": "jobs.reconcile", "schedule": every_s, "options": {"expires": every_s}}
+
+
+def rescue() -> dict[int, int]:
+    """Send again the batches whose delivery's heartbeat is gone; per job id, batches sent.
+
+    Each dead delivery is taken off the registry by exactly one rescuer before its batch is
+    sent, so concurrent rescuers send it once. (A rescuer that dies between the two leaves the
+    batch to Redis's visibility timeout and the reconciler, as before heartbeats.)
+    """
+    rt = runtime()
+    client = broker_redis()
+    mine = [d for d in dead_deliveries(client, rt.settings.heartbeat_ttl_s)
+            if take_rescue(client, d)]
+    if not mine:
+        return {}
+    with rt.sessions.begin() as session:
+        targets = rescue_targets(session, {d.batch_id for d in mine})
+    sent: dict[int, int] = {}
+    for job_id, batch_ids in targets.items():
+        sent[job_id] = publish(job_id, batches=batch_ids)
+        logger.warning("job %s: sent %d batches again at once: their deliveries' heartbeat is "
+                       "gone (worker killed or frozen): %s", job_id, sent[job_id],
+                       ", ".join(map(str, batch_ids)))
+    return sent
 
 
 def reconcile(
@@ -114,6 +145,7 @@ def reconcile_jobs() -> dict[str, Any]:
     if not client.set(LOCK_KEY, str(os.getpid()), nx=True, ex=LOCK_TTL_S):
         return {"skipped": "another reconcile is running"}
     try:
+        rescue()
         # A job that just finished is merged by its own chord callback; give it one period.
         records = reconcile(merge_grace_s=runtime().settings.reconcile_every_s)
     finally:
@@ -200,6 +232,20 @@ def _start_rss_reports(sender: Any, **_: Any) -> None:
     _reporter.safe_publish()
     # The main process's event-loop timer: no thread in a process that forks pool processes.
     sender.timer.call_repeatedly(RSS_EVERY_S, _reporter.safe_publish)
+
+
+def _safe_rescue() -> None:
+    try:
+        rescue()
+    except Exception as exc:  # noqa: BLE001 - the next tick tries again; the worker goes on
+        logger.warning("rescue of dead deliveries failed: %s: %s", type(exc).__name__, exc)
+
+
+@worker_ready.connect
+def _start_rescues(sender: Any, **_: Any) -> None:
+    # On the main process's timer, like the memory reports: a worker is its own rescuer, so a
+    # `docq worker` without `docq beat` still recovers a dead peer's batches in seconds.
+    sender.timer.call_repeatedly(runtime().settings.heartbeat_s, _safe_rescue)
 
 
 @worker_shutdown.connect
