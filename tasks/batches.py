@@ -34,6 +34,7 @@ def process_batch(self: Task, batch_id: int, store: str | None = None) -> dict[s
         refuse_wrong_store(self, exc)
     # Unique per delivery: two copies of one message must not share a lease.
     owner = f"{os.getpid()}:{uuid.uuid4().hex[:20]}"
+    _unreserve(self)  # from here its delivery's own heartbeat stands for it
     budget_s = s.task_soft_time_limit_s - s.llm_timeout_s - 15
     try:
         outcome = rt.run(run_batch(rt.services(), batch_id, owner, budget_s))
@@ -63,6 +64,18 @@ def refuse_wrong_store(task: Task, exc: WrongStoreError) -> NoReturn:
     logger.critical("%s; stopping this worker", exc)
     task.app.control.shutdown(destination=[task.request.hostname])
     raise task.retry(countdown=5, max_retries=None) from None
+
+
+def _unreserve(task: Task) -> None:
+    from workers.batch.liveness import unreserve
+
+    tag = (task.request.delivery_info or {}).get("delivery_tag")
+    if tag is None:
+        return
+    try:
+        unreserve(broker_redis(), str(tag))
+    except Exception as exc:  # noqa: BLE001 - a stale reservation of a live worker is inert
+        logger.warning("batch %s: cannot clear its reservation: %s", task.request.args, exc)
 
 
 def _mark_abandoned(batch_id: int) -> None:

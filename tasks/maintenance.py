@@ -28,14 +28,21 @@ from typing import Any
 
 import psutil
 import redis
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import task_received, worker_process_init, worker_ready, worker_shutdown
 
 from tasks.celery import app, broker_redis
 from tasks.jobs import merge_job
 from tasks.publish import publish
 from tasks.runtime import resolve_broker, runtime
 from workers import keys
-from workers.batch.liveness import dead_deliveries, take_rescue
+from workers.batch.liveness import (
+    beat_worker,
+    dead_deliveries,
+    dead_reservations,
+    reserve,
+    take_rescue,
+    take_reservation,
+)
 from workers.jobs.reconcile import (
     abandoned_batches,
     forget_abandoned,
@@ -70,8 +77,9 @@ def rescue() -> dict[int, int]:
     """
     rt = runtime()
     client = broker_redis()
-    mine = [d for d in dead_deliveries(client, rt.settings.heartbeat_ttl_s)
-            if take_rescue(client, d)]
+    ttl_s = rt.settings.heartbeat_ttl_s
+    mine = [d for d in dead_deliveries(client, ttl_s) if take_rescue(client, d)]
+    mine += [r for r in dead_reservations(client, ttl_s) if take_reservation(client, r)]
     if not mine:
         return {}
     with rt.sessions.begin() as session:
@@ -234,18 +242,43 @@ def _start_rss_reports(sender: Any, **_: Any) -> None:
     sender.timer.call_repeatedly(RSS_EVERY_S, _reporter.safe_publish)
 
 
-def _safe_rescue() -> None:
-    try:
-        rescue()
-    except Exception as exc:  # noqa: BLE001 - the next tick tries again; the worker goes on
-        logger.warning("rescue of dead deliveries failed: %s: %s", type(exc).__name__, exc)
+class _Rescuer:
+    """In a worker's main process: vouch for its received messages, and rescue dead peers'."""
+
+    def __init__(self, hostname: str) -> None:
+        self.hostname = hostname
+
+    def tick(self) -> None:
+        try:
+            beat_worker(broker_redis(), self.hostname, runtime().settings.heartbeat_ttl_s)
+            rescue()
+        except Exception as exc:  # noqa: BLE001 - the next tick tries again; the worker goes on
+            logger.warning("worker %s: heartbeat or rescue failed: %s: %s", self.hostname,
+                           type(exc).__name__, exc)
 
 
 @worker_ready.connect
 def _start_rescues(sender: Any, **_: Any) -> None:
     # On the main process's timer, like the memory reports: a worker is its own rescuer, so a
     # `docq worker` without `docq beat` still recovers a dead peer's batches in seconds.
-    sender.timer.call_repeatedly(runtime().settings.heartbeat_s, _safe_rescue)
+    rescuer = _Rescuer(sender.hostname)
+    rescuer.tick()
+    sender.timer.call_repeatedly(runtime().settings.heartbeat_s, rescuer.tick)
+
+
+@task_received.connect
+def _reserve_batch(request: Any, **_: Any) -> None:
+    # In the main process, as the message arrives: until a pool process starts it, only this
+    # worker's heartbeat stands for it (a pool process can take seconds to start).
+    if request.name != "batches.process" or not request.args:
+        return
+    tag = request.delivery_info.get("delivery_tag")
+    if tag is None:
+        return
+    try:
+        reserve(broker_redis(), str(tag), int(request.args[0]), request.hostname)
+    except redis.RedisError as exc:  # Redis's visibility timeout still covers the message
+        logger.warning("batch %s: cannot record its reservation: %s", request.args[0], exc)
 
 
 @worker_shutdown.connect

@@ -29,6 +29,12 @@ def delivery_alive(owner: str) -> str:
     return f"{PREFIX}:delivery:{owner}:alive"
 
 
+def worker_alive(hostname: str) -> str:
+    """A worker's main process's heartbeat: it vouches for the messages it has received."""
+    return f"{PREFIX}:worker:{hostname}:alive"
+
+
+RESERVED = f"{PREFIX}:reserved"  # hash: message delivery tag -> "batch_id hostname", not started
 DELIVERIES = f"{PREFIX}:deliveries"  # hash: lease owner -> batch id, per live delivery
 LIVENESS_SINCE = f"{PREFIX}:liveness:since"  # when the heartbeats began (after a Redis loss)
 ABANDONED_BATCHES = f"{PREFIX}:batches:abandoned"  # set: batches a worker gave up on

@@ -18,6 +18,12 @@ A process that was frozen or cut off from Redis for a TTL knows it, without aski
 the TTL less a margin. A lapsed delivery starts no further call and hands its batch on; what it
 still writes is fenced in the store by the lease owner (`leases.record`).
 
+A message a worker has received but not started yet (its pool process still starting, or
+between two batches) has no delivery: the worker's main process records it in
+`keys.RESERVED` with its hostname and keeps a heartbeat of its own (`keys.worker_alive`); the
+delivery that starts it removes the entry. A reservation whose worker's heartbeat is gone is
+rescued like a dead delivery.
+
 Liveness is the event loop's, not a thread's: a loop that cannot run a heartbeat cannot run its
 calls either, and a process that cannot reach Redis cannot take part in the limiter; both look
 dead after a TTL, which costs at most the calls they had in flight.
@@ -213,3 +219,49 @@ def dead_deliveries(client: Any, ttl_s: float) -> list[Delivery]:
 def take_rescue(client: Any, delivery: Delivery) -> bool:
     """Claim the rescue of a dead delivery: true for exactly one caller among any number."""
     return bool(client.hdel(keys.DELIVERIES, delivery.owner))
+
+
+def beat_worker(client: Any, hostname: str, ttl_s: float) -> None:
+    """A worker's main process vouches for the messages it received and has not started."""
+    pipe = client.pipeline(transaction=False)
+    pipe.set(keys.worker_alive(hostname), os.getpid(), ex=_whole_s(ttl_s))
+    pipe.set(keys.LIVENESS_SINCE, repr(time.time()), nx=True)
+    pipe.execute()
+
+
+def reserve(client: Any, tag: str, batch_id: int, hostname: str) -> None:
+    """Record a received batch message until a delivery starts it (`unreserve`)."""
+    client.hset(keys.RESERVED, tag, f"{batch_id} {hostname}")
+
+
+def unreserve(client: Any, tag: str) -> None:
+    client.hdel(keys.RESERVED, tag)
+
+
+def dead_reservations(client: Any, ttl_s: float) -> list[Delivery]:
+    """Received, unstarted batch messages whose worker's heartbeat is gone (owner: the tag)."""
+    registry: Mapping[bytes, bytes] = client.hgetall(keys.RESERVED)
+    if not registry:
+        return []
+    entries = []
+    for tag, value in registry.items():
+        batch, _, host = value.decode().partition(" ")
+        try:
+            entries.append((tag.decode(), int(batch), host))
+        except ValueError:
+            client.hdel(keys.RESERVED, tag)
+    hosts = sorted({host for _, _, host in entries})
+    pipe = client.pipeline(transaction=False)
+    pipe.get(keys.LIVENESS_SINCE)
+    for host in hosts:
+        pipe.exists(keys.worker_alive(host))
+    since, *present = pipe.execute()
+    if not trusted(since, time.time(), ttl_s):
+        return []
+    alive = {h for h, up in zip(hosts, present, strict=True) if up}
+    return [Delivery(tag, batch) for tag, batch, host in entries if host not in alive]
+
+
+def take_reservation(client: Any, reservation: Delivery) -> bool:
+    """Claim the rescue of a dead worker's reservation: true for exactly one caller."""
+    return bool(client.hdel(keys.RESERVED, reservation.owner))
