@@ -39,9 +39,9 @@ from workers.batch.liveness import (
     beat_worker,
     dead_deliveries,
     dead_reservations,
+    rescued,
     reserve,
     take_rescue,
-    take_reservation,
 )
 from workers.jobs.reconcile import (
     abandoned_batches,
@@ -71,15 +71,15 @@ def reconcile_entry(settings: Settings) -> dict[str, Any]:
 def rescue() -> dict[int, int]:
     """Send again the batches whose delivery's heartbeat is gone; per job id, batches sent.
 
-    Each dead delivery is taken off the registry by exactly one rescuer before its batch is
-    sent, so concurrent rescuers send it once. (A rescuer that dies between the two leaves the
-    batch to Redis's visibility timeout and the reconciler, as before heartbeats.)
+    A dead delivery is rescued under a lock taken by one rescuer and forgotten once its batch
+    is sent, so concurrent rescuers send it once, and one killed before sending leaves it to
+    the next after `RESCUE_LOCK_S`.
     """
     rt = runtime()
     client = broker_redis()
     ttl_s = rt.settings.heartbeat_ttl_s
-    mine = [d for d in dead_deliveries(client, ttl_s) if take_rescue(client, d)]
-    mine += [r for r in dead_reservations(client, ttl_s) if take_reservation(client, r)]
+    dead = dead_deliveries(client, ttl_s) + dead_reservations(client, ttl_s)
+    mine = [d for d in dead if take_rescue(client, d)]
     if not mine:
         return {}
     with rt.sessions.begin() as session:
@@ -90,6 +90,7 @@ def rescue() -> dict[int, int]:
         logger.warning("job %s: sent %d batches again at once: their deliveries' heartbeat is "
                        "gone (worker killed or frozen): %s", job_id, sent[job_id],
                        ", ".join(map(str, batch_ids)))
+    rescued(client, mine)
     return sent
 
 

@@ -34,6 +34,11 @@ def worker_alive(hostname: str) -> str:
     return f"{PREFIX}:worker:{hostname}:alive"
 
 
+def rescue_lock(owner: str) -> str:
+    """Held by the rescuer sending a dead delivery's batch again, until it has sent it."""
+    return f"{PREFIX}:rescue:{owner}"
+
+
 RESERVED = f"{PREFIX}:reserved"  # hash: message delivery tag -> "batch_id hostname", not started
 DELIVERIES = f"{PREFIX}:deliveries"  # hash: lease owner -> batch id, per live delivery
 LIVENESS_SINCE = f"{PREFIX}:liveness:since"  # when the heartbeats began (after a Redis loss)

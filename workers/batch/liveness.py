@@ -216,9 +216,25 @@ def dead_deliveries(client: Any, ttl_s: float) -> list[Delivery]:
     return dead
 
 
+RESCUE_LOCK_S = 30  # a rescuer that died before sending leaves the rescue to another after this
+
+
 def take_rescue(client: Any, delivery: Delivery) -> bool:
-    """Claim the rescue of a dead delivery: true for exactly one caller among any number."""
-    return bool(client.hdel(keys.DELIVERIES, delivery.owner))
+    """Claim the rescue of a dead delivery or reservation: true for one caller at a time. The
+    entry stays registered until `rescued`, so a rescuer killed before it sent the batch (the
+    rescuers are worker processes) leaves it to another once the lock expires."""
+    return bool(client.set(keys.rescue_lock(delivery.owner), os.getpid(), nx=True,
+                           ex=RESCUE_LOCK_S))
+
+
+def rescued(client: Any, deliveries: Collection[Delivery]) -> None:
+    """The batches are sent again: forget the dead entries (either registry)."""
+    owners = [d.owner for d in deliveries]
+    if owners:
+        pipe = client.pipeline(transaction=False)
+        pipe.hdel(keys.DELIVERIES, *owners)
+        pipe.hdel(keys.RESERVED, *owners)
+        pipe.execute()
 
 
 def beat_worker(client: Any, hostname: str, ttl_s: float) -> None:
@@ -262,6 +278,3 @@ def dead_reservations(client: Any, ttl_s: float) -> list[Delivery]:
     return [Delivery(tag, batch) for tag, batch, host in entries if host not in alive]
 
 
-def take_reservation(client: Any, reservation: Delivery) -> bool:
-    """Claim the rescue of a dead worker's reservation: true for exactly one caller."""
-    return bool(client.hdel(keys.RESERVED, reservation.owner))
