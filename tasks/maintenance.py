@@ -30,6 +30,7 @@ import psutil
 import redis
 from celery.signals import task_received, worker_process_init, worker_ready, worker_shutdown
 
+from tasks.batches import reservation_tag
 from tasks.celery import app, broker_redis
 from tasks.jobs import merge_job
 from tasks.publish import publish
@@ -273,11 +274,9 @@ def _reserve_batch(request: Any, **_: Any) -> None:
     # worker's heartbeat stands for it (a pool process can take seconds to start).
     if request.name != "batches.process" or not request.args:
         return
-    tag = request.delivery_info.get("delivery_tag")
-    if tag is None:
-        return
     try:
-        reserve(broker_redis(), str(tag), int(request.args[0]), request.hostname)
+        reserve(broker_redis(), reservation_tag(request.id, request.request_dict.get("retries")),
+                int(request.args[0]), request.hostname)
     except redis.RedisError as exc:  # Redis's visibility timeout still covers the message
         logger.warning("batch %s: cannot record its reservation: %s", request.args[0], exc)
 

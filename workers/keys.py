@@ -39,7 +39,7 @@ def rescue_lock(owner: str) -> str:
     return f"{PREFIX}:rescue:{owner}"
 
 
-RESERVED = f"{PREFIX}:reserved"  # hash: message delivery tag -> "batch_id hostname", not started
+RESERVED = f"{PREFIX}:reserved"  # hash: "task_id:retries" -> "batch_id hostname", not ended
 DELIVERIES = f"{PREFIX}:deliveries"  # hash: lease owner -> batch id, per live delivery
 LIVENESS_SINCE = f"{PREFIX}:liveness:since"  # when the heartbeats began (after a Redis loss)
 ABANDONED_BATCHES = f"{PREFIX}:batches:abandoned"  # set: batches a worker gave up on

@@ -21,7 +21,7 @@ still writes is fenced in the store by the lease owner (`leases.record`).
 A message a worker has received but not started yet (its pool process still starting, or
 between two batches) has no delivery: the worker's main process records it in
 `keys.RESERVED` with its hostname and keeps a heartbeat of its own (`keys.worker_alive`); the
-delivery that starts it removes the entry. A reservation whose worker's heartbeat is gone is
+task removes the entry when it ends, so no moment from receipt to end goes unvouched. A reservation whose worker's heartbeat is gone is
 rescued like a dead delivery.
 
 Liveness is the event loop's, not a thread's: a loop that cannot run a heartbeat cannot run its
