@@ -50,6 +50,10 @@ def process_batch(self: Task, batch_id: int, store: str | None = None) -> dict[s
                          "again (or `docq resume`)", batch_id, crashes)
         _mark_abandoned(batch_id)
         return {"batch_id": batch_id, "state": "abandoned"}
+    finally:
+        # Only now: until its delivery has registered its own heartbeat, the reservation is
+        # all that stands for the message. (Both dead at once are one rescue.)
+        _unreserve(self)
     if outcome.state == "retry":
         countdown = min(max(outcome.retry_in_s, 0.1), s.retry_backoff_max_s)
         logger.info("batch %s: %s; again in %.1fs", batch_id, outcome.reason, countdown)
@@ -63,6 +67,20 @@ def refuse_wrong_store(task: Task, exc: WrongStoreError) -> NoReturn:
     logger.critical("%s; stopping this worker", exc)
     task.app.control.shutdown(destination=[task.request.hostname])
     raise task.retry(countdown=5, max_retries=None) from None
+
+
+def reservation_tag(task_id: str, retries: int | None) -> str:
+    """One message of a batch task: a retry keeps the task id and counts one more retry."""
+    return f"{task_id}:{retries or 0}"
+
+
+def _unreserve(task: Task) -> None:
+    from workers.batch.liveness import unreserve
+
+    try:
+        unreserve(broker_redis(), reservation_tag(task.request.id, task.request.retries))
+    except Exception as exc:  # noqa: BLE001 - a stale reservation of a live worker is inert
+        logger.warning("batch %s: cannot clear its reservation: %s", task.request.args, exc)
 
 
 def _mark_abandoned(batch_id: int) -> None:

@@ -7,10 +7,16 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import after_setup_logger, worker_process_init
+from kombu.entity import Exchange, Queue
 
 from tasks.runtime import max_memory_kib, reset_runtime, resolve_broker, runtime
 
 app = Celery("docqueue", include=["tasks.batches", "tasks.jobs", "tasks.beat"])
+
+# Batches sent again (a dead delivery's, a lost message's) go to a queue of their own that every
+# worker also consumes: they do not wait behind the rest of a deep queue. Kombu polls a worker's
+# queues in turn, so a waiting rescue is taken within a poll or two of a free slot.
+DEFAULT_QUEUE, RESCUE_QUEUE = "celery", "docq.rescue"
 
 
 def broker_redis() -> Any:
@@ -53,7 +59,16 @@ def _configure(sender: Celery, **_: Any) -> None:
         worker_soft_shutdown_timeout=s.worker_soft_shutdown_s,
         worker_enable_soft_shutdown_on_idle=True,  # retries waiting out a countdown go back too
         imports=("tasks.maintenance",),  # the reconcile task and the memory reports
+        task_default_queue=DEFAULT_QUEUE,
+        task_queues=_queues(),
     )
+
+
+def _queues() -> tuple[Queue, Queue]:
+    # Each bound to its own direct exchange by its own name (a bare Queue would be bound to the
+    # default exchange with the default routing key: its messages would land in `celery`).
+    return tuple(Queue(name, Exchange(name, type="direct"), routing_key=name)  # type: ignore[no-untyped-call, return-value]
+                 for name in (DEFAULT_QUEUE, RESCUE_QUEUE))
 
 
 @after_setup_logger.connect

@@ -8,11 +8,14 @@ from celery import Task
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.exc import OperationalError
 
+from models import JobStatus
 from tasks.batches import refuse_wrong_store
 from tasks.celery import app, broker_redis
 from tasks.runtime import WrongStoreError, runtime
 from workers.jobs.merging import merge_job as merge
 from workers.jobs.reconcile import forget_published
+
+UNTIL_FINAL_MAX_S = 30.0  # the longest a finished job waits for its merge after a rescue
 
 
 @app.task(
@@ -24,8 +27,15 @@ from workers.jobs.reconcile import forget_published
     retry_backoff_max=120,
     max_retries=20,
 )
-def merge_job(self: Task, job_id: int, store: str | None = None) -> dict[str, Any]:
-    """Merge every result of the job into its documents and its totals."""
+def merge_job(self: Task, job_id: int, store: str | None = None,
+              until_final: bool = False) -> dict[str, Any]:
+    """Merge every result of the job into its documents and its totals.
+
+    `until_final` (the callback of batches sent again): merge again later while the job still
+    has unfinished chunks. A rescued batch runs ahead of the rest of its job, and the job's
+    first chord cannot end before Redis gives back the dead delivery's message (an hour), so
+    this callback is the one that merges the job at its end.
+    """
     rt = runtime()
     try:
         rt.check_store(store, f"job {job_id}")
@@ -37,4 +47,7 @@ def merge_job(self: Task, job_id: int, store: str | None = None) -> dict[str, An
         return {"job_id": job_id, "status": "missing"}
     if summary.unfinished == 0:  # nothing left to send: the reconciler can forget the job
         forget_published(broker_redis(), job_id)
+    elif until_final and summary.status == JobStatus.RUNNING:
+        wait = min(UNTIL_FINAL_MAX_S, 2.0 * 2 ** min(self.request.retries, 4))
+        raise self.retry(countdown=wait, max_retries=None)
     return {"job_id": job_id, "status": summary.status}

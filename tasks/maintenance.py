@@ -1,9 +1,14 @@
-"""Keeping jobs moving through crashes: the reconciler, and each worker's memory.
+"""Keeping jobs moving through crashes: the rescuer, the reconciler, and each worker's memory.
+
+`rescue()` sends again, at once, the batches of deliveries whose heartbeat is gone (a worker
+killed or frozen: workers/batch/liveness.py). Every worker's main process runs it every
+DOCQ_HEARTBEAT_S seconds on its own timer, so a dead worker's batches go on within seconds of its
+heartbeat's TTL whether or not beat runs; any number of rescuers send each batch once.
 
 `reconcile()` runs the rules of workers/jobs/reconcile.py over the store and Redis, and acts on them:
 it sends lost batches again as a new chord and merges finished jobs nobody merged. The beat task
-`jobs.reconcile` runs it every DOCQ_RECONCILE_EVERY_S seconds (`reconcile_entry`, for the
-beat schedule); `docq resume` runs it by hand.
+`jobs.reconcile` runs it (after a rescue) every DOCQ_RECONCILE_EVERY_S seconds
+(`reconcile_entry`, for the beat schedule); `docq resume` runs it by hand.
 
 Memory: Celery replaces a pool process whose RSS passed `worker_max_memory_per_child` once its
 task is done (tasks/celery.py sets it from DOCQ_WORKER_MAX_MEMORY_MB). Here a new pool process
@@ -23,13 +28,22 @@ from typing import Any
 
 import psutil
 import redis
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import task_received, worker_process_init, worker_ready, worker_shutdown
 
+from tasks.batches import reservation_tag
 from tasks.celery import app, broker_redis
 from tasks.jobs import merge_job
 from tasks.publish import publish
 from tasks.runtime import resolve_broker, runtime
 from workers import keys
+from workers.batch.liveness import (
+    beat_worker,
+    dead_deliveries,
+    dead_reservations,
+    rescued,
+    reserve,
+    take_rescue,
+)
 from workers.jobs.reconcile import (
     abandoned_batches,
     forget_abandoned,
@@ -37,6 +51,7 @@ from workers.jobs.reconcile import (
     open_jobs,
     plan_job,
     published,
+    rescue_targets,
 )
 from workers.settings import Settings
 
@@ -52,6 +67,32 @@ def reconcile_entry(settings: Settings) -> dict[str, Any]:
     """The beat entry for `jobs.reconcile`; a tick that waited a whole period is dropped."""
     every_s = settings.reconcile_every_s
     return {"task": "jobs.reconcile", "schedule": every_s, "options": {"expires": every_s}}
+
+
+def rescue() -> dict[int, int]:
+    """Send again the batches whose delivery's heartbeat is gone; per job id, batches sent.
+
+    A dead delivery is rescued under a lock taken by one rescuer and forgotten once its batch
+    is sent, so concurrent rescuers send it once, and one killed before sending leaves it to
+    the next after `RESCUE_LOCK_S`.
+    """
+    rt = runtime()
+    client = broker_redis()
+    ttl_s = rt.settings.heartbeat_ttl_s
+    dead = dead_deliveries(client, ttl_s) + dead_reservations(client, ttl_s)
+    mine = [d for d in dead if take_rescue(client, d)]
+    if not mine:
+        return {}
+    with rt.sessions.begin() as session:
+        targets = rescue_targets(session, {d.batch_id for d in mine})
+    sent: dict[int, int] = {}
+    for job_id, batch_ids in targets.items():
+        sent[job_id] = publish(job_id, batches=batch_ids)
+        logger.warning("job %s: sent %d batches again at once: their deliveries' heartbeat is "
+                       "gone (worker killed or frozen): %s", job_id, sent[job_id],
+                       ", ".join(map(str, batch_ids)))
+    rescued(client, mine)
+    return sent
 
 
 def reconcile(
@@ -114,6 +155,7 @@ def reconcile_jobs() -> dict[str, Any]:
     if not client.set(LOCK_KEY, str(os.getpid()), nx=True, ex=LOCK_TTL_S):
         return {"skipped": "another reconcile is running"}
     try:
+        rescue()
         # A job that just finished is merged by its own chord callback; give it one period.
         records = reconcile(merge_grace_s=runtime().settings.reconcile_every_s)
     finally:
@@ -200,6 +242,43 @@ def _start_rss_reports(sender: Any, **_: Any) -> None:
     _reporter.safe_publish()
     # The main process's event-loop timer: no thread in a process that forks pool processes.
     sender.timer.call_repeatedly(RSS_EVERY_S, _reporter.safe_publish)
+
+
+class _Rescuer:
+    """In a worker's main process: vouch for its received messages, and rescue dead peers'."""
+
+    def __init__(self, hostname: str) -> None:
+        self.hostname = hostname
+
+    def tick(self) -> None:
+        try:
+            beat_worker(broker_redis(), self.hostname, runtime().settings.heartbeat_ttl_s)
+            rescue()
+        except Exception as exc:  # noqa: BLE001 - the next tick tries again; the worker goes on
+            logger.warning("worker %s: heartbeat or rescue failed: %s: %s", self.hostname,
+                           type(exc).__name__, exc)
+
+
+@worker_ready.connect
+def _start_rescues(sender: Any, **_: Any) -> None:
+    # On the main process's timer, like the memory reports: a worker is its own rescuer, so a
+    # `docq worker` without `docq beat` still recovers a dead peer's batches in seconds.
+    rescuer = _Rescuer(sender.hostname)
+    rescuer.tick()
+    sender.timer.call_repeatedly(runtime().settings.heartbeat_s, rescuer.tick)
+
+
+@task_received.connect
+def _reserve_batch(request: Any, **_: Any) -> None:
+    # In the main process, as the message arrives: until a pool process starts it, only this
+    # worker's heartbeat stands for it (a pool process can take seconds to start).
+    if request.name != "batches.process" or not request.args:
+        return
+    try:
+        reserve(broker_redis(), reservation_tag(request.id, request.request_dict.get("retries")),
+                int(request.args[0]), request.hostname)
+    except redis.RedisError as exc:  # Redis's visibility timeout still covers the message
+        logger.warning("batch %s: cannot record its reservation: %s", request.args[0], exc)
 
 
 @worker_shutdown.connect

@@ -19,7 +19,7 @@ from sqlalchemy import select, update
 
 from models import Batch, Job, store_id
 from tasks.batches import process_batch
-from tasks.celery import app, broker_redis
+from tasks.celery import RESCUE_QUEUE, app, broker_redis
 from tasks.jobs import merge_job
 from tasks.runtime import resolve_broker, runtime
 from workers.jobs.reconcile import mark_published
@@ -63,8 +63,9 @@ PUBLISH_PIPELINE = 1000  # Redis commands per round trip when sending a chord's 
 def publish(job_id: int, *, batches: Collection[int] | None = None) -> int:
     """Queue the job's unfinished batches as one chord whose callback merges the job.
 
-    `batches` limits it to those ids (the reconciler sending lost batches again); they are
-    stamped as sent now. Once the chord is out, the job's publish marker is set in Redis.
+    `batches` limits it to those ids (the rescuer or the reconciler sending batches again);
+    they are stamped as sent now and go to the rescue queue, ahead of the rest of the job. Once
+    the chord is out, the job's publish marker is set in Redis.
     """
     wanted = None if batches is None else set(batches)
     header = _Header()
@@ -77,12 +78,15 @@ def publish(job_id: int, *, batches: Collection[int] | None = None) -> int:
         if wanted is not None and header:
             session.execute(update(Batch).where(Batch.id.in_(list(header.ids)))
                             .values(updated_at=datetime.now(UTC)))
-    body = merge_job.si(job_id, store=store).set(argsrepr=f"job={job_id}", kwargsrepr="{}")
+    # Batches sent again may end before the rest of the job: their callback waits for it.
+    body = merge_job.si(job_id, store=store, until_final=wanted is not None).set(
+        argsrepr=f"job={job_id}", kwargsrepr="{}")
     if not header:  # an empty chord never runs its body
         body.apply_async()
         return 0
     _send_chord(process_batch, header, body, {"store": store},
-                lambda seq, n: f"job={job_id} batch={seq}/{total} chunks={n}")
+                lambda seq, n: f"job={job_id} batch={seq}/{total} chunks={n}",
+                queue=None if wanted is None else RESCUE_QUEUE)
     mark_published(broker_redis(), job_id)
     return len(header)
 
@@ -107,7 +111,7 @@ class _Header:
 
 def _send_chord(
     task: Task, header: _Header, body: Signature, kwargs: dict[str, Any],
-    describe: Callable[[int, int], str],
+    describe: Callable[[int, int], str], queue: str | None = None,
 ) -> None:
     """Send `task(batch_id)` for each batch of `header` as one chord whose callback is `body`.
 
@@ -122,7 +126,7 @@ def _send_chord(
     message is built and sent in turn, through one producer whose publishes go out
     PUBLISH_PIPELINE Redis commands a round trip; the counter is set before the first message,
     so no header task can finish before its chord exists. `describe(seq, chunks)` is the header
-    task's argsrepr (what Flower shows).
+    task's argsrepr (what Flower shows). `queue` names another queue than the task's own.
     """
     app = task.app
     amqp = app.amqp
@@ -130,7 +134,8 @@ def _send_chord(
     body.freeze(group_id=group_id)  # as chord.run: the body's task id, in the header's group
     app.backend.ensure_chords_allowed()
     app.backend.set_chord_size(group_id, len(header))
-    route = amqp.router.route({}, task.name, None, None, task)  # one task: one route for all
+    options = {} if queue is None else {"queue": queue}
+    route = amqp.router.route(options, task.name, None, None, task)  # one route for all
     sent_event = app.conf.task_send_sent_event
     with app.producer_or_acquire() as producer, _pipelined(producer):
         if isinstance(route.get("queue"), Queue):  # bound once, not copied for every message

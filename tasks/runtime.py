@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import make_sessionmaker, store_id
 from tasks.limits import limiter_for
+from workers.batch.liveness import Heartbeat
 from workers.batch.processing import Services
 from workers.errors import WorkerError
 from workers.settings import Settings, masked_url
@@ -79,6 +80,7 @@ class Runtime:
     _thread: threading.Thread | None = None
     _services: Services | None = None
     _redis: aioredis.Redis | None = None
+    _beat_redis: aioredis.Redis | None = None
     _store_id: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -161,8 +163,14 @@ class Runtime:
             socket_connect_timeout=5))
         limiter = limiter_for(s, redis, base_url)
         self._redis = redis
+        # The heartbeat's own connection: it must not wait behind the calls for one of the pool.
+        # Its timeouts stay well inside a heartbeat TTL, so a lost Redis shows as a lapse.
+        beat_timeout_s = max(1.0, s.heartbeat_ttl_s / 4)
+        self._beat_redis = aioredis.Redis.from_url(
+            resolve_broker(s), socket_timeout=beat_timeout_s, socket_connect_timeout=beat_timeout_s)
+        heartbeat = Heartbeat(self._beat_redis, s.heartbeat_s, s.heartbeat_ttl_s)
         return Services(self.sessions, s, llm, limiter, asyncio.Semaphore(s.worker_inflight),
-                        redis=redis, endpoint=base_url)
+                        redis=redis, endpoint=base_url, heartbeat=heartbeat)
 
     def close(self) -> None:
         """Close what this process opened; after fork, only forget the parent's connections."""
@@ -172,8 +180,12 @@ class Runtime:
             return
         if self._services is not None:
             self.run(self._services.llm.aclose())
+            if self._services.heartbeat is not None:
+                self.run(self._services.heartbeat.close())
         if self._redis is not None:
             self.run(self._redis.aclose())
+        if self._beat_redis is not None:
+            self.run(self._beat_redis.aclose())
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             if self._thread is not None:

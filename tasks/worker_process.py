@@ -78,9 +78,18 @@ class WorkerProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
+    def pause(self) -> None:
+        """SIGSTOP to the worker and its pool children: frozen, as by a long VM or GC pause."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT: the frozen worker runs on from where it stopped."""
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
     def stop(self, timeout_s: float = 30) -> None:
         """A warm shutdown (SIGTERM: running tasks finish), then a kill past `timeout_s`."""
         if self.proc.poll() is None:
+            self.resume()  # a paused worker would never see the SIGTERM
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout_s)

@@ -24,6 +24,24 @@ def job_spend(job_id: int) -> tuple[str, str]:
     return f"{PREFIX}:job:{job_id}:tokens", f"{PREFIX}:job:{job_id}:cost"
 
 
+def delivery_alive(owner: str) -> str:
+    """A delivery's heartbeat: present (with a short TTL) while its process is alive."""
+    return f"{PREFIX}:delivery:{owner}:alive"
+
+
+def worker_alive(hostname: str) -> str:
+    """A worker's main process's heartbeat: it vouches for the messages it has received."""
+    return f"{PREFIX}:worker:{hostname}:alive"
+
+
+def rescue_lock(owner: str) -> str:
+    """Held by the rescuer sending a dead delivery's batch again, until it has sent it."""
+    return f"{PREFIX}:rescue:{owner}"
+
+
+RESERVED = f"{PREFIX}:reserved"  # hash: "task_id:retries" -> "batch_id hostname", not ended
+DELIVERIES = f"{PREFIX}:deliveries"  # hash: lease owner -> batch id, per live delivery
+LIVENESS_SINCE = f"{PREFIX}:liveness:since"  # when the heartbeats began (after a Redis loss)
 ABANDONED_BATCHES = f"{PREFIX}:batches:abandoned"  # set: batches a worker gave up on
 RECONCILE_LOCK = f"{PREFIX}:reconcile:lock"  # one reconciler at a time
 WORKERS_RSS = f"{PREFIX}:workers:rss"  # hash: each worker process's memory report

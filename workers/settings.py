@@ -128,7 +128,19 @@ class Settings(BaseSettings):
     task_time_limit_s: int = 600
     retry_backoff_max_s: int = 300
     visibility_timeout_s: int = 3600
-    lease_s: int = Field(default=660, description="How long a batch holds its chunks.")
+    lease_s: int = Field(
+        default=660, gt=0, description="How long a lease stands when its owner's heartbeat "
+        "cannot be read (Redis lost its record); with the heartbeat readable, a live owner "
+        "keeps its lease and a dead one loses it at once, whatever this says.")
+    # Liveness: each delivery's heartbeat key lives heartbeat_ttl_s and is refreshed every
+    # heartbeat_s; a dead worker's batches are sent again about heartbeat_ttl_s + heartbeat_s
+    # after it died (workers/batch/liveness.py).
+    heartbeat_s: float = Field(
+        default=2.0, gt=0, description="How often a worker process refreshes its deliveries' "
+        "heartbeats, and how often each worker's main process looks for dead ones.")
+    heartbeat_ttl_s: float = Field(
+        default=10.0, gt=0, description="A delivery whose heartbeat is this old is dead: its "
+        "leases are free and its batch is sent again.")
     max_deliveries: int = Field(default=5, gt=0, description="Poison guard for one batch.")
     reconcile_every_s: float = Field(
         default=60.0, gt=0, description="How often beat runs the reconciler."
@@ -165,6 +177,10 @@ class Settings(BaseSettings):
         for (low_name, low), (high_name, high) in itertools.pairwise(order):
             if not low < high:
                 raise ValueError(f"{low_name} ({low}) must be below {high_name} ({high})")
+        if not 2 * self.heartbeat_s <= self.heartbeat_ttl_s:
+            # One refresh lost to a Redis hiccup must not make a live delivery look dead.
+            raise ValueError(f"DOCQ_HEARTBEAT_TTL_S ({self.heartbeat_ttl_s}) must be at least "
+                             f"twice DOCQ_HEARTBEAT_S ({self.heartbeat_s})")
         if self.retry_backoff_max_s >= self.visibility_timeout_s:
             raise ValueError("DOCQ_RETRY_BACKOFF_MAX_S must be below DOCQ_VISIBILITY_TIMEOUT_S")
         if self.chunk_overlap_tokens >= self.chunk_tokens:

@@ -68,3 +68,12 @@ class JobGuard:
         if over_tokens or over_cost:
             await self.redis.set(keys.job_stop(self.job_id), StopReason.BUDGET, nx=True)
             self._reason = StopReason.BUDGET
+
+    async def refund(self, tokens: int, cost: float) -> None:
+        """Take back the spend of calls whose results were not recorded (fenced off): the
+        counters hold what the job's results hold. A stop it caused stands (it erred safe)."""
+        if not self.has_budget or (not tokens and not cost):
+            return
+        tokens_key, cost_key = keys.job_spend(self.job_id)
+        await self.redis.incrby(tokens_key, -tokens)
+        await self.redis.incrbyfloat(cost_key, -cost)

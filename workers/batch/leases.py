@@ -2,12 +2,18 @@
 
 A chunk is sent to the model only by the delivery that holds its lease, and only while it has
 no final result; results are upserted so that a final row is never overwritten.
+
+Who holds a lease is decided with the owners' heartbeats (workers/batch/liveness.py): the
+caller passes the owners known to be dead, whose leases are free at once, and says whether
+expiry counts (only when liveness cannot be read). A delivery writes its result rows only for
+the chunks whose lease it still holds, checked under a row lock in the write's own transaction
+(the fence): a delivery that was frozen while another took its chunks over writes nothing.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NotRequired, TypedDict
@@ -77,7 +83,8 @@ class WorkItem:
 class Claim:
     items: list[WorkItem]
     unfinished: int  # chunks of the batch without a final result, claimed or not
-    held_elsewhere: int  # of those, leased by another live delivery
+    held_elsewhere: int  # of those, leased by another delivery
+    holders: frozenset[str] = frozenset()  # the owners of those leases
 
 
 def now() -> datetime:
@@ -138,26 +145,44 @@ def _is_final(version: str) -> Any:
     )
 
 
-def claim(session: Session, info: BatchInfo, owner: str, lease_s: float) -> Claim:
-    """Lease every unfinished chunk of the batch that no live delivery holds."""
+def claim(
+    session: Session,
+    info: BatchInfo,
+    owner: str,
+    lease_s: float,
+    *,
+    dead: Collection[str] = (),
+    expiry_counts: bool = True,
+) -> Claim:
+    """Lease every unfinished chunk of the batch that no live delivery holds.
+
+    A lease is free when nobody holds it, its owner is among `dead` (its heartbeat is gone), or,
+    with `expiry_counts` (the owners' liveness cannot be read), it has expired.
+    """
     plan_for_now(session)
     t = now()
     in_batch = and_(Chunk.job_id == info.job_id, Chunk.batch_seq == info.seq)
     unfinished = and_(in_batch, ~_is_final(info.pipeline_version))
+    free = [Chunk.lease_owner.is_(None), Chunk.lease_owner == owner]
+    if dead:
+        free.append(Chunk.lease_owner.in_(list(dead)))
+    if expiry_counts:
+        free.append(Chunk.lease_expires_at < t)
     claimed_ids = session.scalars(
         update(Chunk)
-        .where(
-            unfinished,
-            or_(
-                Chunk.lease_owner.is_(None), Chunk.lease_expires_at < t, Chunk.lease_owner == owner
-            ),
-        )
+        .where(unfinished, or_(*free))
         .values(lease_owner=owner, lease_expires_at=t + timedelta(seconds=lease_s))
         .returning(Chunk.id)
     ).all()
     counts = session.execute(
         select(func.count(), func.count().filter(Chunk.lease_owner != owner)).where(unfinished)
     ).one()
+    holders: frozenset[str] = frozenset()
+    if counts[1]:
+        holders = frozenset(session.scalars(
+            select(Chunk.lease_owner).distinct()
+            .where(unfinished, Chunk.lease_owner.is_not(None), Chunk.lease_owner != owner)
+        ))
     items: list[WorkItem] = []
     if claimed_ids:
         # The earlier attempt, if any, read per chunk through the (chunk_id, version) key: an
@@ -173,11 +198,14 @@ def claim(session: Session, info: BatchInfo, owner: str, lease_s: float) -> Clai
                 select(Result.attempts).where(earlier).scalar_subquery(),
                 select(Result.not_before).where(earlier).scalar_subquery(),
             )
-            .where(Chunk.id.in_(claimed_ids))
+            # A chunk another delivery finished while this claim waited on its row lock passed
+            # the claim's older snapshot of results; this statement's newer one leaves it out.
+            .where(Chunk.id.in_(claimed_ids), ~_is_final(info.pipeline_version))
             .order_by(Chunk.document_id, Chunk.seq)
         )
         items = [WorkItem(r[0], r[1], r[2], r[3], r[4] or 0, as_utc(r[5])) for r in rows]
-    return Claim(items=items, unfinished=int(counts[0]), held_elsewhere=int(counts[1]))
+    return Claim(items=items, unfinished=int(counts[0]), held_elsewhere=int(counts[1]),
+                 holders=holders)
 
 
 def release(session: Session, chunk_ids: Sequence[int], owner: str) -> None:
@@ -221,12 +249,40 @@ def blank_result(chunk_id: int, job_id: int, document_id: int, attempts: int) ->
     }
 
 
-def record(session: Session, version: str, rows: Sequence[ResultRow]) -> None:
-    """Upsert result rows; a final row already stored is never overwritten."""
+def record(
+    session: Session, version: str, rows: Sequence[ResultRow], *, owner: str | None = None
+) -> list[ResultRow]:
+    """Upsert result rows; a final row already stored is never overwritten.
+
+    With `owner` (a delivery's writes), only the rows of chunks whose lease `owner` still holds
+    are written, and the others are returned: the fence against a delivery that lost its
+    leases while it was frozen. The check holds the store's lock on those chunks until the
+    write commits, so no claim can take a lease between the two.
+    """
     if not rows:
-        return
-    stamped = [{**r, "pipeline_version": version, "updated_at": now()} for r in rows]
-    session.execute(_record_statement(session.get_bind().dialect.name), stamped)
+        return []
+    dropped: list[ResultRow] = []
+    if owner is not None:
+        held = _held(session, sorted({r["chunk_id"] for r in rows}), owner)
+        dropped = [r for r in rows if r["chunk_id"] not in held]
+        rows = [r for r in rows if r["chunk_id"] in held]
+    if rows:
+        stamped = [{**r, "pipeline_version": version, "updated_at": now()} for r in rows]
+        session.execute(_record_statement(session.get_bind().dialect.name), stamped)
+    return dropped
+
+
+def _held(session: Session, chunk_ids: list[int], owner: str) -> set[int]:
+    """Which of the chunks `owner` leases, locked against claims until the transaction ends."""
+    mine = and_(Chunk.id.in_(chunk_ids), Chunk.lease_owner == owner)
+    if session.get_bind().dialect.name == "sqlite":
+        # pysqlite opens the transaction at the first write, so a SELECT would run outside it;
+        # a write that changes nothing takes the database's one write lock here instead.
+        return set(session.scalars(
+            update(Chunk).where(mine).values(lease_owner=Chunk.lease_owner).returning(Chunk.id)
+        ))
+    # Row locks in id order (two deliveries never hold each other's chunks, but a closer may).
+    return set(session.scalars(select(Chunk.id).where(mine).order_by(Chunk.id).with_for_update()))
 
 
 @functools.cache

@@ -2,6 +2,13 @@
 
 Step 2 of the flow in docs/ARCHITECTURE.md. Runs inside the worker process's event loop; database work goes
 to a thread so the loop keeps its calls in flight.
+
+A delivery is alive while its heartbeat is (workers/batch/liveness.py): it registers before
+its first claim and ends its heartbeat when it returns. Chunks held by a delivery whose
+heartbeat is gone are claimed at once; a delivery whose own heartbeat lapsed (its process was
+frozen or cut off from Redis for a TTL) starts no further call, hands its batch on, and what it
+still writes is fenced by its lease: a result another delivery recorded is never overwritten
+and its spend is not counted twice.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from workers.batch import cache, leases
 from workers.batch.cache import CachePolicy
 from workers.batch.guard import JobGuard, StopReason
 from workers.batch.leases import BatchInfo, ResultRow, WorkItem
+from workers.batch.liveness import Heartbeat
 from workers.errors import (
     EndpointUnreachableError,
     PermanentError,
@@ -45,6 +53,7 @@ INLINE_WAIT_S = 5.0  # a retry due sooner than this waits in the task; later one
 MAX_PARSE_ATTEMPTS = 2  # output that does not parse comes back the same at temperature 0
 FLUSH_ROWS, FLUSH_EVERY_S = 200, 0.25
 HELD_POLL_S = 1.0
+LAPSED_RETRY_S = 1.0  # a lapsed delivery's message comes back this soon, to find its batch taken
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,7 @@ class Services:
     inflight: asyncio.Semaphore
     redis: Any = None  # asyncio Redis: the job guard's stop flag and spend counters
     endpoint: str = ""
+    heartbeat: Heartbeat | None = None  # None (a REPL, a unit test): leases expire, nothing else
     pipelines: dict[tuple[str, str], Pipeline] = field(default_factory=dict)
     endpoint_down: EndpointDown = field(default_factory=EndpointDown)
 
@@ -96,8 +106,10 @@ class _Writer:
 
     STORE_RETRY_MIN_S, STORE_RETRY_CAP_S = 10.0, 5.0  # the least retry window; the longest wait
 
-    def __init__(self, svc: Services, version: str, *, refresh: bool = False) -> None:
+    def __init__(self, svc: Services, version: str, *, refresh: bool = False,
+                 owner: str | None = None, guard: JobGuard | None = None) -> None:
         self.svc, self.version, self.refresh = svc, version, refresh
+        self.owner, self.guard = owner, guard  # the delivery whose lease fences the rows
         self.rows: list[ResultRow] = []
         self.cache: list[dict[str, Any]] = []
         self.last = time.monotonic()
@@ -122,7 +134,8 @@ class _Writer:
                 rows, self.rows, self.last = self.rows, [], time.monotonic()
                 entries, self.cache = self.cache, []
                 try:
-                    await self.svc.db(functools.partial(self._write, rows=rows, entries=entries))
+                    dropped = await self.svc.db(
+                        functools.partial(self._write, rows=rows, entries=entries))
                 except (OperationalError, InterfaceError) as exc:
                     self.rows[:0], self.cache[:0] = rows, entries  # keep them, in order
                     left = give_up - time.monotonic()
@@ -136,20 +149,56 @@ class _Writer:
                                    wait)
                     await asyncio.sleep(wait)
                 else:
-                    written += len(rows)
+                    written += len(rows) - len(dropped)
+                    if dropped:
+                        await self._discarded(dropped)
             if failures:
                 logger.warning("results store back: %d result rows written after %d failed "
                                "flushes", written, failures)
 
     def _write(self, session: Session, rows: list[ResultRow],
-               entries: list[dict[str, Any]]) -> None:
-        leases.record(session, self.version, rows)
+               entries: list[dict[str, Any]]) -> list[ResultRow]:
+        dropped = leases.record(session, self.version, rows, owner=self.owner)
+        # Paid answers go to the response cache even when fenced: the same prompt is the same
+        # answer, whichever delivery recorded the chunk.
         cache.store(session, entries, refresh=self.refresh)
+        return dropped
+
+    async def _discarded(self, rows: list[ResultRow]) -> None:
+        """Rows the fence kept out: their chunks belong to another delivery now. Their calls'
+        spend was counted when they ended; the job's totals count recorded results only."""
+        tokens = sum(r["tokens_in"] + r["tokens_out"] for r in rows)
+        cost = sum(r["cost"] or 0.0 for r in rows)
+        if self.guard is not None:
+            await self.guard.refund(tokens, cost)
+        logger.warning("delivery %s: %d results not recorded (%d tokens): another delivery took "
+                       "their chunks over while this one's heartbeat was gone", self.owner,
+                       len(rows), tokens)
 
 
 async def run_batch(svc: Services, batch_id: int, owner: str, budget_s: float) -> Outcome:
     """Work on a batch until every chunk has a final result, or say when to come back."""
+    heartbeat = svc.heartbeat
+    if heartbeat is None:
+        return await _run_batch(svc, batch_id, owner, budget_s)
+    # Alive before the first lease is taken, and dead (its leases free) as soon as it returns.
+    await heartbeat.register(owner, batch_id)
+    try:
+        return await _run_batch(svc, batch_id, owner, budget_s)
+    finally:
+        await heartbeat.unregister(owner)
+
+
+async def _run_batch(svc: Services, batch_id: int, owner: str, budget_s: float) -> Outcome:
     cfg = svc.settings
+    heartbeat = svc.heartbeat
+    # Whose leases are free besides unheld ones: owners seen dead, and expired leases only while
+    # liveness cannot be read (without a heartbeat at all, expiry is all there is).
+    dead: set[str] = set()
+    expiry_counts = heartbeat is None
+
+    def claim_now(session: Session, info: BatchInfo) -> leases.Claim:
+        return _claim_or_finish(session, info, owner, cfg.lease_s, dead, expiry_counts)
 
     def begin(session: Session) -> tuple[BatchInfo | None, leases.Claim | None]:
         # Count the delivery and take the first claim in one transaction (a round trip less
@@ -157,7 +206,7 @@ async def run_batch(svc: Services, batch_id: int, owner: str, budget_s: float) -
         info = leases.start_delivery(session, batch_id)
         if info is None or _not_to_work(cfg, info) is not None:
             return info, None
-        return info, _claim_or_finish(session, info, owner, cfg.lease_s)
+        return info, claim_now(session, info)
 
     info, claim = await svc.db(begin)
     if info is None:
@@ -176,9 +225,27 @@ async def run_batch(svc: Services, batch_id: int, owner: str, budget_s: float) -
         await guard.prime(*spent)
     while True:
         if claim is None:
-            claim = await svc.db(lambda s: _claim_or_finish(s, info, owner, cfg.lease_s))
+            claim = await svc.db(lambda s: claim_now(s, info))
         if claim.unfinished == 0:
             return Outcome("done")  # the same transaction closed the batch
+        if heartbeat is not None and heartbeat.lapsed(owner):
+            await svc.db(lambda s: leases.end_delivery(s, info, owner, done=False))
+            return Outcome("retry", LAPSED_RETRY_S, "this delivery's heartbeat lapsed")
+        if heartbeat is not None and claim.holders - dead:
+            # Other deliveries hold some chunks: those whose heartbeat is gone lose them now.
+            gone = await heartbeat.dead(claim.holders - dead)
+            if gone is None and not expiry_counts:
+                expiry_counts = True  # Redis lost the record lately: expiry decides meanwhile
+                claim = None
+                continue
+            if gone is not None:
+                expiry_counts = False
+                if gone:
+                    logger.warning("batch %s: taking over the chunks of %d deliveries whose "
+                                   "heartbeat is gone", batch_id, len(gone))
+                    dead.update(gone)
+                    claim = None
+                    continue
         outcome = await _work(svc, info, pipeline, guard, claim, owner, deadline)
         if outcome is not None:
             await svc.db(lambda s: leases.end_delivery(s, info, owner, done=False))
@@ -198,9 +265,10 @@ def _not_to_work(cfg: Settings, info: BatchInfo) -> tuple[str, str, str] | None:
     return None
 
 
-def _claim_or_finish(session: Session, info: BatchInfo, owner: str, lease_s: float) -> leases.Claim:
+def _claim_or_finish(session: Session, info: BatchInfo, owner: str, lease_s: float,
+                     dead: set[str], expiry_counts: bool) -> leases.Claim:
     """Claim the batch's unfinished chunks; with none left, close the batch in this transaction."""
-    claim = leases.claim(session, info, owner, lease_s)
+    claim = leases.claim(session, info, owner, lease_s, dead=dead, expiry_counts=expiry_counts)
     if claim.unfinished == 0:
         leases.end_delivery(session, info, owner, done=True)
     return claim
@@ -239,8 +307,13 @@ async def _work(
         await asyncio.sleep(wait)
         return None
 
-    writer = _Writer(svc, info.pipeline_version, refresh=info.cache_policy == CachePolicy.REFRESH)
+    writer = _Writer(svc, info.pipeline_version, refresh=info.cache_policy == CachePolicy.REFRESH,
+                     owner=owner, guard=guard)
     busy: list[_Pause] = []
+
+    def lapsed() -> bool:
+        return svc.heartbeat is not None and svc.heartbeat.lapsed(owner)
+
     calls = [_prepare(svc, info, pipeline, w) for w in ready]
     if info.cache_policy == CachePolicy.USE:
         hits = await svc.db(lambda s: cache.lookup(s, [c.key for c in calls]))
@@ -249,9 +322,9 @@ async def _work(
         calls = [c for c in calls if c.key not in hits]
 
     async def one(call: _Call) -> None:
-        if busy or time.monotonic() > deadline:
+        if busy or time.monotonic() > deadline or lapsed():
             return
-        row = await _call(svc, info, pipeline, guard, call, busy)
+        row = await _call(svc, info, pipeline, guard, call, busy, lapsed)
         if row is None:
             return
         cache_entry = None
@@ -263,9 +336,11 @@ async def _work(
 
     await asyncio.gather(*(one(c) for c in calls))
     await writer.flush()
-    if busy or time.monotonic() > deadline:
+    if busy or time.monotonic() > deadline or lapsed():
         # Hand the slot back: the chunks not done yet go to the next delivery.
         await svc.db(lambda s: leases.release(s, [w.chunk_id for w in claim.items], owner))
+        if lapsed():
+            return Outcome("retry", LAPSED_RETRY_S, "this delivery's heartbeat lapsed")
         if busy:
             longest = max(busy, key=lambda p: p.wait_s)
             return Outcome("retry", longest.wait_s, longest.reason)
@@ -328,7 +403,7 @@ def _stopped_row(info: BatchInfo, item: WorkItem, reason: StopReason) -> ResultR
 
 async def _call(
     svc: Services, info: BatchInfo, pipeline: Pipeline, guard: JobGuard, call: _Call,
-    busy: list[_Pause],
+    busy: list[_Pause], lapsed: Callable[[], bool],
 ) -> ResultRow | None:
     """Call the model for one chunk; return its result row, or None if it was not attempted."""
     row = _base_row(info, call.item, call.item.attempts + 1)
@@ -338,7 +413,7 @@ async def _call(
         # of every call that has ended, so a budget overshoots by at most the calls in flight.
         if reason := await guard.stop_reason():
             return _stopped_row(info, call.item, reason)
-        if busy:  # the pass stopped while this call waited for its slot
+        if busy or lapsed():  # the pass stopped while this call waited for its slot
             return None
         try:
             completion = await _limited_call(svc, info, call.prompt, call.max_tokens)

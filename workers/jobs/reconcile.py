@@ -7,6 +7,11 @@ With the marker present, Redis's own redelivery (the visibility timeout) is trus
 batch whose delivery died holding its leases and that nobody has picked up since: a lost message.
 Sending a batch twice is safe (leases and upserts absorb it), but it costs a worker slot, so the
 rules only send what no live message can be carrying.
+
+Dead deliveries are found sooner than that, through their heartbeats (workers/batch/liveness.py):
+a registered delivery whose heartbeat is gone holds a message Redis will give back only after
+its visibility timeout, so its batch is sent again at once (`rescue_targets`), and the late copy
+is absorbed like any duplicate.
 """
 
 from __future__ import annotations
@@ -158,6 +163,27 @@ def plan_job(
     ]
     reason = f"{len(lost)} batches lost their delivery" if lost else "in Redis's hands"
     return Plan(job.job_id, lost, in_progress=in_progress, reason=reason)
+
+
+def rescue_targets(session: Session, batch_ids: Collection[int]) -> dict[int, list[int]]:
+    """Of the batches whose delivery died, those still worth sending: open, in an open job.
+
+    Per job id, its batch ids. A batch closed since, or of a finished job, needs nothing.
+    """
+    if not batch_ids:
+        return {}
+    open_job = or_(Job.status == JobStatus.RUNNING,
+                   and_(Job.status == JobStatus.CANCELLED, Job.finished_at.is_(None)))
+    rows = session.execute(
+        select(Batch.job_id, Batch.id)
+        .join(Job, Job.id == Batch.job_id)
+        .where(Batch.id.in_(list(batch_ids)), Batch.status != BatchStatus.DONE, open_job)
+        .order_by(Batch.job_id, Batch.id)
+    ).all()
+    out: dict[int, list[int]] = {}
+    for job_id, batch_id in rows:
+        out.setdefault(job_id, []).append(batch_id)
+    return out
 
 
 def now() -> datetime:

@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", metavar="N", type=int, help="seed for fault and jitter draws (default random)"
     )
     p.add_argument("--log-requests", action="store_true", help="log one line per request")
+    p.add_argument(
+        "--record-requests",
+        action="store_true",
+        help="keep each completion request's start and end time, status and prompt text for "
+        "GET /requests (for tests: memory grows with every request)",
+    )
     return p
 
 
@@ -157,6 +163,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         seed=args.seed,
         max_body_bytes=args.max_body_bytes,
         log_requests=args.log_requests,
+        record_requests=args.record_requests,
     )
 
 

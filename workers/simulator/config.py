@@ -41,6 +41,9 @@ class SimulatorConfig:
     seed: int | None = None
     max_body_bytes: int = 8 * MIB
     log_requests: bool = False
+    # Keep every completion request (times, status, prompt) for GET /requests: tests count
+    # the calls per prompt with it. Off by default: it grows with every request.
+    record_requests: bool = False
 
     def __post_init__(self) -> None:
         _check_port(self.port)

@@ -132,6 +132,12 @@ class SimulatorProcess:
         """GET /stats."""
         return self._json("GET", "/stats")
 
+    def requests(self) -> list[dict[str, Any]]:
+        """GET /requests (the simulator must run with --record-requests): one record per
+        completion request, in the order they ended: start, end (epoch s), status, prompt."""
+        records: list[dict[str, Any]] = self._json("GET", "/requests")["requests"]
+        return records
+
     def reset_stats(self) -> None:
         """POST /stats/reset."""
         self._json("POST", "/stats/reset")

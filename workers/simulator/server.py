@@ -46,6 +46,7 @@ class SimulatorState:
     limiter: RateLimiter
     faults: FaultInjector
     stats: Stats = field(default_factory=Stats)
+    requests: list[dict[str, Any]] = field(default_factory=list)  # with --record-requests
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     started_s: int = field(default_factory=lambda: int(time.time()))
     jitter: random.Random = field(default_factory=random.Random)
@@ -66,6 +67,7 @@ def build_app(config: SimulatorConfig) -> web.Application:
     app.router.add_get("/v1/models/{model}", _model)
     app.router.add_get("/stats", _stats)
     app.router.add_post("/stats/reset", _stats_reset)
+    app.router.add_get("/requests", _requests)
     app.on_response_prepare.append(_limit_headers)
     return app
 
@@ -81,16 +83,23 @@ async def _text(request: web.Request) -> web.StreamResponse:
 async def _complete(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     state = request.app[STATE]
     state.stats.begin()
+    started_s, status = time.time(), "cancelled"
     try:
-        return await _answer(request, endpoint, state)
+        response = await _answer(request, endpoint, state)
+        status = str(response.status)
+        return response
     except ApiError as exc:
         state.stats.answered(exc.status)
+        status = str(exc.status)
         return error_response(exc)
     except asyncio.CancelledError:
         state.stats.cancelled += 1  # the client went away mid-request
         raise
     finally:
         state.stats.end()
+        if state.config.record_requests:
+            state.requests.append({"start": started_s, "end": time.time(), "status": status,
+                                   "prompt": request.get(PROMPT_KEY)})
 
 
 async def _answer(request: web.Request, endpoint: Endpoint, state: SimulatorState) -> web.Response:
@@ -101,6 +110,8 @@ async def _answer(request: web.Request, endpoint: Endpoint, state: SimulatorStat
         req = await asyncio.to_thread(lambda: parse(_decode(raw), endpoint))
     else:
         req = parse(_decode(raw), endpoint)
+    if config.record_requests:
+        request[PROMPT_KEY] = _prompt_text(_decode(raw))
     _check_model(req.model, config)
     _check_context(req, config.context_limit)
     reply = build_reply(req, config, int(time.time()))
@@ -132,6 +143,23 @@ async def _answer(request: web.Request, endpoint: Endpoint, state: SimulatorStat
     return web.Response(
         body=json.dumps(reply.body).encode(), content_type=JSON, headers=decision.headers
     )
+
+
+PROMPT_KEY = "docq_prompt"
+
+
+def _prompt_text(body: Any) -> str | None:
+    """What identifies a request's prompt: the last chat message's text, or the first prompt."""
+    if not isinstance(body, dict):
+        return None
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        content = messages[-1].get("content")
+        return content if isinstance(content, str) else None
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt:
+        prompt = prompt[0]
+    return prompt if isinstance(prompt, str) else None
 
 
 def _check_key(request: web.Request, api_key: str | None) -> None:
@@ -274,8 +302,17 @@ async def _stats(request: web.Request) -> web.Response:
     return web.json_response(request.app[STATE].stats.snapshot())
 
 
+async def _requests(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if not state.config.record_requests:
+        raise ApiError(404, "Requests are not recorded; start the simulator with "
+                       "--record-requests.", code="not_found")
+    return web.json_response({"requests": state.requests})
+
+
 async def _stats_reset(request: web.Request) -> web.Response:
     request.app[STATE].stats.reset()
+    request.app[STATE].requests.clear()
     return web.json_response({"reset": True})
 
 
