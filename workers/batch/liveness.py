@@ -197,12 +197,8 @@ def dead_deliveries(client: Any, ttl_s: float) -> list[Delivery]:
     if not registry:
         return []
     owners = [o.decode() for o in registry]
-    pipe = client.pipeline(transaction=False)
-    pipe.get(keys.LIVENESS_SINCE)
-    for owner in owners:
-        pipe.exists(keys.delivery_alive(owner))
-    since, *present = pipe.execute()
-    if not trusted(since, time.time(), ttl_s):
+    present = _heartbeats(client, [keys.delivery_alive(o) for o in owners], ttl_s)
+    if present is None:
         return []
     dead = []
     for (owner, value), alive in zip(zip(owners, registry.values(), strict=True), present,
@@ -267,14 +263,19 @@ def dead_reservations(client: Any, ttl_s: float) -> list[Delivery]:
         except ValueError:
             client.hdel(keys.RESERVED, tag)
     hosts = sorted({host for _, _, host in entries})
-    pipe = client.pipeline(transaction=False)
-    pipe.get(keys.LIVENESS_SINCE)
-    for host in hosts:
-        pipe.exists(keys.worker_alive(host))
-    since, *present = pipe.execute()
-    if not trusted(since, time.time(), ttl_s):
+    present = _heartbeats(client, [keys.worker_alive(h) for h in hosts], ttl_s)
+    if present is None:
         return []
     alive = {h for h, up in zip(hosts, present, strict=True) if up}
     return [Delivery(tag, batch) for tag, batch, host in entries if host not in alive]
 
 
+def _heartbeats(client: Any, heartbeat_keys: list[str], ttl_s: float) -> list[int] | None:
+    """Whether each heartbeat key exists, in one round trip; None while a missing heartbeat
+    cannot be trusted to mean a dead owner (Redis lost its data less than a TTL ago)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.get(keys.LIVENESS_SINCE)
+    for key in heartbeat_keys:
+        pipe.exists(key)
+    since, *present = pipe.execute()
+    return present if trusted(since, time.time(), ttl_s) else None
