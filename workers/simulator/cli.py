@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="extra latency drawn uniformly from [0, J] (default 0)",
     )
+    out.add_argument(
+        "--slots", metavar="N", type=int, help="a self-hosted server: decode at most N requests "
+        "at once, queue the rest (default: no limit)")
+    out.add_argument(
+        "--saturation", metavar="K", type=int, help="with --slots: decoding more than K requests "
+        "together slows each one by (decoding/K), so throughput stops growing at K")
     flt = p.add_argument_group("faults (rates from 0 to 1; their sum at most 1)")
     flt.add_argument(
         "--fail-rate",
@@ -154,6 +160,8 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         latency_ms=args.latency_ms,
         ms_per_token=args.ms_per_token,
         jitter_ms=args.jitter_ms,
+        slots=args.slots,
+        saturation=args.saturation,
         fail_rate=args.fail_rate,
         timeout_rate=args.timeout_rate,
         garbage_rate=args.garbage_rate,

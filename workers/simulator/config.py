@@ -31,6 +31,11 @@ class SimulatorConfig:
     latency_ms: float = 0.0
     ms_per_token: float = 0.0
     jitter_ms: float = 0.0
+    # A self-hosted server (vLLM, llama.cpp): `slots` requests are decoded at once and the rest
+    # wait their turn; decoding more than `saturation` together slows each one down in
+    # proportion (the server's throughput stops growing there). None: every request at once.
+    slots: int | None = None
+    saturation: int | None = None
     # Faults: one uniform draw per admitted request picks at most one of them.
     fail_rate: float = 0.0
     timeout_rate: float = 0.0
@@ -49,7 +54,7 @@ class SimulatorConfig:
         _check_port(self.port)
         if not self.models or any(not m.strip() for m in self.models):
             raise ConfigError("--model: a model name must not be empty")
-        for name in ("rpm", "tpm", "context_limit"):
+        for name in ("rpm", "tpm", "context_limit", "slots", "saturation"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{_flag(name)}: must be a positive integer, got {value}")

@@ -101,6 +101,20 @@ class RateLimiter:
         longest = waits[kind]
         return Decision(admitted=False, headers=self.headers(), kind=kind, retry_after_ns=longest)
 
+    def change(self, rpm: int | None, tpm: int | None) -> None:
+        """New limits from now on, as when a provider lowers an account's tier mid-run: a
+        budget keeps what it had left, up to its new capacity; a new budget starts full."""
+        now = self._clock_ns()
+        changes: tuple[tuple[LimitKind, int | None], ...] = (("requests", rpm), ("tokens", tpm))
+        for kind, limit in changes:
+            old = self._buckets.pop(kind, None)
+            if limit is None:
+                continue
+            bucket = self._buckets[kind] = Bucket(limit, now)
+            if old is not None:
+                old.wait_ns(0, now)
+                bucket.take(max(0, limit - old.remaining()))
+
     def headers(self) -> dict[str, str]:
         """The x-ratelimit-* headers; an unset limit sends none of its three headers."""
         now = self._clock_ns()

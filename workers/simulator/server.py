@@ -50,6 +50,8 @@ class SimulatorState:
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     started_s: int = field(default_factory=lambda: int(time.time()))
     jitter: random.Random = field(default_factory=random.Random)
+    decoding: int = 0  # requests being decoded now (the server model: --slots, --saturation)
+    slots: asyncio.Semaphore | None = None
 
 
 STATE = web.AppKey("simulator_state", SimulatorState)
@@ -60,6 +62,8 @@ def build_app(config: SimulatorConfig) -> web.Application:
     app = web.Application(middlewares=[_json_errors], client_max_size=config.max_body_bytes)
     state = SimulatorState(config, RateLimiter(config.rpm, config.tpm), FaultInjector(config))
     state.jitter = random.Random(None if config.seed is None else config.seed + 1)
+    if config.slots is not None:
+        state.slots = asyncio.Semaphore(config.slots)
     app[STATE] = state
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_post("/v1/completions", _text)
@@ -68,6 +72,7 @@ def build_app(config: SimulatorConfig) -> web.Application:
     app.router.add_get("/stats", _stats)
     app.router.add_post("/stats/reset", _stats_reset)
     app.router.add_get("/requests", _requests)
+    app.router.add_post("/limits", _change_limits)
     app.on_response_prepare.append(_limit_headers)
     return app
 
@@ -120,7 +125,7 @@ async def _answer(request: web.Request, endpoint: Endpoint, state: SimulatorStat
     if not decision.admitted:
         state.stats.answered(429, limited=decision.kind)
         return error_response(_rate_limit_error(decision, req, cost))
-    state.stats.tokens_admitted += cost
+    state.stats.admitted(cost)
     fault = state.faults.draw()
     if fault is not Fault.NONE:
         state.stats.faults[fault.value] += 1
@@ -131,7 +136,7 @@ async def _answer(request: web.Request, endpoint: Endpoint, state: SimulatorStat
         raise error
     if fault is Fault.TIMEOUT:
         await _hold(state)
-    await _sleep(_delay_s(state, reply.longest_choice_tokens))
+    await _generate(state, reply.longest_choice_tokens)
     if fault is Fault.GARBAGE:
         state.stats.answered(200)
         return web.Response(
@@ -263,6 +268,21 @@ def _delay_s(state: SimulatorState, output_tokens: int) -> float:
     return ms / 1000.0
 
 
+async def _generate(state: SimulatorState, output_tokens: int) -> None:
+    """Wait as long as generating the answer takes: its latency, on a server model that
+    queues beyond its slots and slows down past its saturation point."""
+    if state.slots is None:
+        await _sleep(_delay_s(state, output_tokens))
+        return
+    async with state.slots:
+        state.decoding += 1
+        try:
+            slowdown = max(1.0, state.decoding / (state.config.saturation or state.decoding))
+            await _sleep(_delay_s(state, output_tokens) * slowdown)
+        finally:
+            state.decoding -= 1
+
+
 async def _sleep(delay_s: float) -> None:
     if delay_s > 0:
         await asyncio.sleep(delay_s)
@@ -308,6 +328,23 @@ async def _requests(request: web.Request) -> web.Response:
         raise ApiError(404, "Requests are not recorded; start the simulator with "
                        "--record-requests.", code="not_found")
     return web.json_response({"requests": state.requests})
+
+
+async def _change_limits(request: web.Request) -> web.Response:
+    """POST {"rpm": n|null, "tpm": n|null}: the provider changes the limits mid-run."""
+    body = _decode(await request.read())
+    if not isinstance(body, dict):
+        raise ApiError(400, "Send a JSON object with rpm and tpm (a positive integer or null).")
+    values: dict[str, int | None] = {}
+    for name in ("rpm", "tpm"):
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ApiError(400, f"{name} must be a positive integer or null, got {value!r}.",
+                           param=name)
+        values[name] = value
+    request.app[STATE].limiter.change(values["rpm"], values["tpm"])
+    return web.json_response(values)
 
 
 async def _stats_reset(request: web.Request) -> web.Response:

@@ -23,6 +23,8 @@ class _Second:
     ok: int = 0
     tokens: int = 0
     rate_limited: int = 0
+    admitted: int = 0  # requests admitted in this second (counted at admission, not answer)
+    admitted_tokens: int = 0  # what those admissions charged
 
     def as_dict(self, t: int) -> dict[str, int]:
         return {
@@ -31,6 +33,8 @@ class _Second:
             "ok": self.ok,
             "tokens": self.tokens,
             "429": self.rate_limited,
+            "admitted": self.admitted,
+            "admitted_tokens": self.admitted_tokens,
         }
 
 
@@ -56,6 +60,13 @@ class Stats:
 
     def end(self) -> None:
         self.in_flight -= 1
+
+    def admitted(self, tokens: int) -> None:
+        """Count one admission and its charge, in the second it happened."""
+        self.tokens_admitted += tokens
+        second = self._second(int(time.time()))
+        second.admitted += 1
+        second.admitted_tokens += tokens
 
     def answered(
         self,
