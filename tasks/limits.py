@@ -18,8 +18,6 @@ from workers.provider.limiter import Limiter, Limits, scope_for
 from workers.settings import Settings
 
 READ_TIMEOUT_S = 5.0
-# The limiter's slot TTL exceeds the model timeout by this much (as in every worker).
-SLOT_TTL_MARGIN_S = 30.0
 
 
 def limits_for(settings: Settings) -> Limits:
@@ -29,6 +27,9 @@ def limits_for(settings: Settings) -> Limits:
         tpm=settings.llm_tpm,
         max_inflight=settings.llm_max_inflight,
         refund_unused_tokens=settings.llm_tpm_charge == "usage",
+        adaptive={"auto": None, "on": True, "off": False}[settings.llm_adaptive_concurrency],
+        window_floor=settings.llm_concurrency_floor,
+        window_start=settings.llm_concurrency_start,
     )
 
 
@@ -38,7 +39,9 @@ def limiter_for(settings: Settings, redis: aioredis.Redis, base_url: str) -> Lim
         redis,
         scope_for(base_url, settings.model_name, settings.key_fingerprint),
         limits_for(settings),
-        slot_ttl_s=settings.llm_timeout_s + SLOT_TTL_MARGIN_S,
+        # Slots are kept alive by their process (Limiter._keep_alive): a dead or frozen
+        # worker's calls stop counting against the cap one heartbeat TTL later.
+        slot_ttl_s=settings.heartbeat_ttl_s,
     )
 
 

@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     llm_max_tokens: int = Field(default=256, gt=0)
     llm_temperature: float = 0.0
     llm_max_inflight: int = Field(default=256, gt=0, description="Global in-flight cap.")
+    llm_adaptive_concurrency: Literal["auto", "on", "off"] = Field(
+        default="auto", description="Hold the calls in flight to a window that grows while "
+        "answers come back steadily and shrinks on 429s, 5xx, timeouts and rising latency "
+        "(AIMD). auto: only while the endpoint has no rate limit, configured or learned.")
+    llm_concurrency_floor: int = Field(default=2, gt=0, description="The adaptive window's least.")
+    llm_concurrency_start: int = Field(default=8, gt=0, description="The adaptive window's start.")
     prices: dict[str, Price] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
 
     # Work shape.
@@ -121,7 +127,11 @@ class Settings(BaseSettings):
     worker_inflight: int = Field(
         default=256, gt=0, description="Model calls in flight per process at most (the global "
         "cap, DOCQ_LLM_MAX_INFLIGHT, binds across processes).")
-    worker_concurrency: int = Field(default=2, gt=0, description="Processes per `docq worker`.")
+    worker_concurrency: int | None = Field(
+        default=None, gt=0, description="Processes per `docq worker` (unset: one per core).")
+    worker_batches: int | None = Field(
+        default=None, gt=0, description="Batches open at once per worker process (unset: "
+        "enough to keep DOCQ_LLM_MAX_INFLIGHT calls in flight).")
 
     # Celery limits: model timeout < soft limit < hard limit < visibility timeout.
     task_soft_time_limit_s: int = 540

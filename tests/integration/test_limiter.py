@@ -446,6 +446,28 @@ def test_slots_of_a_killed_process_are_reclaimed_after_their_ttl(redis_url: str)
     run(redis_url, scenario)
 
 
+def test_a_live_process_keeps_its_slots_past_their_ttl(redis_url: str) -> None:
+    async def scenario(client: Redis) -> None:
+        # Given a process holding the only in-flight slot (ttl 0.6 s) through a 2 s call
+        limits = Limits(rpm=None, tpm=None, max_inflight=1)
+        holder = Limiter(client, "t:kept", limits, slot_ttl_s=0.6)
+        ticket = await holder.acquire(1, max_wait_s=0)
+        other_client = Redis.from_url(redis_url)
+        other = Limiter(other_client, "t:kept", limits, slot_ttl_s=0.6)
+        try:
+            await asyncio.sleep(2.0)
+            # Then its slot is still taken: its process renews it while the call runs
+            with pytest.raises(LimiterBusy):
+                await other.acquire(1, max_wait_s=0)
+            # When the call ends / Then the slot is free at once
+            await holder.settle(ticket, 1)
+            await other.acquire(1, max_wait_s=0)
+        finally:
+            await other_client.aclose()
+
+    run(redis_url, scenario)
+
+
 def test_unknown_limits_only_cap_the_calls_in_flight(redis_url: str) -> None:
     async def scenario(client: Redis) -> None:
         # Given no known rate limits and at most 3 calls in flight.
@@ -521,20 +543,119 @@ def test_configured_limits_are_not_loosened_by_headers(redis_url: str) -> None:
     run(redis_url, scenario)
 
 
-def test_remaining_counts_calls_admitted_after_the_answered_one(redis_url: str) -> None:
+def test_remaining_counts_calls_admitted_well_after_the_answered_one(redis_url: str) -> None:
     async def scenario(client: Redis) -> None:
-        # Given 10000 tokens per 600 s, a call A of 1000 and, after it, a call B of 2000.
+        # Given 10000 tokens per 600 s, a call A of 1000 and, a second later, a call B of 2000.
         limiter = Limiter(client, "t:remaining", Limits(rpm=None, tpm=10_000, max_inflight=10,
                                                         period_s=600), slot_ttl_s=30)
         a = await limiter.acquire(1000, max_wait_s=0)
+        await asyncio.sleep(1.0)
         await limiter.acquire(2000, max_wait_s=0)
         # When A's response says 5000 remained when the provider admitted A.
         await limiter.settle(a, 1000, headers={"x-ratelimit-remaining-tokens": "5000"})
-        # Then the provider cannot have seen B yet: 5000 - 2000 remain (we thought 7000).
-        assert (await limiter.snapshot())["tokens"]["available"] == pytest.approx(3000, abs=5)
+        # Then the provider cannot have seen B, sent a second after A: 5000 - 2000 remain, plus
+        # the second's refill (we thought 7000).
+        assert (await limiter.snapshot())["tokens"]["available"] == pytest.approx(3017, abs=8)
         # When an answer without a known call says 2500 remain / Then we take it as it is.
         await limiter.observe({"x-ratelimit-remaining-tokens": "2500"})
         assert (await limiter.snapshot())["tokens"]["available"] == pytest.approx(2500, abs=5)
+
+    run(redis_url, scenario)
+
+
+def test_a_burst_answered_out_of_order_lowers_nothing(redis_url: str) -> None:
+    async def scenario(client: Redis) -> None:
+        # Given 10000 tokens per 600 s and five calls of 1000 admitted together, which reached
+        # the provider in the reverse order (the last admitted here was admitted there first).
+        limiter = Limiter(client, "t:burst", Limits(rpm=None, tpm=10_000, max_inflight=10,
+                                                    period_s=600), slot_ttl_s=30)
+        tickets = [await limiter.acquire(1000, max_wait_s=0) for _ in range(5)]
+        # When each answer reports what remained when the provider admitted it
+        for i, ticket in enumerate(tickets):
+            remaining = 10_000 - (5 - i) * 1000
+            await limiter.settle(ticket, 1000,
+                                 headers={"x-ratelimit-remaining-tokens": str(remaining)})
+        # Then our bucket agrees with the provider's (5000 left), not lower: reading each answer
+        # as if the calls after it were unseen would have taken up to 4000 more.
+        assert (await limiter.snapshot())["tokens"]["available"] == pytest.approx(5000, abs=5)
+
+    run(redis_url, scenario)
+
+
+# -- adaptive concurrency -----------------------------------------------------------------------
+
+
+async def fill(limiter: Limiter) -> list[Ticket]:
+    """Take in-flight slots until the limiter refuses one; the tickets taken."""
+    tickets = []
+    while True:
+        try:
+            tickets.append(await limiter.acquire(1, max_wait_s=0))
+        except LimiterBusy as exc:
+            assert exc.reason == "in-flight"
+            return tickets
+
+
+def test_the_adaptive_window_doubles_per_round_trip_then_halves_on_overload(
+    redis_url: str,
+) -> None:
+    async def scenario(client: Redis) -> None:
+        # Given an endpoint without rate limits, an adaptive window of 4 (floor 2, cap 64)
+        limiter = Limiter(client, "t:aimd", Limits(rpm=None, tpm=None, max_inflight=64,
+                                                   adaptive=True, window_start=4,
+                                                   window_floor=2), slot_ttl_s=30)
+        # Then 4 calls go out and a fifth waits
+        first = await fill(limiter)
+        assert len(first) == 4
+        # When those 4 are answered steadily / Then 8 go out (slow start: +1 per answer)
+        for t in first:
+            await limiter.settle(t, 1, latency_s=0.1)
+        second = await fill(limiter)
+        assert len(second) == 8
+        # When one call ends overloaded (a 429, a 5xx, a timeout) / Then the window halves
+        await limiter.release(second[0], refund=True, overloaded=True)
+        assert (await limiter.snapshot())["window"] == 4
+        # and, out of slow start, 4 more answers grow it by about one
+        for t in second[1:5]:
+            await limiter.settle(t, 1, latency_s=0.1)
+        assert (await limiter.snapshot())["window"] == 4
+        assert 4.9 < float(await client.hget("{t:aimd}:state", "cw") or 0) < 5.1
+
+    run(redis_url, scenario)
+
+
+def test_rising_latency_takes_a_fifth_off_the_adaptive_window(redis_url: str) -> None:
+    async def scenario(client: Redis) -> None:
+        # Given a window of 20 grown on answers of 100 ms
+        limiter = Limiter(client, "t:aimd-latency", Limits(rpm=None, tpm=None, max_inflight=64,
+                                                           adaptive=True, window_start=10),
+                          slot_ttl_s=30)
+        for _ in range(10):
+            await limiter.settle(await limiter.acquire(1, max_wait_s=0), 1, latency_s=0.1)
+        assert (await limiter.snapshot())["window"] == 20
+        # When answers start taking 400 ms (the server queues)
+        for _ in range(6):
+            await limiter.settle(await limiter.acquire(1, max_wait_s=0), 1, latency_s=0.4)
+        # Then the window shrank by a fifth once (one decrease per round trip), then grows again
+        window = (await limiter.snapshot())["window"]
+        assert 16 <= window < 20, window
+
+    run(redis_url, scenario)
+
+
+def test_auto_adaptive_concurrency_steps_aside_once_the_provider_states_its_limits(
+    redis_url: str,
+) -> None:
+    async def scenario(client: Redis) -> None:
+        # Given adaptive concurrency in auto mode, a window of 3, no limit known
+        limiter = Limiter(client, "t:aimd-auto", Limits(rpm=None, tpm=None, max_inflight=10,
+                                                        adaptive=None, window_start=3),
+                          slot_ttl_s=30)
+        taken = await fill(limiter)
+        assert len(taken) == 3
+        # When an answer states the provider's limits / Then only the in-flight cap holds
+        await limiter.settle(taken[0], 1, headers=HEADERS, latency_s=0.1)
+        assert len(await fill(limiter)) == 10 - 2
 
     run(redis_url, scenario)
 

@@ -467,18 +467,21 @@ async def _limited_call(svc: Services, info: BatchInfo, prompt: Prompt,
         completion = await svc.llm.complete(prompt, max_tokens=max_tokens)
     except RateLimitedError as exc:
         # The provider consumed nothing; every process pauses for its Retry-After.
-        await lim.release(ticket, refund=True)
+        await lim.release(ticket, refund=True, overloaded=True)
         await lim.cool_down(exc.retry_after_s if exc.retry_after_s is not None else 1.0)
         raise
     except EndpointUnreachableError:
         await lim.release(ticket, refund=True)  # the request never left
+        raise
+    except RetryableError:  # 5xx, a timeout, a cut connection: the server is struggling
+        await lim.release(ticket, refund=False, overloaded=True)
         raise
     except BaseException:
         await lim.release(ticket, refund=False)
         raise
     charged = completion.tokens_in + (max_tokens if by_max_tokens else completion.tokens_out)
     await lim.settle(ticket, charged, headers=completion.headers, output_key=key,
-                     output_tokens=completion.tokens_out)
+                     output_tokens=completion.tokens_out, latency_s=completion.latency_ms / 1000)
     return completion
 
 

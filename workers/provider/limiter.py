@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 import os
 import random
@@ -43,6 +44,9 @@ from workers import keys
 from workers.errors import PermanentError, RetryableError
 from workers.provider import scripts
 from workers.provider.headers import RateLimitHeaders, parse_rate_limit_headers
+
+ANSWERED, OVERLOADED = 1, 2  # how a call ended, for adaptive concurrency
+logger = logging.getLogger(__name__)
 
 POLL_CAP_S = 0.25  # longest sleep between two looks at the shared state
 CLAIM_GRACE_S = 0.25  # how long a waiter's claim outlives its next expected look
@@ -63,6 +67,13 @@ class Limits:
     # False for a provider that charges prompt + max_tokens when it admits a call and gives
     # nothing back (OpenAI, docqueue's simulator): settle then charges overruns only.
     refund_unused_tokens: bool = True
+    # Adaptive concurrency (AIMD) for endpoints that publish no limits: the calls in flight are
+    # held to a window that grows while answers come back steadily and shrinks on 429s, 5xx,
+    # timeouts and rising latency; at least window_floor, starting at window_start, at most
+    # max_inflight. Shared by every process of the scope.
+    adaptive: bool | None = False  # None: only while no rate limit is configured or learned
+    window_floor: int = 2
+    window_start: int = 8
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm"):
@@ -73,6 +84,10 @@ class Limits:
             raise ValueError(
                 f"Limits.max_inflight must be a whole number >= 1: {self.max_inflight!r}"
             )
+        for name in ("window_floor", "window_start"):
+            if not _is_count(getattr(self, name), minimum=1):
+                raise ValueError(f"Limits.{name} must be a whole number >= 1: "
+                                 f"{getattr(self, name)!r}")
         if not _is_positive(self.period_s):
             raise ValueError(f"Limits.period_s must be a finite number > 0, got {self.period_s!r}")
 
@@ -138,13 +153,21 @@ class Limiter:
         self.scope = scope
         self.limits = limits
         self._redis = redis
-        self._keys = [f"{{{scope}}}:state", f"{{{scope}}}:slots", f"{{{scope}}}:out"]
+        self._keys = [f"{{{scope}}}:state", f"{{{scope}}}:slots", f"{{{scope}}}:out",
+                      f"{{{scope}}}:admissions"]
         self._common = [limits.rpm or 0, limits.tpm or 0, _us(limits.period_s)]
+        mode = 2 if limits.adaptive is None else int(limits.adaptive)
+        self._adaptive = [mode, limits.window_floor, limits.window_start, limits.max_inflight]
         self._slot_ttl_us = _us(slot_ttl_s)
         self._acquire_lua = redis.register_script(scripts.ACQUIRE)
         self._finish_lua = redis.register_script(scripts.FINISH)
         self._cool_down_lua = redis.register_script(scripts.COOL_DOWN)
         self._snapshot_lua = redis.register_script(scripts.SNAPSHOT)
+        self._keep_alive_lua = redis.register_script(scripts.KEEP_ALIVE)
+        # The slots this process holds, kept alive while it runs: a process that dies or freezes
+        # stops refreshing them, and they stop counting against the cap a slot TTL later.
+        self._held: set[str] = set()
+        self._keeper: asyncio.Task[None] | None = None
         self._gate = asyncio.Lock()  # one waiter per process polls Redis; the rest queue here
         self._free_at = 0.0  # loop time when the last reply expected room for a call again
         self._claimant = os.urandom(8).hex()  # this process's name on a claim
@@ -207,10 +230,11 @@ class Limiter:
         self, tokens: int, slot_id: str, left_s: float
     ) -> Ticket | tuple[str, float]:
         reply = await self._acquire_lua(
-            keys=self._keys[:2],
+            keys=self._keys,
             args=[
                 *self._common, tokens, self.limits.max_inflight, self._slot_ttl_us, slot_id,
                 _us(left_s), _us(POLL_CAP_S), _us(CLAIM_GRACE_S), self._claimant,
+                *self._adaptive[:3],
             ],
         )
         status = _text(reply[0])
@@ -218,6 +242,7 @@ class Limiter:
         if status == "ok":
             now_us, k_r, k_t, a_r, a_t, next_us = (float(_text(x)) for x in reply[1:7])
             self._free_at = loop_now + next_us / 1e6
+            self._hold(slot_id)
             return Ticket(slot_id, tokens, int(now_us), k_r, k_t, a_r, a_t)
         value = float(_text(reply[1]))
         if status == "big":
@@ -237,27 +262,33 @@ class Limiter:
         headers: Mapping[str, str] | None = None,
         output_key: str | None = None,
         output_tokens: int | None = None,
+        latency_s: float | None = None,
     ) -> None:
         """The call succeeded: charge what it used instead of what it reserved (refunding the
         rest unless Limits.refund_unused_tokens is False), and free the slot.
 
-        Pass the response `headers` to do `observe` in the same round trip, and `output_key`
-        with `output_tokens` to do `record_output_tokens` in it too.
+        Pass the response `headers` to do `observe` in the same round trip, `output_key` with
+        `output_tokens` to do `record_output_tokens` in it too, and the call's `latency_s` for
+        adaptive concurrency.
         """
         _check_count("used_tokens", used_tokens)
         output = _output_pair(output_key, output_tokens)
         charged = used_tokens
         if not self.limits.refund_unused_tokens:
             charged = max(used_tokens, ticket.tokens)
-        await self._finish(ticket, charged, False, _headers(headers), output)
+        ended = (ANSWERED, latency_s) if latency_s is not None else None
+        await self._finish(ticket, charged, False, _headers(headers), output, ended=ended)
 
     async def release(
-        self, ticket: Ticket, *, refund: bool, headers: Mapping[str, str] | None = None
+        self, ticket: Ticket, *, refund: bool, headers: Mapping[str, str] | None = None,
+        overloaded: bool = False,
     ) -> None:
         """The call failed: free the slot; with refund=True (the provider consumed nothing, e.g.
-        a 429 or a refused connection) also give back its request and tokens."""
+        a 429 or a refused connection) also give back its request and tokens. `overloaded`
+        (a 429, 5xx or timeout) shrinks the adaptive concurrency window."""
         charged = 0 if refund else ticket.tokens
-        await self._finish(ticket, charged, refund, _headers(headers), None)
+        ended = (OVERLOADED, 0.0) if overloaded else None
+        await self._finish(ticket, charged, refund, _headers(headers), None, ended=ended)
 
     async def observe(self, headers: Mapping[str, str], *, ticket: Ticket | None = None) -> None:
         """Learn the limits from x-ratelimit-* headers and lower the shared buckets to what the
@@ -302,7 +333,8 @@ class Limiter:
         reply = await self._snapshot_lua(keys=self._keys[:2], args=self._common)
         # In the script's order: limit r, t; learned r, t; available r, t; used r, t; in flight;
         # cool-down µs left.
-        values = [float(_text(x)) for x in reply]
+        values = [float(_text(x)) for x in reply[:10]]
+        window = _text(reply[10])
         configured = (self.limits.rpm, self.limits.tpm)
         return {
             "scope": self.scope,
@@ -319,6 +351,8 @@ class Limiter:
             },
             "inflight": int(values[8]),
             "max_inflight": self.limits.max_inflight,
+            "window": (None if self.limits.adaptive is False
+                       else int(float(window)) if window else self.limits.window_start),
             "cool_down_s": round(values[9] / 1e6, 3),
         }
 
@@ -331,8 +365,12 @@ class Limiter:
         output: tuple[str, int] | None,
         *,
         since: Ticket | None = None,
+        ended: tuple[int, float] | None = None,
     ) -> None:
         call = ticket or since
+        outcome, latency_s = ended or (0, 0.0)
+        if ticket is not None:
+            self._held.discard(ticket.slot_id)
         h = headers or RateLimitHeaders()
         reply = await self._finish_lua(
             keys=self._keys,
@@ -353,10 +391,31 @@ class Limiter:
                     (call.admitted_at_us, call.requests_admitted, call.tokens_admitted)
                     if call else (-1, 0, 0)
                 ),
+                outcome, _us(latency_s), *self._adaptive,
             ],
         )
         if output is not None:
             self._remember_output(output[0], (float(_text(reply[0])), float(_text(reply[1]))))
+
+    def _hold(self, slot_id: str) -> None:
+        self._held.add(slot_id)
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.get_running_loop().create_task(self._keep_alive(),
+                                                                  name="limiter-slots")
+
+    async def _keep_alive(self) -> None:
+        every_s = self._slot_ttl_us / 1e6 / 3
+        while self._held:
+            await asyncio.sleep(every_s)
+            held = list(self._held)
+            if not held:
+                break
+            try:
+                await self._keep_alive_lua(keys=self._keys[1:2], args=[self._slot_ttl_us, *held])
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                logger.warning("limiter: cannot renew %d in-flight slots (%s); they expire in "
+                               "%gs unless renewed", len(held), type(exc).__name__,
+                               self._slot_ttl_us / 1e6)
 
     def _remember_output(self, key: str, stats: tuple[float, float] | None) -> None:
         self._outputs[key] = stats

@@ -1,6 +1,9 @@
 -- ARGV [4] tokens, [5] max in flight, [6] slot ttl µs, [7] slot id, [8] longest acceptable wait µs,
 -- [9] how long the caller sleeps at most between looks µs, [10] claim grace µs, [11] claimant (one
 -- per process: its waiters take turns anyway, so a claim never holds back its own process).
+-- [12] adaptive concurrency: '1' on, '2' on while no rate limit is configured or learned, '0'
+-- off; when on, the window `cw` (at least [13] floor, [14] to start with) caps the calls in
+-- flight below [5].
 -- Returns {'ok', now, k_r, k_t, a_r, a_t, µs the next such call would wait}
 --       | {'wait', µs, why} | {'busy', µs, why}
 --       | {'full', µs until the oldest slot expires} | {'big', token limit}
@@ -36,8 +39,12 @@ if wait > 0 then
   return {'wait', fmt(wait), why}
 end
 
+local cap = max_inflight
+if adaptive(ARGV[12]) then
+  cap = math.min(max_inflight, math.max(tonumber(ARGV[13]), math.floor(num(s.cw, tonumber(ARGV[14])))))
+end
 redis.call('ZREMRANGEBYSCORE', slots, '-inf', fmt(now))
-if redis.call('ZCARD', slots) >= max_inflight then
+if redis.call('ZCARD', slots) >= cap then
   local oldest = redis.call('ZRANGE', slots, 0, 0, 'WITHSCORES')
   return {'full', fmt(tonumber(oldest[2]) - now)}
 end
@@ -51,6 +58,10 @@ redis.call('PEXPIRE', slots, fmt(math.floor(ttl / 1000) + 86400000))
 if mine then redis.call('HDEL', state, 'cid', 'cnr', 'cnt', 'cexp') end
 save()
 tally(1, 0)
+local admissions = KEYS[4]
+redis.call('ZADD', admissions, fmt(now), fmt(R.a) .. ':' .. fmt(T.a))
+redis.call('ZREMRANGEBYSCORE', admissions, '-inf', '(' .. fmt(now - 2 * period))
+redis.call('PEXPIRE', admissions, math.floor(2 * period / 1000) + 1000)
 -- How long the next call of this size would wait: the queued waiters of this process sleep that.
 local next_wait = math.max(shortfall(R, 1, hold_r), shortfall(T, tokens, hold_t))
 return {'ok', fmt(now), fmt(R.k), fmt(T.k), fmt(R.a), fmt(T.a), fmt(next_wait)}

@@ -5,6 +5,9 @@
 -- [13] header limit r, [14] header limit t (0 = absent), [15] remaining r, [16] remaining t
 -- (-1 = absent), [17] admission µs of the call the headers answer (-1 = unknown), [18] a_r,
 -- [19] a_t at that admission.
+-- [20] how the call ended: 0 = no call, 1 = answered, 2 = overloaded (429, 5xx, timeout);
+-- [21] its latency µs; [22] adaptive concurrency ('0' off, '1' on, '2' while no rate limit is
+-- known), with [23] floor, [24] start, [25] cap.
 -- Returns {mean, variance ('' when no output given), limit r, limit t}.
 local id = ARGV[4]
 if id ~= '' then
@@ -36,10 +39,26 @@ if (header_r > 0 and header_r ~= learned_r) or (header_t > 0 and header_t ~= lea
   if T.lim > 0 and T.c > T.lim then T.c = T.lim end
 end
 
--- The provider had `remaining` when it admitted the call (at about `since`). It has refilled
--- since, and everything we admitted after that call is not in its figure yet. If that leaves
--- less than our bucket thinks, our bucket was optimistic: lower it (never raise it).
+-- The provider had `remaining` when it admitted the call, some time after we did (`since`): the
+-- request still had to be sent, and calls admitted here just after it may have reached the
+-- provider first and be in its figure already. So the calls admitted within TRANSIT of ours
+-- (or of its whole flight, if shorter) count as seen; only those admitted later as not yet seen.
+-- Counting them as unseen (the mistake of a naive reading) makes a burst of concurrent calls,
+-- answered out of order, look like a deficit of the whole burst. The refill is counted from our
+-- admission. Both errors are optimistic by at most TRANSIT's worth of admissions and refill:
+-- a drift smaller than that is left to the 429 cool-down; a larger one is corrected here.
 local since = tonumber(ARGV[17])
+local TRANSIT = 500000
+local seen_r, seen_t = tonumber(ARGV[18]), tonumber(ARGV[19])
+if since >= 0 then
+  local edge = since + math.min(TRANSIT, math.max(0, now - since))
+  local last = redis.call('ZREVRANGEBYSCORE', KEYS[4], fmt(edge), '-inf', 'LIMIT', 0, 1)[1]
+  if last then
+    local sep = string.find(last, ':', 1, true)
+    seen_r = math.max(seen_r, tonumber(string.sub(last, 1, sep - 1)))
+    seen_t = math.max(seen_t, tonumber(string.sub(last, sep + 1)))
+  end
+end
 local function tighten(d, remaining, admitted)
   if d.lim <= 0 or remaining < 0 then return end
   local target = remaining
@@ -49,8 +68,47 @@ local function tighten(d, remaining, admitted)
   local level = d.lim - d.c
   if target < level then charge(d, level - target) end
 end
-tighten(R, tonumber(ARGV[15]), tonumber(ARGV[18]))
-tighten(T, tonumber(ARGV[16]), tonumber(ARGV[19]))
+tighten(R, tonumber(ARGV[15]), seen_r)
+tighten(T, tonumber(ARGV[16]), seen_t)
+
+-- Adaptive concurrency, for endpoints that publish no limits: the window of calls in flight
+-- doubles per round trip until the first sign of overload (slow start), then grows by one per
+-- round trip; an overload (429, 5xx, timeout) halves it, and a moving latency rising to 1.3 times
+-- its least value lately (a server queueing or saturated) takes a fifth off; one decrease per
+-- round trip.
+local ended = tonumber(ARGV[20])
+if adaptive(ARGV[22]) and ended > 0 then
+  local floor, cap = tonumber(ARGV[23]), tonumber(ARGV[25])
+  local a = redis.call('HMGET', state, 'ss', 'lb', 'ls', 'dec')
+  local window = num(s.cw, tonumber(ARGV[24]))
+  local slow_start = a[1] ~= '0'
+  local low, short, dec = num(a[2], -1), num(a[3], -1), num(a[4], 0)
+  local rtt = math.max(short, 0)
+  local decrease = 1
+  if ended == 2 then
+    decrease = 0.5
+  else
+    local latency = tonumber(ARGV[21])
+    if low < 0 then low, short = latency, latency end
+    -- short: the moving latency of about the last ten answers; low: its least value lately (it
+    -- forgets slowly, so a workload whose answers grow longer is learned again).
+    short = short + 0.1 * (latency - short)
+    if short < low then low = short else low = low + 0.002 * (short - low) end
+    if short > 1.3 * low then decrease = 0.8 end
+  end
+  if decrease < 1 then
+    if now - dec > rtt then
+      window = math.max(floor, window * decrease)
+      slow_start, dec = false, now
+    end
+  elseif slow_start then
+    window = math.min(cap, window + 1)
+  else
+    window = math.min(cap, window + 1 / window)
+  end
+  redis.call('HSET', state, 'cw', fmt(window), 'ss', slow_start and '1' or '0', 'lb', fmt(low),
+             'ls', fmt(short), 'dec', fmt(dec))
+end
 
 local mean, variance = '', ''
 local field = ARGV[10]

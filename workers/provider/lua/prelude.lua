@@ -7,9 +7,13 @@
 --                         a? everything ever admitted (for reading x-ratelimit-remaining-*),
 --                         l? limit learned from headers; cool (µs when the cool-down ends);
 --                         cid/cnr/cnt/cexp a waiting process's claim; e<i>/ur<i>/ut<i> a ring of ten
---                         usage counters, one per tenth of the period
+--                         usage counters, one per tenth of the period; with adaptive concurrency,
+--                         cw the window (calls in flight allowed), ss '0' once slow start ended,
+--                         lb/ls low and short moving latencies (µs), dec (µs of the last decrease)
 --   {scope}:slots  zset   in-flight slots scored by their expiry (µs)
 --   {scope}:out    hash   <key>|m, <key>|v, <key>|n: moving mean and variance of output sizes
+--   {scope}:admissions zset  the last two periods' admissions scored by their time (µs), each
+--                         named by the running totals a_r:a_t just after it (for reading headers)
 --
 -- Common ARGV: [1] configured rpm (0 = none), [2] configured tpm, [3] period (µs).
 --
@@ -26,7 +30,7 @@ local function fmt(x) return string.format('%.17g', x) end
 local function num(v, default) return tonumber(v) or default end
 
 local names = {'ts', 'lr', 'lt', 'cr', 'ct', 'kr', 'kt', 'ar', 'at', 'cool',
-               'cid', 'cnr', 'cnt', 'cexp', 'e' .. ring}
+               'cid', 'cnr', 'cnt', 'cexp', 'e' .. ring, 'cw'}
 local raw = redis.call('HMGET', state, unpack(names))
 local s = {}
 for i, name in ipairs(names) do s[name] = raw[i] end
@@ -47,6 +51,11 @@ end
 local R = dimension(tonumber(ARGV[1]), learned_r, s.cr, s.kr, s.ar)
 local T = dimension(tonumber(ARGV[2]), learned_t, s.ct, s.kt, s.at)
 local cool = num(s.cool, 0)
+
+-- Adaptive concurrency in force: '1' always, '2' only while no rate limit is configured or learned.
+local function adaptive(mode)
+  return mode == '1' or (mode == '2' and R.lim <= 0 and T.lim <= 0)
+end
 
 local function save()
   redis.call('HSET', state, 'ts', fmt(now), 'cr', fmt(R.c), 'ct', fmt(T.c), 'kr', fmt(R.k),
