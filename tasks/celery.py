@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import after_setup_logger, worker_process_init
+from celery.signals import after_setup_logger, worker_process_init, worker_ready
 from kombu.entity import Exchange, Queue
 
 from tasks.runtime import max_memory_kib, reset_runtime, resolve_broker, runtime
@@ -82,6 +82,14 @@ def _fresh_runtime(**_: Any) -> None:
     # Pool children must not share the parent's connections.
     reset_runtime()
     _warm_up()
+
+
+@worker_ready.connect
+def _warm_up_threads(sender: Any, **_: Any) -> None:
+    # A threads-pool worker runs its batches in this process: no pool child warms up for it.
+    pool_cls = getattr(getattr(sender, "controller", None), "pool_cls", None)
+    if pool_cls is not None and "thread" in getattr(pool_cls, "__module__", ""):
+        _warm_up()
 
 
 def _warm_up() -> None:

@@ -1,5 +1,7 @@
-"""A `celery -A tasks worker` child process with its log in a file: the demo, the integration
-tests and the benchmarks all start their workers with it.
+"""A worker child process with its log in a file: the demo, the integration tests and the
+benchmarks all start their workers with it. `pool="default"` starts `docq worker` as a user
+would (a process per `concurrency`, each running many batches: tasks/supervisor.py); prefork and
+threads start one plain `celery -A tasks worker` of that pool.
 
 The environment given is laid over this process's own, so DOCQ_* settings reach the worker.
 """
@@ -24,6 +26,8 @@ class WorkerStartError(RuntimeError):
 class WorkerProcess:
     """Start one worker (its own session, so a stop reaches its pool children too).
 
+    `concurrency` is the number of processes for the default layout, the pool's size otherwise.
+
     `events=False` leaves out task events (the benchmarks measure without their cost);
     `extra` goes to Celery as is (`--include=...`, `-Q ...`).
     """
@@ -42,11 +46,16 @@ class WorkerProcess:
         self.name, self.log_path = name, log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("wb")
-        argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", f"--pool={pool}",
-                f"--concurrency={concurrency}", "--loglevel=INFO", "--without-gossip",
-                "--without-mingle", f"--hostname={name}@%h", *extra]
-        if events:
-            argv.append("--events")
+        self.ready_lines = concurrency if pool == "default" else 1
+        if pool == "default":
+            argv = [sys.executable, "-m", "tasks.cli", "worker", f"--concurrency={concurrency}",
+                    f"--name={name}", "--without-mingle", *extra]
+        else:
+            argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", f"--pool={pool}",
+                    f"--concurrency={concurrency}", "--loglevel=INFO", "--without-gossip",
+                    "--without-mingle", f"--hostname={name}@%h", *extra]
+            if events:
+                argv.append("--events")
         self.proc = subprocess.Popen(
             argv, cwd=_PROJECT_ROOT, env={**os.environ, **env}, stdout=self._log,
             stderr=subprocess.STDOUT, start_new_session=True,
@@ -58,7 +67,7 @@ class WorkerProcess:
     def wait_ready(self, timeout_s: float = 90) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if "ready." in self.log():
+            if self.log().count(" ready.") >= self.ready_lines:
                 return
             if self.proc.poll() is not None:
                 raise WorkerStartError(f"worker {self.name} exited with {self.proc.returncode}; "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -248,20 +250,35 @@ def retry(
 def worker(
     ctx: typer.Context,
     concurrency: Annotated[int | None, typer.Option(
-        "-c", "--concurrency", help="Pool processes, or threads with --pool threads.")] = None,
-    pool: Annotated[str, typer.Option(
-        "-P", "--pool", help="prefork: a process per batch, for CPU-bound work (zero-latency "
-        "endpoints, big corpora); threads: many batches share one process and its connections, "
-        "for latency-bound work (use -c 16 to fill an in-flight cap of 256 with 2 s calls).")
-    ] = "prefork",
+        "-c", "--concurrency", help="Worker processes (default: one per core); with --pool, "
+        "Celery's pool size.")] = None,
+    pool: Annotated[str | None, typer.Option(
+        "-P", "--pool", help="Unset: one process per core, each running many batches at once "
+        "(the default, for every kind of endpoint). prefork or threads: one plain Celery "
+        "worker of that pool.")] = None,
+    name: Annotated[str, typer.Option(help="Hostname prefix of the worker processes.")] = "docq",
 ) -> None:
-    """Run a Celery worker with docqueue's defaults (extra arguments go to Celery)."""
-    from tasks.celery import app
+    """Run docqueue's worker processes (extra arguments, such as -Q, go to Celery)."""
     from tasks.runtime import runtime
 
+    settings = runtime().settings
+    if pool is None:
+        from dataclasses import replace
+
+        from tasks.supervisor import Supervisor, default_layout
+
+        logging.basicConfig(level=logging.INFO,
+                            format="[%(asctime)s: %(levelname)s/docq worker] %(message)s")
+        layout = default_layout(settings)
+        if concurrency:
+            layout = replace(layout, processes=concurrency)
+        raise typer.Exit(Supervisor(layout, name=name, extra=ctx.args,
+                                    max_memory_mb=settings.worker_max_memory_mb).run())
     if pool not in ("prefork", "threads"):
         raise typer.BadParameter(f"choose prefork or threads, not {pool!r}", param_hint="--pool")
-    n = concurrency or runtime().settings.worker_concurrency
+    from tasks.celery import app
+
+    n = concurrency or settings.worker_concurrency or os.cpu_count() or 1
     app.worker_main(["worker", f"--concurrency={n}", f"--pool={pool}", "--events",
                      "--loglevel=INFO", "--without-gossip", *ctx.args])
 

@@ -49,11 +49,12 @@ def docq_env(
 
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start worker processes: `workers(env, concurrency=2, pool="prefork")`; all stopped at
-    teardown."""
+    """Start workers: `workers(env, concurrency=2)` is `docq worker` as users run it (two
+    processes, many batches each); `pool="prefork"` or `"threads"` a plain Celery worker of that
+    pool. All stopped at teardown."""
     started: list[WorkerProcess] = []
 
-    def start(env: dict[str, str], concurrency: int = 2, pool: str = "prefork") -> WorkerProcess:
+    def start(env: dict[str, str], concurrency: int = 2, pool: str = "default") -> WorkerProcess:
         name = f"w{len(started)}"
         w = WorkerProcess(env, tmp_path / f"{name}.log", name=name, concurrency=concurrency,
                           pool=pool)

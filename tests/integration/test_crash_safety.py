@@ -243,7 +243,7 @@ def test_a_worker_killed_mid_batch_is_redelivered_and_the_job_completes_once(
     simulator: Any, docq_env: Any, workers: Any
 ) -> None:
     # Given a job of 30 batches of slow calls, and a worker in the middle of it
-    sim = simulator("--latency-ms", "500", "--seed", "11")
+    sim = simulator("--latency-ms", "500", "--seed", "11", "--record-requests")
     env = docq_env(sim.url, **FAST)
     w0 = workers(env, concurrency=2)
     handle = submit(corpus(20), "summarize")
@@ -251,7 +251,7 @@ def test_a_worker_killed_mid_batch_is_redelivered_and_the_job_completes_once(
                "results, and a batch in progress")
     # When the worker and its pool processes are killed with SIGKILL, mid-batch
     w0.kill()
-    killed = time.monotonic()
+    killed, killed_at = time.monotonic(), time.time()
     at_kill = tally(handle.id)
     assert at_kill["rows"] < at_kill["chunks"], "the job ended before the kill"
     # and a new worker starts once the visibility timeout has passed (kombu puts the dead
@@ -260,9 +260,11 @@ def test_a_worker_killed_mid_batch_is_redelivered_and_the_job_completes_once(
     time.sleep(max(0.0, FAST["visibility_timeout_s"] + 1 - (time.monotonic() - killed)))
     workers(env, concurrency=2)
     # Then the job completes with one result per chunk; only the calls in flight at the kill
-    # (at most two batches of 4) were made twice
+    # (or answered in its last half second, not yet written) were made twice
     wait_until(lambda: finished(handle.id), 60, "the job to end")
-    assert_exactly_once(handle.id, sim, max_lost_calls=8)
+    in_flight = sum(1 for r in sim.requests()
+                    if r["start"] < killed_at and r["end"] > killed_at - 0.5)
+    assert_exactly_once(handle.id, sim, max_lost_calls=in_flight)
 
 
 def test_redis_flushed_mid_job_is_finished_by_the_reconciler(
@@ -486,9 +488,9 @@ def test_sigterm_lets_running_batches_finish_and_another_worker_takes_the_rest(
     sim = simulator("--latency-ms", "1000", "--seed", "17")
     env = docq_env(sim.url, **FAST)
     w0 = workers(env, concurrency=2)
-    wait_until(lambda: len(worker_memory(runtime().settings)) == 3, 20, "memory reports")
+    wait_until(lambda: len(worker_memory(runtime().settings)) == 2, 20, "memory reports")
     memory = worker_memory(runtime().settings)
-    assert {r["role"] for r in memory} == {"main", "pool"}
+    assert {r["role"] for r in memory} == {"main"}  # two processes, each running its batches
     assert all(r["rss_mb"] > 10 and r["limit_mb"] == 1024 for r in memory), memory
     handle = submit(corpus(8), "summarize")
     wait_until(lambda: in_progress(handle.id) > 0, 30, "a batch in progress")
@@ -503,7 +505,7 @@ def test_sigterm_lets_running_batches_finish_and_another_worker_takes_the_rest(
     assert "Warm shutdown" in w0.log()
     assert exit_s < FAST["task_soft_time_limit_s"], exit_s
     assert in_progress(handle.id) == 0
-    assert not any(r["hostname"].startswith("w0@") for r in worker_memory(runtime().settings))
+    assert not any(r["hostname"].startswith("w0") for r in worker_memory(runtime().settings))
     # and a new worker completes the job with no call made twice
     workers(env, concurrency=2)
     wait_until(lambda: finished(handle.id), 60, "the job to end")

@@ -1,0 +1,141 @@
+"""`docq worker` with no pool flag: one Celery worker per core, each running many batches at once.
+
+The layout that keeps a provider busy in every regime. Each worker process runs the threads
+pool: its threads only hand batches to the process's one event loop (tasks/runtime.py), where
+every open batch's calls wait on one in-flight semaphore. A call that ends frees a slot that the
+next waiting call, of any batch, takes at once; no batch's slowest call holds the others back.
+Several processes (one per core by default) share the CPU work of building requests and parsing
+answers, which the GIL would otherwise hold to one core.
+
+The supervisor starts the processes, restarts one that dies (a crash, the OOM killer), stops
+them warmly on SIGTERM or SIGINT (a second signal stops them at once), and replaces a process
+whose memory passed DOCQ_WORKER_MAX_MEMORY_MB once it has finished its running batches: the
+threads pool has no `worker_max_memory_per_child` of its own. A process that exits by itself
+with status 0 was told to stop (`celery control shutdown`, a worker of the wrong store) and is
+not restarted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import FrameType
+
+import psutil
+
+from workers.settings import Settings
+
+logger = logging.getLogger("docq.worker")
+
+POLL_S = 1.0
+MEMORY_CHECK_S = 5.0
+RESTART_PAUSE_S = 1.0  # before a crashed process's replacement starts
+MIN_BATCHES = 4
+
+
+@dataclass(frozen=True)
+class Layout:
+    processes: int
+    batches: int  # open at once per process: the threads of its pool
+
+    def describe(self) -> str:
+        return (f"{self.processes} processes x {self.batches} batches at once, "
+                f"threads pool")
+
+
+def default_layout(settings: Settings) -> Layout:
+    """Processes: DOCQ_WORKER_CONCURRENCY, else one per core. Batches per process:
+    DOCQ_WORKER_BATCHES, else enough that the in-flight cap stays full while half of the open
+    batches wait for their last calls."""
+    processes = settings.worker_concurrency or os.cpu_count() or 1
+    if settings.worker_batches:
+        return Layout(processes, settings.worker_batches)
+    inflight = min(settings.llm_max_inflight, settings.worker_inflight * processes)
+    per_process = 2 * inflight / (processes * settings.batch_max_chunks)
+    return Layout(processes, max(MIN_BATCHES, math.ceil(per_process)))
+
+
+class Supervisor:
+    """Runs `layout.processes` Celery workers and keeps them running until told to stop."""
+
+    def __init__(self, layout: Layout, *, name: str, extra: Sequence[str],
+                 max_memory_mb: float) -> None:
+        self.layout, self.name, self.extra = layout, name, list(extra)
+        self.max_memory_mb = max_memory_mb
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.retiring: list[subprocess.Popen[bytes]] = []  # over the memory limit, finishing
+        self.stopping = 0  # signals received
+
+    def argv(self, index: int) -> list[str]:
+        return [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool=threads",
+                f"--concurrency={self.layout.batches}", f"--hostname={self.name}{index}@%h",
+                "--events", "--loglevel=INFO", "--without-gossip", *self.extra]
+
+    def start(self, index: int) -> None:
+        self.procs[index] = subprocess.Popen(self.argv(index))
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        logger.info("docq worker: %s", self.layout.describe())
+        for i in range(self.layout.processes):
+            self.start(i)
+        last_memory_check = time.monotonic()
+        while self.procs or self.retiring:
+            time.sleep(POLL_S)
+            self.retiring = [p for p in self.retiring if p.poll() is None]
+            for i, proc in list(self.procs.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del self.procs[i]
+                if self.stopping or code == 0:
+                    continue
+                logger.warning("worker process %s%d (pid %d) ended with %s; starting another",
+                               self.name, i, proc.pid, _status(code))
+                time.sleep(RESTART_PAUSE_S)
+                self.start(i)
+            if not self.stopping and time.monotonic() - last_memory_check > MEMORY_CHECK_S:
+                last_memory_check = time.monotonic()
+                self._replace_large()
+        return 0
+
+    def _replace_large(self) -> None:
+        if self.max_memory_mb <= 0:
+            return
+        for i, proc in list(self.procs.items()):
+            try:
+                rss_mb = psutil.Process(proc.pid).memory_info().rss / 2**20
+            except psutil.Error:
+                continue
+            if rss_mb > self.max_memory_mb:
+                logger.warning("worker process %s%d uses %.0f MB (DOCQ_WORKER_MAX_MEMORY_MB "
+                               "%.0f): it finishes its batches and a new one takes its place",
+                               self.name, i, rss_mb, self.max_memory_mb)
+                proc.send_signal(signal.SIGTERM)
+                self.retiring.append(proc)
+                self.start(i)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping += 1
+        # First signal: warm shutdown (running batches finish). Second: cold (at once).
+        forward = signal.SIGTERM if self.stopping == 1 else signal.SIGQUIT
+        for proc in [*self.procs.values(), *self.retiring]:
+            if proc.poll() is None:
+                proc.send_signal(forward)
+
+
+def _status(code: int) -> str:
+    if code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return f"status {code}"
