@@ -273,9 +273,10 @@ def test_redis_flushed_mid_job_is_finished_by_the_reconciler(
     from tasks.maintenance import reconcile
     from workers.jobs.reconcile import marker_key
 
-    # Given a job in flight, with its publish marker in Redis
+    # Given a job in flight, with its publish marker in Redis, and more batches than the
+    # worker has open (2 per process), so some wait in the queue
     sim = simulator("--latency-ms", "500", "--seed", "12")
-    env = docq_env(sim.url, **FAST)
+    env = docq_env(sim.url, worker_batches=2, **FAST)
     workers(env, concurrency=2)
     handle = submit(corpus(20), "summarize")
     assert redis_client.exists(marker_key(handle.id))
