@@ -35,7 +35,7 @@ def batch_story(session: Session, batch_id: int) -> dict[str, Any] | None:
         .outerjoin(Result, (Result.chunk_id == Chunk.id) & (Result.pipeline_version == version))
         .where(Chunk.job_id == job_id, Chunk.batch_seq == seq).order_by(Chunk.id)).all()
     counts = dict.fromkeys(("ok", "errors", "cached", "skipped", "cancelled", "unfinished"), 0)
-    failed = []
+    failed: list[dict[str, Any]] = []
     for r in rows:
         counts[_count_of(r.status, r.cached)] += 1
         if r.status == ResultStatus.ERROR and len(failed) < MAX_FAILED_LISTED:
@@ -52,11 +52,14 @@ def batch_story(session: Session, batch_id: int) -> dict[str, Any] | None:
     }
 
 
+_COUNTED_AS: dict[str, str] = {ResultStatus.ERROR: "errors", ResultStatus.SKIPPED_BUDGET: "skipped",
+                               ResultStatus.CANCELLED: "cancelled"}
+
+
 def _count_of(status: str | None, cached: bool | None) -> str:
     if status == ResultStatus.OK:
         return "cached" if cached else "ok"
-    return {ResultStatus.ERROR: "errors", ResultStatus.SKIPPED_BUDGET: "skipped",
-            ResultStatus.CANCELLED: "cancelled"}.get(status or "", "unfinished")
+    return _COUNTED_AS.get(status or "", "unfinished")
 
 
 def reason(error_type: str | None, message: str | None, http_status: int | None) -> str:
