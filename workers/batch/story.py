@@ -52,8 +52,10 @@ def batch_story(session: Session, batch_id: int) -> dict[str, Any] | None:
     }
 
 
-_COUNTED_AS: dict[str, str] = {ResultStatus.ERROR: "errors", ResultStatus.SKIPPED_BUDGET: "skipped",
-                               ResultStatus.CANCELLED: "cancelled"}
+_COUNTED_AS: dict[str, str] = {
+    ResultStatus.ERROR: "errors", ResultStatus.SKIPPED_BUDGET: "skipped",
+    ResultStatus.CANCELLED: "cancelled",
+}
 
 
 def _count_of(status: str | None, cached: bool | None) -> str:
