@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 MAX_CRASH_RETRIES = 8  # unexpected failures (store down, bugs) before the batch is left to resume
 
 
-@app.task(name="batches.process", bind=True, max_retries=None)
+# The result is the batch's story; the task event Flower reads carries this much of its repr.
+@app.task(name="batches.process", bind=True, max_retries=None, resultrepr_maxsize=2048)
 def process_batch(self: Task, batch_id: int, store: str | None = None) -> dict[str, Any]:
     """Call the model for every unfinished chunk of the batch and record its result.
 

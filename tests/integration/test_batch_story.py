@@ -53,8 +53,9 @@ def test_batch_results_add_up_to_the_store_and_name_each_failed_chunk(
     assert sum(s["calls"] for s in stories) == sum(r.attempts for r in rows)
     assert sum(s["tokens_in"] for s in stories) == sum(r.tokens_in for r in rows)
     assert sum(s["tokens_out"] for s in stories) == sum(r.tokens_out for r in rows)
-    failed = {f["chunk"]: f for s in stories for f in s["failed"]}
+    failed = {chunk: why for s in stories for why, chunks in s["failed"].items()
+              for chunk in chunks}
     assert set(failed) == {r.chunk_id for r in rows if r.status == "error"}
-    assert all(f["reason"].startswith("RetryableLLMError (HTTP 5") for f in failed.values())
+    assert all(why.startswith("RetryableLLMError (HTTP 5") for why in failed.values())
     shown = json.dumps(stories)
     assert not any(text[:40] in shown for text in texts)

@@ -1,5 +1,5 @@
 """What a batch came to, for its task's result (Flower shows it): counts, tokens, cost, and
-each failed chunk's id with a one-line reason.
+the ids of its failed chunks under each one-line reason.
 
 Read from the store when the batch is done, so it tells the batch's whole story, whichever
 deliveries wrote it. It never holds a chunk's text or a model's output: a reason that would
@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from models import Batch, Chunk, Job, Result, ResultStatus
 
 REASON_CHARS = 160
-MAX_FAILED_LISTED = 50  # a batch holds 25 chunks by default; the result stays small anyway
+MAX_REASONS = 5  # distinct reasons listed; Celery's event shows ~1 KB of a result
 
 
 def batch_story(session: Session, batch_id: int) -> dict[str, Any] | None:
@@ -35,12 +35,13 @@ def batch_story(session: Session, batch_id: int) -> dict[str, Any] | None:
         .outerjoin(Result, (Result.chunk_id == Chunk.id) & (Result.pipeline_version == version))
         .where(Chunk.job_id == job_id, Chunk.batch_seq == seq).order_by(Chunk.id)).all()
     counts = dict.fromkeys(("ok", "errors", "cached", "skipped", "cancelled", "unfinished"), 0)
-    failed: list[dict[str, Any]] = []
+    failed: dict[str, list[int]] = {}
     for r in rows:
         counts[_count_of(r.status, r.cached)] += 1
-        if r.status == ResultStatus.ERROR and len(failed) < MAX_FAILED_LISTED:
-            failed.append({"chunk": r.id, "attempts": r.attempts,
-                           "reason": reason(r.error_type, r.error_message, r.http_status)})
+        if r.status == ResultStatus.ERROR:
+            why = reason(r.error_type, r.error_message, r.http_status)
+            if why in failed or len(failed) < MAX_REASONS:
+                failed.setdefault(why, []).append(r.id)
     costs = [r.cost for r in rows if r.cost is not None]
     return {
         "batch_id": batch_id, "job_id": job_id, "chunks": len(rows), **counts,
@@ -48,7 +49,7 @@ def batch_story(session: Session, batch_id: int) -> dict[str, Any] | None:
         "tokens_in": sum(r.tokens_in or 0 for r in rows),
         "tokens_out": sum(r.tokens_out or 0 for r in rows),
         "cost": round(sum(costs), 8) if costs else None,
-        "failed": failed,
+        "failed": failed,  # reason -> the ids of the chunks that failed for it
     }
 
 
