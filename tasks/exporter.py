@@ -9,7 +9,8 @@ files of a pool process that was replaced stay: its calls still count.
 What describes state rather than events is read when Prometheus scrapes, by `StateCollector`:
 queue depth per queue (LLEN on the broker), the shared limiter's use against its limits, in
 flight and cool-down, the chunks by state, tokens and cost of each running job (from the
-store), and the worker's memory. Every read has a short timeout; a source that cannot be read
+store; the label is `job_id`, as Prometheus keeps `job` for the scrape job), and the worker's
+memory. Every read has a short timeout; a source that cannot be read
 reports `docq_exporter_source_up{source=...} 0` instead of failing the scrape. Each exporter
 reports the same shared state; dashboards take `max` over instances.
 
@@ -140,13 +141,13 @@ class StateCollector(Collector):
 
         chunks = GaugeMetricFamily(
             "docq_job_chunks", "Chunks of a running job by state (ok, error, ..., retrying, "
-            "waiting).", labels=["job", "pipeline", "state"])
+            "waiting).", labels=["job_id", "pipeline", "state"])
         total = GaugeMetricFamily("docq_job_size_chunks", "Chunks of a running job.",
-                                  labels=["job", "pipeline"])
+                                  labels=["job_id", "pipeline"])
         tokens = GaugeMetricFamily("docq_job_tokens", "Tokens a running job has used so far.",
-                                   labels=["job", "pipeline", "type"])
+                                   labels=["job_id", "pipeline", "type"])
         cost = GaugeMetricFamily("docq_job_cost_usd", "What a running job has cost so far.",
-                                 labels=["job", "pipeline"])
+                                 labels=["job_id", "pipeline"])
         for st in running_jobs():
             job, pipeline = str(st["id"]), str(st["pipeline"])
             for state, n in job_chunk_states(st).items():

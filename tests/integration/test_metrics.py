@@ -68,7 +68,7 @@ def test_calls_tokens_and_errors_on_metrics_agree_with_the_store(
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         samples = scrape(port)
-        if total(samples, "docq_job_size_chunks", job=str(handle.id)) > 0:
+        if total(samples, "docq_job_size_chunks", job_id=str(handle.id)) > 0:
             seen_running = True
         if handle.status()["status"] != "running":
             break
@@ -99,7 +99,7 @@ def test_calls_tokens_and_errors_on_metrics_agree_with_the_store(
         sum(r.cost or 0.0 for r in rows), rel=1e-9)
     assert total(samples, "gen_ai_client_operation_duration_seconds_count") == sum(calls.values())
     # and the state read at scrape time is there, the finished job no longer among it
-    assert total(samples, "docq_job_size_chunks", job=str(handle.id)) == 0
+    assert total(samples, "docq_job_size_chunks", job_id=str(handle.id)) == 0
     assert total(samples, "docq_exporter_source_up") == 4
     assert total(samples, "docq_limiter_inflight_cap") == 256
     assert by_label(samples, "docq_queue_depth", "queue") == {"celery": 0, "docq.rescue": 0}
