@@ -56,6 +56,7 @@ def test_batch_results_add_up_to_the_store_and_name_each_failed_chunk(
     failed = {chunk: why for s in stories for why, chunks in s["failed"].items()
               for chunk in chunks}
     assert set(failed) == {r.chunk_id for r in rows if r.status == "error"}
-    assert all(why.startswith("RetryableLLMError (HTTP 5") for why in failed.values())
+    assert all(why.startswith("RetryableLLMError: gave up after 2 attempts; last error: HTTP 5")
+               for why in failed.values())
     shown = json.dumps(stories)
     assert not any(text[:40] in shown for text in texts)

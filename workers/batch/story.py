@@ -68,7 +68,7 @@ def _count_of(status: str | None, cached: bool | None) -> str:
 def reason(error_type: str | None, message: str | None, http_status: int | None) -> str:
     """A failure in one line: its kind, its HTTP status, the message (unless it quotes output)."""
     kind = error_type or "failed"
-    if http_status is not None:
+    if http_status is not None and f"HTTP {http_status}" not in (message or ""):
         kind += f" (HTTP {http_status})"
     if error_type == "OutputParseError":
         return f"{kind}: the model's output could not be used"
