@@ -1,8 +1,9 @@
 """A worker's /metrics against the store: what Prometheus would scrape agrees with the results.
 
-A real prefork worker (two pool processes writing prometheus_client's multiprocess files) runs
-a job against the simulator, which answers some calls with 5xx; its main process serves the
-sum. Every call is an attempt in the store, every token a token of a result row.
+A real worker (prefork: two pool processes writing prometheus_client's multiprocess files; or
+threads: its main process records and serves) runs a job against the simulator, which answers
+some calls with 5xx; its main process serves the sum. Every call is an attempt in the store,
+every token a token of a result row.
 """
 
 from __future__ import annotations
@@ -52,15 +53,16 @@ def by_label(samples: Samples, name: str, label: str, **labels: str) -> dict[str
     return dict(out)
 
 
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_calls_tokens_and_errors_on_metrics_agree_with_the_store(
-    simulator: Any, docq_env: Any, workers: Any
+    simulator: Any, docq_env: Any, workers: Any, pool: str
 ) -> None:
     # Given a simulator that answers 25% of calls with a 5xx, and a worker serving /metrics
     sim = simulator("--fail-rate", "0.25", "--latency-ms", "150", "--seed", "7")
     port = free_port()
     env = docq_env(sim.url, metrics_port=port, max_attempts=2, worker_inflight=4,
                    prices=json.dumps({"docq-sim": PRICE}))
-    workers(env, concurrency=2)
+    workers(env, concurrency=2, pool=pool)
 
     # When a job runs, the endpoint shows it while it runs
     handle = submit(corpus(30), "summarize", cache="off")
@@ -103,5 +105,5 @@ def test_calls_tokens_and_errors_on_metrics_agree_with_the_store(
     assert total(samples, "docq_exporter_source_up") == 4
     assert total(samples, "docq_limiter_inflight_cap") == 256
     assert by_label(samples, "docq_queue_depth", "queue") == {"celery": 0, "docq.rescue": 0}
-    assert total(samples, "docq_worker_pool_processes") == 2
-    assert total(samples, "docq_worker_rss_bytes", role="pool") > 0
+    assert total(samples, "docq_worker_pool_processes") == (2 if pool == "prefork" else 0)
+    assert total(samples, "docq_worker_rss_bytes", role="main") > 0
