@@ -1,7 +1,8 @@
 """The chord header task: process one batch. It never raises: errors become result rows.
 
-Its result (what Flower shows) is the batch's story: counts, tokens, cost and each failed
-chunk's one-line reason (workers/batch/story.py). The merge ignores it (`merge_job.si`).
+Its result (what Flower shows) is the batch's story: counts, tokens, cost and the ids of its
+failed chunks under each one-line reason (workers/batch/story.py). The merge ignores it
+(`merge_job.si`).
 """
 
 from __future__ import annotations
