@@ -3,7 +3,8 @@
 #   start the simulator, one worker and `docq flower` with credentials; run a small job;
 #   check that Flower refuses a request without credentials (401); load the tasks page in
 #   headless Chromium with credentials, check that the job's tasks are listed, and save a
-#   screenshot.
+#   screenshot; then open the page of a batch whose chunks partly failed (the simulator fails
+#   some calls, one attempt each) and check that its result tells the batch's story.
 #
 # Needs Redis on 127.0.0.1:6379 (DB $DOCQ_CHECK_REDIS_DB, default 14, flushed before and after)
 # and Chromium (`apt-get install -y chromium`). Usage: .ci/browser-check.sh [output directory]
@@ -24,6 +25,7 @@ export DOCQ_DATABASE_URL="sqlite:///$OUT/docq.db" DOCQ_BROKER_URL="redis://127.0
 export DOCQ_LLM_BASE_URL="http://127.0.0.1:$SIM_PORT/v1" DOCQ_LLM_MODEL=docq-sim DOCQ_LLM_MODE=chat
 export DOCQ_HOME="$OUT/home" DOCQ_FLOWER_USER=ops DOCQ_FLOWER_PASSWORD="$PASSWORD"
 export DOCQ_BATCH_MAX_CHUNKS=4  # a few batches, so the page has several rows of the job
+export DOCQ_MAX_ATTEMPTS=1  # with the simulator's faults, some chunks fail: a story to tell
 docq() { "$PY" -c 'from tasks.cli import main; main()' "$@"; }
 flush() { "$PY" -c "import redis; redis.Redis.from_url('$DOCQ_BROKER_URL').flushdb()"; }
 
@@ -63,7 +65,8 @@ PY
 echo "== services (output in $OUT)"
 flush
 docq db upgrade
-start simulator "$PY" -m workers.simulator --host 127.0.0.1 --port "$SIM_PORT" --seed 1 --latency-ms 50
+start simulator "$PY" -m workers.simulator --host 127.0.0.1 --port "$SIM_PORT" --seed 1 --latency-ms 50 \
+  --fail-rate 0.25
 start worker "$PY" -m celery -A tasks worker --pool=prefork --concurrency=2 --loglevel=INFO \
   --without-gossip --without-mingle --events --hostname=check@%h
 start flower "$PY" -c 'from tasks.cli import main; main()' flower --port "$FLOWER_PORT"
@@ -74,7 +77,7 @@ sleep 1
 
 echo "== a small job"
 JOB=$(docq submit examples/corpus --name browser-check --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["job_id"])')
-"$PY" -c "from tasks.progress import watch; import sys; sys.exit(watch($JOB, interval_s=0.5)['status'] != 'succeeded')"
+"$PY" -c "from tasks.progress import watch; import sys; sys.exit(watch($JOB, interval_s=0.5)['status'] not in ('succeeded', 'partial'))"
 
 echo "== Flower without credentials"
 BASE="http://127.0.0.1:$FLOWER_PORT"
@@ -102,4 +105,24 @@ grep -q "job=$JOB</" "$OUT/tasks.html" || grep -q "jobs.merge" "$OUT/tasks.html"
 [ -s "$OUT/flower-tasks.png" ] || { echo "FAIL: no screenshot" >&2; exit 1; }
 if grep -q "$PASSWORD" "$OUT/tasks.html"; then echo "FAIL: the password is in the page" >&2; exit 1; fi
 echo "screenshot: $OUT/flower-tasks.png"
+
+echo "== a batch's page: its result is the batch's story"
+TASK=$("$PY" - "$BASE/api/tasks?taskname=batches.process" "ops:$PASSWORD" <<'PY'
+import ast, base64, json, sys, urllib.request
+request = urllib.request.Request(sys.argv[1])
+request.add_header("Authorization", "Basic " + base64.b64encode(sys.argv[2].encode()).decode())
+tasks = json.load(urllib.request.urlopen(request, timeout=5))
+done = [(ast.literal_eval(t["result"]), uuid) for uuid, t in tasks.items() if t.get("result")]
+print(max(done, key=lambda pair: (pair[0]["errors"], pair[0]["ok"]))[1])
+PY
+)
+TASK_URL="http://ops:$PASSWORD@127.0.0.1:$FLOWER_PORT/task/$TASK"
+"${CHROME[@]}" --dump-dom "$TASK_URL" >"$OUT/task.html" 2>>"$OUT/chromium.log"
+"${CHROME[@]}" --screenshot="$OUT/flower-batch.png" "$TASK_URL" 2>>"$OUT/chromium.log"
+for field in "'ok': " "'errors': " "'tokens_in': " "'cost': " \
+    "'failed': {'RetryableLLMError: gave up after 1 attempts; last error: HTTP 5"; do
+  grep -q "$field" "$OUT/task.html" || { echo "FAIL: no $field in the result of task $TASK" >&2; exit 1; }
+done
+echo "batch task $TASK: its result shows counts, tokens, cost and a failed chunk's reason"
+echo "screenshot: $OUT/flower-batch.png"
 echo "OK"

@@ -265,6 +265,25 @@ def job_status(job_id: int) -> dict[str, Any]:
         }
 
 
+def running_jobs() -> list[dict[str, Any]]:
+    """The status (as `job_status` gives it) of every running job, oldest first.
+
+    Raises:
+        StoreUnavailableError, StoreNotMigratedError: the results store cannot be used.
+    """
+    rt = runtime()
+    with service_errors(rt.settings), rt.sessions() as session:
+        ids = list(session.scalars(
+            select(Job.id).where(Job.status == JobStatus.RUNNING).order_by(Job.id)))
+    found = []
+    for job_id in ids:
+        try:
+            found.append(job_status(job_id))
+        except JobNotFoundError:  # deleted since: it is not running any more
+            continue
+    return found
+
+
 def document_results(job_id: int) -> Iterator[dict[str, Any]]:
     """One record per document, in submission order, streamed from the store."""
     rt = runtime()

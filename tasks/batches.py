@@ -1,4 +1,9 @@
-"""The chord header task: process one batch. It never raises: errors become result rows."""
+"""The chord header task: process one batch. It never raises: errors become result rows.
+
+Its result (what Flower shows) is the batch's story: counts, tokens, cost and the ids of its
+failed chunks under each one-line reason (workers/batch/story.py). The merge ignores it
+(`merge_job.si`).
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ logger = logging.getLogger(__name__)
 MAX_CRASH_RETRIES = 8  # unexpected failures (store down, bugs) before the batch is left to resume
 
 
-@app.task(name="batches.process", bind=True, max_retries=None)
+# The result is the batch's story; the task event Flower reads carries this much of its repr.
+@app.task(name="batches.process", bind=True, max_retries=None, resultrepr_maxsize=2048)
 def process_batch(self: Task, batch_id: int, store: str | None = None) -> dict[str, Any]:
     """Call the model for every unfinished chunk of the batch and record its result.
 
@@ -58,7 +64,23 @@ def process_batch(self: Task, batch_id: int, store: str | None = None) -> dict[s
         countdown = min(max(outcome.retry_in_s, 0.1), s.retry_backoff_max_s)
         logger.info("batch %s: %s; again in %.1fs", batch_id, outcome.reason, countdown)
         raise self.retry(countdown=countdown, max_retries=None)
-    return {"batch_id": batch_id, "state": outcome.state}
+    return {"state": outcome.state, **_story(batch_id, outcome.state)}
+
+
+def _story(batch_id: int, state: str) -> dict[str, Any]:
+    """What the batch came to, for Flower (workers/batch/story.py); a chord header must not
+    raise, so a store that cannot say gives the bare batch id."""
+    from workers.batch.story import batch_story
+
+    if state != "done":
+        return {"batch_id": batch_id}
+    try:
+        with runtime().sessions() as session:
+            return batch_story(session, batch_id) or {"batch_id": batch_id}
+    except Exception as exc:  # noqa: BLE001 - the result only tells; the rows are written
+        logger.warning("batch %s: cannot read its story: %s: %s", batch_id, type(exc).__name__,
+                       exc)
+        return {"batch_id": batch_id}
 
 
 def refuse_wrong_store(task: Task, exc: WrongStoreError) -> NoReturn:

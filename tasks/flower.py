@@ -8,7 +8,9 @@ it is bound to loopback and the caller says `--insecure-local`.
 Task arguments are ids with an `argsrepr` summary (`job=12 batch=3/40 chunks=25`), so there is
 nothing secret to hide; `format_task` still cuts what the HTML pages show to a few hundred
 characters and drops tracebacks, so a surprise (an exception quoting its input) stays out of
-the browser. Flower's `/metrics` and `/healthcheck` need no credentials (Flower's own rule).
+the browser. A batch's result, its story (tasks/batches.py), may run to 2 KB: counts, then
+the reasons its chunks failed. Flower's `/metrics` and `/healthcheck` need no credentials
+(Flower's own rule).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from workers.errors import InputError
 from workers.settings import Settings
 
 MAX_FIELD_CHARS = 200
+MAX_RESULT_CHARS = 2048  # a batch's story (tasks/batches.py): counts, then failure reasons
 # The tasks page shows the argsrepr summary and the small result; Flower hides them by default.
 TASKS_COLUMNS = "name,uuid,state,args,result,received,runtime,worker"
 DEFAULT_MAX_TASKS = 10_000  # Flower's 100,000 default costs hundreds of MB (mher/flower#1305)
@@ -72,10 +75,11 @@ def basic_auth(settings: Settings, address: str, insecure_local: bool) -> str | 
 
 def format_task(task: Task) -> Task:
     """What Flower's pages show of a task: short arguments and result, no traceback."""
-    for name in ("args", "kwargs", "result"):
+    for name, limit in (("args", MAX_FIELD_CHARS), ("kwargs", MAX_FIELD_CHARS),
+                        ("result", MAX_RESULT_CHARS)):
         value = getattr(task, name, None)
-        if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
-            setattr(task, name, value[:MAX_FIELD_CHARS] + "…")
+        if isinstance(value, str) and len(value) > limit:
+            setattr(task, name, value[:limit] + "…")
     if task.exception:
         first = str(task.exception).splitlines()[0] if str(task.exception) else ""
         task.exception = first[:MAX_FIELD_CHARS]

@@ -39,9 +39,9 @@ class Snapshot:
     def line(self) -> str:
         pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
         parts = [f"job {self.job_id} {self.status}: {self.done}/{self.total} chunks{pct}",
-                 f"{self.errors} errors", _rate(self.tokens_per_min), _cost(self.cost)]
+                 f"{self.errors} errors", rate_text(self.tokens_per_min), cost_text(self.cost)]
         if self.left_s is not None and self.status not in _FINAL:
-            parts.append(f"about {_duration(self.left_s)} left")
+            parts.append(f"about {duration_text(self.left_s)} left")
         return ", ".join(parts)
 
 
@@ -141,10 +141,10 @@ class _LiveBar:
         snap = self.rates.add(status)
         fields: dict[str, Any] = {
             "job": snap.job_id, "status": snap.status,
-            "errors": f"{snap.errors} errors", "rate": _rate(snap.tokens_per_min),
-            "cost": _cost(snap.cost),
+            "errors": f"{snap.errors} errors", "rate": rate_text(snap.tokens_per_min),
+            "cost": cost_text(snap.cost),
             "left": "" if snap.left_s is None or snap.status in _FINAL
-            else f"{_duration(snap.left_s)} left",
+            else f"{duration_text(snap.left_s)} left",
         }
         if self.task is None:
             self.task = self.progress.add_task("job", total=snap.total or None, **fields)
@@ -172,15 +172,15 @@ def chunks_in_words(status: dict[str, Any]) -> str:
     return ", ".join(parts) if parts else "no chunks"
 
 
-def _rate(tpm: float | None) -> str:
+def rate_text(tpm: float | None) -> str:
     return "- tokens/min" if tpm is None else f"{tpm:,.0f} tokens/min"
 
 
-def _cost(cost: float | None) -> str:
+def cost_text(cost: float | None) -> str:
     return "cost unknown" if cost is None else f"${cost:.4f}"
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
     s = round(seconds)
     if s < 1:
         return "<1s"

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from models import make_sessionmaker, store_id
 from tasks.limits import limiter_for
 from workers.batch.liveness import Heartbeat
+from workers.batch.metering import MeteredLLM
 from workers.batch.processing import Services
 from workers.errors import WorkerError
 from workers.settings import Settings, masked_url
@@ -149,12 +150,12 @@ class Runtime:
 
         s = self.settings
         base_url = resolve_endpoint(s)
-        llm = OpenAICompatibleLLM(EndpointConfig(
+        llm = MeteredLLM(OpenAICompatibleLLM(EndpointConfig(
             base_url=base_url, model=s.model_name, mode=s.mode,
             api_key=s.llm_api_key.get_secret_value() if s.llm_api_key else None,
             timeout_s=s.llm_timeout_s, temperature=s.llm_temperature,
             max_connections=s.worker_inflight,
-        ))
+        )), s, base_url)
         # Every call in flight talks to Redis (stop flag, limiter): a blocking pool makes a
         # call beyond REDIS_CONNECTIONS wait its turn instead of failing "Too many connections".
         # (from_pool: closing the client closes the pool too.)

@@ -133,6 +133,18 @@ class Settings(BaseSettings):
         default=None, gt=0, description="Batches open at once per worker process (unset: "
         "enough to keep DOCQ_LLM_MAX_INFLIGHT calls in flight).")
 
+    # Prometheus metrics (tasks/exporter.py): each `docq worker` main process and `docq beat`
+    # serve /metrics on a port of their own; 0 is off, so two workers on one machine never
+    # fight over a port nobody asked for.
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="A worker's /metrics "
+                              "port; 0 is off.")
+    beat_metrics_port: int = Field(default=0, ge=0, le=65535, description="Beat's /metrics "
+                                   "port; 0 is off.")
+    metrics_address: str = Field(default="127.0.0.1", description="Address /metrics binds.")
+    metrics_dir: Path | None = Field(
+        default=None, description="Where a worker's processes keep their metric files (one "
+        "directory per worker main process under it); unset: `home`/metrics.")
+
     # Celery limits: model timeout < soft limit < hard limit < visibility timeout.
     task_soft_time_limit_s: int = 540
     task_time_limit_s: int = 600

@@ -33,3 +33,6 @@ def test_the_tasks_page_lists_the_job_in_a_real_browser(redis_url: str, tmp_path
     assert "/tasks without credentials: 401" in done.stdout
     assert done.stdout.rstrip().endswith("OK")
     assert (tmp_path / "flower-tasks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # and a batch's page showed its story: counts, tokens, cost and a failed chunk's reason
+    assert "its result shows counts, tokens, cost and a failed chunk's reason" in done.stdout
+    assert (tmp_path / "flower-batch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

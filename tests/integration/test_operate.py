@@ -468,7 +468,8 @@ def test_the_compose_file_wires_the_whole_stack() -> None:
     documented = (ROOT / ".env.example").read_text()
     services = compose["services"]
     # Then every service is there, Redis is durable and never evicts queued work
-    assert set(services) == {"redis", "postgres", "migrate", "worker", "beat", "flower", "llm"}
+    assert set(services) == {"redis", "postgres", "migrate", "worker", "beat", "flower", "llm",
+                             "prometheus", "grafana"}
     redis_cmd = " ".join(services["redis"]["command"])
     for flag in ("--appendonly yes", "--appendfsync everysec", "--maxmemory-policy noeviction"):
         assert flag in redis_cmd
@@ -493,6 +494,14 @@ def test_the_compose_file_wires_the_whole_stack() -> None:
     # and the model server is the `local` profile, optional for workers
     assert services["llm"]["profiles"] == ["local"]
     assert services["worker"]["depends_on"]["llm"]["required"] is False
+    # and Prometheus and Grafana are the `monitoring` profile, scraping what workers and beat serve
+    assert services["prometheus"]["profiles"] == services["grafana"]["profiles"] == ["monitoring"]
+    scraped = yaml.safe_load((ROOT / "docker" / "prometheus" / "prometheus.yml").read_text())
+    ports = {job["job_name"]: job for job in scraped["scrape_configs"]}
+    assert ports["docq-worker"]["dns_sd_configs"][0]["port"] == int(
+        services["worker"]["environment"]["DOCQ_METRICS_PORT"])
+    assert ports["docq-beat"]["static_configs"][0]["targets"] == [
+        f"beat:{services['beat']['environment']['DOCQ_BEAT_METRICS_PORT']}"]
     # and every variable the file reads is documented, every named volume declared
     text = (ROOT / "docker-compose.yml").read_text()
     for var in set(re.findall(r"(?<!\$)\$\{([A-Z_]+)", text)):

@@ -9,7 +9,7 @@ The layers, top to bottom (docs/ARCHITECTURE.md explains them):
     workers.provider                       calling the model
     workers.pipelines                      what is asked of the model
     workers.ingest                         reading and cutting documents
-    workers.{settings,errors,tokens,keys,clock}   shared names
+    workers.{settings,errors,tokens,keys,clock,metrics}   shared names
     models                                 the tables
 
 A module may import from its own layer and the layers below it. `workers.local` and
@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("models", "workers", "tasks")
 FOUNDATION = ("workers.settings", "workers.errors", "workers.tokens", "workers.keys",
-              "workers.clock")
+              "workers.clock", "workers.metrics")
 LAYERS: list[tuple[str, ...]] = [
     ("tasks",),
     ("workers.jobs",),

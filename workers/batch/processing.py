@@ -26,6 +26,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import JobStatus, ResultStatus
+from workers import metrics
 from workers.batch import cache, leases
 from workers.batch.cache import CachePolicy
 from workers.batch.guard import JobGuard, StopReason
@@ -309,6 +310,7 @@ async def _work(
 
     writer = _Writer(svc, info.pipeline_version, refresh=info.cache_policy == CachePolicy.REFRESH,
                      owner=owner, guard=guard)
+    metrics.current_pipeline.set(info.pipeline)  # the label of this pass's calls
     busy: list[_Pause] = []
 
     def lapsed() -> bool:
@@ -319,7 +321,9 @@ async def _work(
         hits = await svc.db(lambda s: cache.lookup(s, [c.key for c in calls]))
         for c in [c for c in calls if c.key in hits]:
             await writer.add(_cached_row(info, c, *hits[c.key]))
-        calls = [c for c in calls if c.key not in hits]
+        misses = [c for c in calls if c.key not in hits]
+        metrics.cache_hits(svc.settings.model_name, info.pipeline, len(calls) - len(misses))
+        calls = misses
 
     async def one(call: _Call) -> None:
         if busy or time.monotonic() > deadline or lapsed():

@@ -1,0 +1,91 @@
+"""`docq top`: every running job and the shared rate limiter, redrawn in place (rich), for
+people without Grafana. `--once` prints one frame and exits (scripts, tests, a pipe).
+
+It reads what the status commands read: the store for the jobs (`tasks.api.running_jobs`) and
+Redis for the limiter (`tasks.limits.limiter_status`); it writes nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from tasks.cli.app import cli
+
+BAR_WIDTH = 12
+PIPE_WIDTH = 120  # a frame written to a pipe or a file: no terminal says how wide
+
+
+@cli.command()
+def top(
+    once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
+    interval: Annotated[float, typer.Option(
+        help="Seconds between frames.", min=0.2)] = 2.0,
+) -> None:
+    """Watch every running job (progress, rate, errors, cost) and the rate limiter (use against
+    the limits, calls in flight, cool-down). Ctrl-C ends it."""
+    from rich.live import Live
+
+    from tasks.progress import Rates
+    from tasks.runtime import runtime
+
+    settings = runtime().settings
+    rates: dict[int, Rates] = {}
+    if once:
+        Console(width=None if sys.stdout.isatty() else PIPE_WIDTH).print(frame(settings, rates))
+        return
+    try:
+        with Live(frame(settings, rates), auto_refresh=False, screen=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(frame(settings, rates), refresh=True)
+    except KeyboardInterrupt:
+        return
+
+
+def frame(settings: Any, rates: dict[int, Any]) -> Group:
+    """One frame: the jobs table and the limiter's lines. `rates` keeps each job's samples."""
+    from tasks.api import running_jobs
+    from tasks.limits import format_limiter_status, limiter_status
+    from tasks.progress import Rates
+
+    jobs = running_jobs()
+    for gone in set(rates) - {j["id"] for j in jobs}:
+        del rates[gone]
+    return Group(
+        jobs_table([rates.setdefault(j["id"], Rates()).add(j) for j in jobs], jobs),
+        Text(format_limiter_status(limiter_status(settings))),
+    )
+
+
+def jobs_table(snaps: list[Any], jobs: list[dict[str, Any]]) -> Table | Text:
+    from tasks.progress import cost_text, duration_text, rate_text
+
+    if not jobs:
+        return Text("no running jobs")
+    table = Table(title=f"{len(jobs)} running job{'s' if len(jobs) != 1 else ''}",
+                  title_justify="left")
+    for name in ("job", "pipeline", "progress", "chunks", "errors", "retrying", "rate", "cost",
+                 "left"):
+        table.add_column(name, no_wrap=True,
+                         justify="right" if name in ("chunks", "errors", "retrying") else "left")
+    for snap, job in zip(snaps, jobs, strict=True):
+        table.add_row(
+            str(snap.job_id), str(job["pipeline"]), bar(snap.done, snap.total),
+            f"{snap.done:,}/{snap.total:,}",
+            str(snap.errors), str(job.get("chunks_retrying") or 0), rate_text(snap.tokens_per_min),
+            cost_text(snap.cost), "-" if snap.left_s is None else duration_text(snap.left_s))
+    return table
+
+
+def bar(done: int, total: int) -> str:
+    """`████░░░░  30%`: the share of the job's chunks with a final result."""
+    share = done / total if total else 0.0
+    filled = round(BAR_WIDTH * share)
+    return f"{'█' * filled}{'░' * (BAR_WIDTH - filled)} {100 * share:3.0f}%"
