@@ -79,7 +79,15 @@ class Supervisor:
                 "--events", "--loglevel=INFO", "--without-gossip", *self.extra]
 
     def start(self, index: int) -> None:
-        self.procs[index] = subprocess.Popen(self.argv(index))
+        self.procs[index] = subprocess.Popen(self.argv(index), env=self.env(index))
+
+    def env(self, index: int) -> dict[str, str]:
+        """Each process serves its metrics on a port of its own: DOCQ_METRICS_PORT + index."""
+        env = dict(os.environ)
+        port = env.get("DOCQ_METRICS_PORT", "")
+        if port.isdigit() and int(port) > 0:
+            env["DOCQ_METRICS_PORT"] = str(int(port) + index)
+        return env
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
