@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from workers.simulator.batches import add_routes as add_batch_routes
 from workers.simulator.config import SimulatorConfig
 from workers.simulator.faults import Fault, FaultInjector
 from workers.simulator.generate import build_reply
@@ -68,6 +69,7 @@ def build_app(config: SimulatorConfig) -> web.Application:
     app.router.add_get("/stats", _stats)
     app.router.add_post("/stats/reset", _stats_reset)
     app.router.add_get("/requests", _requests)
+    add_batch_routes(app, config, _check_key)
     app.on_response_prepare.append(_limit_headers)
     return app
 
