@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from models import FINAL_JOB_STATES, Document, Job, JobStatus, Result
+from models import FINAL_JOB_STATES, Document, Job, JobStatus, Lane, Result
 from tasks.failures import explain, service_errors
 from tasks.publish import check_broker, forget_chord_results, publish
 from tasks.runtime import runtime
@@ -24,6 +24,7 @@ from workers.errors import (
     WorkerError,
 )
 from workers.ingest.sources import SourceDocument
+from workers.jobs.lane import provider_batches
 from workers.jobs.submission import (
     SubmitReport,
     create_job,
@@ -37,6 +38,8 @@ from workers.pipelines.openai_batch import PIPELINE_NAME as OPENAI_BATCH
 from workers.pipelines.openai_batch import read_batch_file, write_batch_results
 from workers.settings import Settings
 
+LANES = tuple(Lane)
+
 
 def submit(
     sources: str | os.PathLike[str] | Iterable[Any],
@@ -49,6 +52,7 @@ def submit(
     cache: str = "use",
     budget_tokens: int | None = None,
     budget_cost: float | None = None,
+    lane: str = "online",
 ) -> JobHandle:
     """Record the corpus as a job and queue its batches; returns at once with a handle.
 
@@ -56,7 +60,9 @@ def submit(
     with `id`, `text` and optional `metadata`. `cache` is "use" (answer from the response cache
     where possible), "refresh" (call the model and overwrite the cache) or "off". A budget in
     tokens and/or dollars stops the job's model calls once spent; the chunks left end
-    `skipped_budget`.
+    `skipped_budget`. `lane` is "online" (the workers call the model per chunk) or "batch"
+    (the provider's Batch API at batch prices, sent and polled by `docq beat`: hours, not
+    seconds; the budget counts enqueued work as spent).
 
     Raises:
         PipelineError: an unknown pipeline or options it cannot use.
@@ -72,6 +78,10 @@ def submit(
     options = {k: v for k, v in
                {"labels": labels, "schema": schema, "prompt": prompt}.items() if v is not None}
     pipe = build_pipeline(pipeline, options)
+    if lane not in LANES:
+        raise InputError(f"unknown lane {lane!r}: choose online or batch")
+    if lane == Lane.BATCH and runtime().settings.mode != "chat":
+        raise InputError("--lane batch sends chat requests: set DOCQ_LLM_MODE=chat")
     if cache not in CACHE_POLICIES:
         raise InputError(f"unknown cache policy {cache!r}: choose use, refresh or off")
     for option, budget in (("budget_tokens", budget_tokens), ("budget_cost", budget_cost)):
@@ -88,7 +98,8 @@ def submit(
         documents = _source_documents(sources, pipe.name, rt.settings)  # a batch file: first
         with rt.sessions.begin() as session:
             job_id = create_job(session, rt.settings, pipe, name, cache_policy=cache,
-                                budget_tokens=budget_tokens, budget_cost=budget_cost).id
+                                budget_tokens=budget_tokens, budget_cost=budget_cost,
+                                lane=lane).id
         report = ingest(rt.sessions, rt.settings, job_id, documents)
         if not report.documents_accepted:
             with rt.sessions.begin() as session:
@@ -96,6 +107,8 @@ def submit(
             raise _nothing_to_submit(report)
         with rt.sessions.begin() as session:
             mark_submitted(session, job_id)
+    if lane == Lane.BATCH:  # beat's `lane.poll` sends it: nothing goes to the workers' queue
+        return JobHandle(job_id, report)
     try:
         publish(job_id)  # only after the commit: a worker must find every row it is sent
     except Exception as exc:
@@ -262,6 +275,7 @@ def job_status(job_id: int) -> dict[str, Any]:
             "chunks_per_s": job.chunks_per_s,
             "created_at": _iso(job.created_at), "submitted_at": _iso(job.submitted_at),
             "finished_at": _iso(job.finished_at),
+            "lane": job.lane, "provider_batches": provider_batches(session, job_id),
         }
 
 

@@ -139,6 +139,7 @@ def beat(ctx: typer.Context) -> None:
     to Celery beat)."""
     from tasks.beat import beat_entries, config_path
     from tasks.celery import app
+    from tasks.lane import poll_entry
     from tasks.maintenance import reconcile_entry
     from tasks.runtime import runtime
     from workers.jobs.schedules import ScheduleError, load_schedules
@@ -154,7 +155,8 @@ def beat(ctx: typer.Context) -> None:
     else:
         typer.echo(f"no schedule file at {path} (DOCQ_CONFIG): beat runs the reconciler only",
                    err=True)
-    app.conf.beat_schedule = {**beat_entries(found), "jobs-reconcile": reconcile_entry(settings)}
+    app.conf.beat_schedule = {**beat_entries(found), "jobs-reconcile": reconcile_entry(settings),
+                              "lane-poll": poll_entry(settings)}
     now = datetime.now(UTC)
     for s in found:
         typer.echo(f"schedule {s.name}: cron '{s.cron.expr}' {s.cron.timezone}, "

@@ -64,6 +64,7 @@ def create_job(
     cache_policy: str = "use",
     budget_tokens: int | None = None,
     budget_cost: float | None = None,
+    lane: str = "online",
 ) -> Job:
     """Insert the job row in state pending."""
     job = Job(
@@ -78,6 +79,7 @@ def create_job(
         cache_policy=cache_policy,
         budget_tokens=budget_tokens,
         budget_cost=budget_cost,
+        lane=lane,
     )
     session.add(job)
     session.flush()
