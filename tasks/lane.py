@@ -24,7 +24,7 @@ from workers.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-LOCK_TTL_S = 900  # a crashed holder blocks its job's lane this long at most
+LOCK_TTL_S = 300  # a killed holder blocks its job's lane this long at most
 
 
 def poll_entry(settings: Settings) -> dict[str, Any]:

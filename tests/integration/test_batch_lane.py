@@ -29,6 +29,7 @@ from models import (
 )
 from tasks import submit
 from tasks.api import job_status
+from tasks.control import cancel
 from tasks.runtime import runtime
 
 pytestmark = pytest.mark.integration
@@ -141,7 +142,7 @@ def test_a_batch_lane_job_answers_like_the_online_lane_at_half_the_price(
     beat(env)
     docs = corpus(40)
     # When the same corpus goes through the batch lane and, with the cache off, online
-    batch_job = submit(docs, "summarize", lane="batch", cache="off")
+    batch_job = submit(docs, "summarize", lane="batch")
     batch_st = wait_final(batch_job.id, 90)
     online_job = submit(docs, "summarize", cache="off")
     online_st = wait_final(online_job.id, 90)
@@ -164,3 +165,193 @@ def test_a_batch_lane_job_answers_like_the_online_lane_at_half_the_price(
     shown = subprocess.run([str(DOCQ), "status", str(batch_job.id)], env={**os.environ, **env},
                            capture_output=True, text=True, timeout=60, check=True).stdout
     assert f"provider batch {rows[0].provider_batch_id} completed" in shown
+    # and a rerun of the unchanged corpus is answered from the cache: no file, no batch
+    created = batch_stats(sim)
+    rerun = submit(docs, "summarize", lane="batch")
+    rerun_st = wait_final(rerun.id, 60)
+    assert rerun_st["status"] == "succeeded"
+    assert rerun_st["chunks_by_state"] == {"ok": batch_st["chunks_total"]}
+    assert rerun_st["cost"] == 0
+    assert ledger(rerun.id) == []
+    assert batch_stats(sim) == created
+
+
+def test_20000_chunks_go_in_files_within_limits_and_cost_half_the_online_price(
+    simulator: Any, docq_env: Any, workers: Any, beat: Any
+) -> None:
+    # Given a provider that takes at most 6,000 requests a file
+    sim = simulator("--seed", "4", "--batch-max-requests", "6000", "--batch-turnaround-s", "2")
+    env = docq_env(sim.url, **SHAPE | {"batch_file_max_requests": 6000})
+    workers(env, concurrency=1)
+    beat(env)
+    # When a job of 20,000 one-chunk documents goes through the batch lane
+    started = time.monotonic()
+    job = submit(corpus(20_000, sentences=1), "summarize", lane="batch", cache="off")
+    st = wait_final(job.id, 600)
+    took_s = time.monotonic() - started
+    # Then it succeeds, every chunk once, in four files of at most 6,000 requests
+    assert st["status"] == "succeeded", st
+    assert st["chunks_total"] == 20_000
+    assert st["chunks_by_state"] == {"ok": 20_000}
+    rows = ledger(job.id)
+    assert [r.requests for r in rows] == [6000, 6000, 6000, 2000]
+    assert all(r.state == LedgerState.CLOSED and r.provider_status == "completed" for r in rows)
+    assert batch_stats(sim)["batches_created"] == 4
+    # and costs half of what the table's online price makes of the same tokens
+    online = runtime().settings.price_for("docq-sim")
+    assert online is not None
+    online_cost = online.cost(st["tokens_in"], st["tokens_out"], "online")
+    assert st["cost"] == pytest.approx(online_cost / 2, rel=1e-9)
+    print(f"\nfigures: 20,000 chunks in {len(rows)} provider batches, submit to merged "
+          f"{took_s:.1f} s; tokens in {st['tokens_in']:,} out {st['tokens_out']:,}; cost "
+          f"batch ${st['cost']:.4f} vs online ${online_cost:.4f}")
+
+
+def linked_chunks(row_id: int) -> set[int]:
+    with runtime().sessions() as s:
+        return set(s.scalars(select(ProviderBatchChunk.chunk_id)
+                             .where(ProviderBatchChunk.provider_batch_id == row_id)))
+
+
+def test_an_expired_batch_keeps_what_it_did_and_only_the_rest_is_sent_then_a_cancel_records_it(
+    simulator: Any, docq_env: Any, workers: Any, beat: Any
+) -> None:
+    # Given a provider whose batches expire after 60% of their turnaround
+    sim = simulator("--seed", "5", "--batch-turnaround-s", "10", "--batch-window-s", "6")
+    env = docq_env(sim.url, **SHAPE)
+    workers(env, concurrency=1)
+    beat(env)
+    job = submit(corpus(50), "summarize", lane="batch", cache="off")
+    # When the first batch expires with 30 of its 50 lines done
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(ledger(job.id)) < 2:
+        time.sleep(0.2)
+    first, second = ledger(job.id)[:2]
+    assert (first.provider_status, first.completed, first.requests) == ("expired", 30, 50)
+    # Then the 30 are recorded once, and the next batch carries only the other 20
+    done = {cid for cid, r in results(job.id).items() if r[0] == "ok"}
+    assert len(done) == 30
+    assert second.requests == 20
+    assert linked_chunks(second.id) == linked_chunks(first.id) - done
+    # When the job is cancelled while the second batch runs
+    time.sleep(1.0)
+    assert cancel(job.id)
+    st = wait_final(job.id, 60)
+    # Then that provider batch is cancelled, what it had completed is recorded, and the rest
+    # ends cancelled
+    rows = ledger(job.id)
+    assert len(rows) == 2
+    last = rows[-1]
+    assert last.provider_status == "cancelled"
+    assert 0 < last.completed < 20
+    assert st["status"] == "cancelled"
+    assert st["chunks_by_state"] == {"ok": 30 + last.completed, "cancelled": 20 - last.completed}
+    assert batch_stats(sim)["batches_cancelled"] == 1
+    print(f"\nfigures: expired batch kept {first.completed}/50; resent {second.requests}; "
+          f"cancel kept {last.completed} of those")
+
+
+class Crash(Exception):
+    """The process dies here: nothing after this point of `advance` happens."""
+
+
+class CrashingApi:
+    """The real Batch API client, dying once right after the named call reached the provider."""
+
+    def __init__(self, real: Any, after: str) -> None:
+        self.real, self.after = real, after
+
+    def __getattr__(self, name: str) -> Any:
+        call = getattr(self.real, name)
+        if name != self.after:
+            return call
+
+        def once(*args: Any) -> Any:
+            out = call(*args)
+            self.after = ""
+            raise Crash(f"died after {name}")
+
+        return once
+
+
+def provider_batches(sim: Any) -> list[dict[str, Any]]:
+    return list(httpx.get(sim.url + "/batches", params={"limit": 100}, timeout=5)
+                .json()["data"])
+
+
+@pytest.mark.parametrize("after", ["upload", "create", "content"])
+def test_a_crash_after_any_provider_call_is_finished_by_the_next_advance_without_a_duplicate(
+    simulator: Any, docq_env: Any, after: str
+) -> None:
+    from workers.jobs.lane import advance
+    from workers.provider.batch_api import OpenAIBatchApi, RequestBodies
+
+    # Given a batch-lane job of 30 chunks and nothing polling it but this test
+    sim = simulator("--seed", "6")
+    docq_env(sim.url, **SHAPE)
+    job = submit(corpus(30), "summarize", lane="batch", cache="off")
+    rt = runtime()
+    real = OpenAIBatchApi(rt.settings, sim.url)
+    bodies = RequestBodies(rt.settings, sim.url)
+
+    def step(api: Any) -> Any:
+        return advance(rt.sessions, rt.settings, api, bodies, sim.url, job.id)
+
+    # When the process dies right after the provider took the upload, the create, or gave
+    # the output file (before anything after it was committed)
+    if after == "content":
+        step(real)  # sent
+        time.sleep(0.5)
+    with pytest.raises(Crash):
+        step(CrashingApi(real, after))
+    # Then the next advances finish the work: one provider batch, every chunk recorded once
+    deadline = time.monotonic() + 30
+    while not step(real).ready and time.monotonic() < deadline:
+        time.sleep(0.3)
+    real.close()
+    assert len(provider_batches(sim)) == 1
+    stats = batch_stats(sim)
+    assert stats["batches_created"] == 1
+    # (an upload whose id was lost with the process is made again: a file costs nothing)
+    assert stats["files_uploaded"] == (2 if after == "upload" else 1)
+    rows = results(job.id)
+    with runtime().sessions() as s:
+        chunks = s.scalar(select(func.count()).select_from(Chunk).where(Chunk.job_id == job.id))
+    assert len(rows) == chunks
+    assert {r[0] for r in rows.values()} == {"ok"}
+    assert [(r.state, r.requests) for r in ledger(job.id)] == [(LedgerState.CLOSED, chunks)]
+
+
+def test_killed_worker_and_beat_and_a_flushed_redis_lose_nothing_and_send_nothing_twice(
+    simulator: Any, docq_env: Any, workers: Any, beat: Any, redis_client: redis.Redis
+) -> None:
+    # Given a job in three provider batches that take four seconds each
+    sim = simulator("--seed", "7", "--batch-turnaround-s", "4", "--batch-max-requests", "100")
+    env = docq_env(sim.url, **SHAPE | {"batch_file_max_requests": 100})
+    w = workers(env, concurrency=1)
+    b = beat(env)
+    job = submit(corpus(300, sentences=1), "summarize", lane="batch", cache="off")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+            r.state == LedgerState.CREATED for r in ledger(job.id)):
+        time.sleep(0.1)
+    # When the worker and beat are killed mid-poll and Redis loses everything
+    w.kill()
+    b.kill()
+    redis_client.flushdb()
+    before = [(r.state, r.provider_status) for r in ledger(job.id)]
+    # and both come back
+    workers(env, concurrency=1)
+    beat(env)
+    st = wait_final(job.id, 120)
+    # Then the job succeeds with every chunk recorded once, and the provider got every
+    # chunk in exactly one batch
+    assert st["status"] == "succeeded", st
+    assert st["chunks_by_state"] == {"ok": 300}
+    sent = provider_batches(sim)
+    assert len(sent) == len(ledger(job.id)) == 3
+    assert sum(p["request_counts"]["total"] for p in sent) == 300
+    stats = batch_stats(sim)
+    assert stats["batches_created"] == 3
+    print(f"\nfigures: ledger at the crash {before}; uploads {stats['files_uploaded']}, "
+          f"batches created {stats['batches_created']}")
