@@ -21,7 +21,6 @@ from sqlalchemy import func, select
 from models import (
     FINAL_JOB_STATES,
     Chunk,
-    Job,
     LedgerState,
     ProviderBatch,
     ProviderBatchChunk,
@@ -267,7 +266,7 @@ class CrashingApi:
             return call
 
         def once(*args: Any) -> Any:
-            out = call(*args)
+            call(*args)
             self.after = ""
             raise Crash(f"died after {name}")
 
