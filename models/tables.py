@@ -96,6 +96,8 @@ class Job(Base):
     budget_tokens: Mapped[int | None] = mapped_column(BigInteger)
     budget_cost: Mapped[float | None] = mapped_column(Float)
     lane: Mapped[str] = mapped_column(String(8), default="online", server_default="online")
+    # Batch lane: once this few chunks are left after a provider batch, they go online.
+    fallback_below: Mapped[int | None] = mapped_column(Integer)
 
     documents_total: Mapped[int] = mapped_column(default=0)
     documents_rejected: Mapped[int] = mapped_column(default=0)

@@ -53,6 +53,8 @@ def submit(
     budget_tokens: int | None = None,
     budget_cost: float | None = None,
     lane: str = "online",
+    batch_fallback: str | None = None,
+    fallback_below: int = 100,
 ) -> JobHandle:
     """Record the corpus as a job and queue its batches; returns at once with a handle.
 
@@ -62,7 +64,9 @@ def submit(
     tokens and/or dollars stops the job's model calls once spent; the chunks left end
     `skipped_budget`. `lane` is "online" (the workers call the model per chunk) or "batch"
     (the provider's Batch API at batch prices, sent and polled by `docq beat`: hours, not
-    seconds; the budget counts enqueued work as spent).
+    seconds; the budget counts enqueued work as spent). `batch_fallback="online"` sends what
+    is left to the online lane once a provider batch leaves at most `fallback_below` chunks
+    unfinished (failed lines, an expiry's rest) instead of waiting for another batch.
 
     Raises:
         PipelineError: an unknown pipeline or options it cannot use.
@@ -82,6 +86,11 @@ def submit(
         raise InputError(f"unknown lane {lane!r}: choose online or batch")
     if lane == Lane.BATCH and runtime().settings.mode != "chat":
         raise InputError("--lane batch sends chat requests: set DOCQ_LLM_MODE=chat")
+    if batch_fallback not in (None, Lane.ONLINE) or (batch_fallback and lane != Lane.BATCH):
+        raise InputError(f"--batch-fallback {batch_fallback!r}: the batch lane can fall back "
+                         "to online only, with --lane batch")
+    if fallback_below < 1:
+        raise InputError(f"--fallback-below must be at least 1, not {fallback_below!r}")
     if cache not in CACHE_POLICIES:
         raise InputError(f"unknown cache policy {cache!r}: choose use, refresh or off")
     for option, budget in (("budget_tokens", budget_tokens), ("budget_cost", budget_cost)):
@@ -99,7 +108,8 @@ def submit(
         with rt.sessions.begin() as session:
             job_id = create_job(session, rt.settings, pipe, name, cache_policy=cache,
                                 budget_tokens=budget_tokens, budget_cost=budget_cost,
-                                lane=lane).id
+                                lane=lane,
+                                fallback_below=fallback_below if batch_fallback else None).id
         report = ingest(rt.sessions, rt.settings, job_id, documents)
         if not report.documents_accepted:
             with rt.sessions.begin() as session:

@@ -17,6 +17,7 @@ from redis.exceptions import LockError
 from models import store_id
 from tasks.celery import app, broker_redis
 from tasks.jobs import merge_job
+from tasks.publish import publish
 from tasks.runtime import resolve_endpoint, runtime
 from workers import keys
 from workers.jobs.lane import Advance, advance, lane_jobs
@@ -58,6 +59,8 @@ def advance_job(job_id: int) -> dict[str, Any]:
             lock.release()
         except LockError:  # it expired (or Redis was flushed): nothing to release
             pass
+    if done.online:
+        publish(job_id)
     if done.ready:
         with runtime().sessions.begin() as session:
             store = store_id(session)

@@ -44,6 +44,11 @@ def submit(
     lane: Annotated[str, typer.Option(
         help="online (workers call the model) or batch (the provider's Batch API, half price, "
         "sent and polled by `docq beat`).")] = "online",
+    batch_fallback: Annotated[str | None, typer.Option(
+        help="online: with --lane batch, send the chunks a provider batch leaves unfinished "
+        "online once at most --fallback-below are left.")] = None,
+    fallback_below: Annotated[int, typer.Option(
+        help="The most chunks --batch-fallback sends online (100).")] = 100,
     as_json: JsonFlag = False,
 ) -> None:
     """Record documents as a job and queue its batches."""
@@ -64,7 +69,8 @@ def submit(
         _print_estimate(paths, pipeline, options, as_json)
         return
     handle = do_submit(paths, pipeline, **options, name=name, cache=cache,
-                       budget_tokens=budget_tokens, budget_cost=budget_cost, lane=lane)
+                       budget_tokens=budget_tokens, budget_cost=budget_cost, lane=lane,
+                       batch_fallback=batch_fallback, fallback_below=fallback_below)
     report: dict[str, Any] = handle.report.as_dict() if handle.report else {"job_id": handle.id}
     if as_json and not wait:
         typer.echo(json.dumps(report))

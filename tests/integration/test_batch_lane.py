@@ -116,12 +116,6 @@ def results(job_id: int) -> dict[int, tuple[str, int, int, float | None, Any]]:
                 for r in s.scalars(select(Result).where(Result.job_id == job_id))}
 
 
-def chunk_texts(job_id: int) -> list[str]:
-    with runtime().sessions() as s:
-        return list(s.scalars(select(Chunk.text).where(Chunk.job_id == job_id)
-                              .order_by(Chunk.document_id, Chunk.seq)))
-
-
 def by_text(job_id: int) -> dict[str, tuple[str, int, int, float | None, Any]]:
     with runtime().sessions() as s:
         rows = s.execute(select(Chunk.text, Result.status, Result.tokens_in, Result.tokens_out,
@@ -354,3 +348,48 @@ def test_killed_worker_and_beat_and_a_flushed_redis_lose_nothing_and_send_nothin
     assert stats["batches_created"] == 3
     print(f"\nfigures: ledger at the crash {before}; uploads {stats['files_uploaded']}, "
           f"batches created {stats['batches_created']}")
+
+
+def attempts(job_id: int) -> list[int]:
+    with runtime().sessions() as s:
+        return list(s.scalars(select(Result.attempts).where(Result.job_id == job_id)))
+
+
+def test_failed_lines_go_in_a_new_batch_until_they_pass(
+    simulator: Any, docq_env: Any, workers: Any, beat: Any
+) -> None:
+    # Given a provider that fails a third of the lines it runs
+    sim = simulator("--seed", "8", "--batch-fail-rate", "0.33")
+    env = docq_env(sim.url, **SHAPE)
+    workers(env, concurrency=1)
+    beat(env)
+    # When a batch-lane job runs
+    job = submit(corpus(40), "summarize", lane="batch", cache="off")
+    st = wait_final(job.id, 90)
+    # Then every chunk ends ok, the failed ones in later batches that held only them
+    assert st["status"] == "succeeded", st
+    rows = ledger(job.id)
+    assert len(rows) >= 2
+    assert [r.requests for r in rows[1:]] == [r.failed for r in rows[:-1]]
+    assert sum(attempts(job.id)) == sum(r.requests for r in rows)
+    print(f"\nfigures: requests per provider batch {[r.requests for r in rows]}")
+
+
+def test_the_few_chunks_a_batch_leaves_go_online_with_batch_fallback(
+    simulator: Any, docq_env: Any, workers: Any, beat: Any
+) -> None:
+    # Given a provider that fails a fifth of the lines it runs, and a job that falls back to
+    # the online lane for up to 20 chunks
+    sim = simulator("--seed", "9", "--batch-fail-rate", "0.2")
+    env = docq_env(sim.url, **SHAPE)
+    workers(env, concurrency=1)
+    beat(env)
+    job = submit(corpus(40), "summarize", lane="batch", cache="off", batch_fallback="online",
+                 fallback_below=20)
+    st = wait_final(job.id, 90)
+    # Then one provider batch ran, and its failed lines were called online, once each
+    assert st["status"] == "succeeded", st
+    (row,) = ledger(job.id)
+    assert 0 < row.failed <= 20
+    assert sim.stats()["by_status"] == {"200": row.failed}
+    assert st["lane"] == "online"

@@ -75,6 +75,7 @@ class JobView:
     cache_policy: str
     budget_tokens: int | None
     budget_cost: float | None
+    fallback_below: int | None
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Advance:
     recorded: int = 0  # result rows written from provider files
     cached: int = 0
     ready: bool = False  # every chunk final and nothing live: merge the job
+    online: bool = False  # the job moved to the online lane: publish its batches
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -146,6 +148,9 @@ def advance(sessions: sessionmaker[Session], settings: Settings, api: BatchApi,
         _cancel_live(ctx)
     for row in _rows(ctx, (LedgerState.CREATED,)):
         _poll(ctx, row)
+    if not cancelled and _fall_back(ctx):
+        ctx.done.online = True
+        return ctx.done
     if not cancelled:
         _send_new(ctx)
     with sessions.begin() as session:
@@ -160,7 +165,7 @@ def _job_view(session: Session, job_id: int) -> JobView | None:
     if job is None or job.lane != Lane.BATCH:
         return None
     return JobView(job.id, job.status, job.pipeline, job.pipeline_version, dict(job.options),
-                   job.cache_policy, job.budget_tokens, job.budget_cost)
+                   job.cache_policy, job.budget_tokens, job.budget_cost, job.fallback_below)
 
 
 def _rows(ctx: _Context, states: Sequence[str]) -> list[ProviderBatch]:
@@ -177,6 +182,28 @@ def _rows(ctx: _Context, states: Sequence[str]) -> list[ProviderBatch]:
 def _update(ctx: _Context, row_id: int, **values: Any) -> None:
     with ctx.sessions.begin() as session:
         session.execute(update(ProviderBatch).where(ProviderBatch.id == row_id).values(**values))
+
+
+def _fall_back(ctx: _Context) -> bool:
+    """Move the job to the online lane when what a provider batch left is few enough.
+
+    Only with nothing live at the provider, so no chunk can be in a provider batch and an
+    online delivery at once; the reconciler and the chord own the job from here.
+    """
+    threshold = ctx.job.fallback_below
+    if threshold is None:
+        return False
+    with ctx.sessions.begin() as session:
+        states = set(session.scalars(select(ProviderBatch.state).distinct()
+                                     .where(ProviderBatch.job_id == ctx.job.id)))
+        if states != {LedgerState.CLOSED}:
+            return False  # nothing sent yet, or something still live
+        left = _unfinished(session, ctx.job)
+        if not 0 < left <= threshold:
+            return False
+        session.execute(update(Job).where(Job.id == ctx.job.id).values(lane=Lane.ONLINE))
+    logger.info("job %s: %d chunks left after its provider batches go online", ctx.job.id, left)
+    return True
 
 
 # -- sending --------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ def create_job(
     budget_tokens: int | None = None,
     budget_cost: float | None = None,
     lane: str = "online",
+    fallback_below: int | None = None,
 ) -> Job:
     """Insert the job row in state pending."""
     job = Job(
@@ -80,6 +81,7 @@ def create_job(
         budget_tokens=budget_tokens,
         budget_cost=budget_cost,
         lane=lane,
+        fallback_below=fallback_below,
     )
     session.add(job)
     session.flush()

@@ -20,6 +20,7 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("lane", sa.String(length=8), nullable=False, server_default="online")
         )
+        batch_op.add_column(sa.Column("fallback_below", sa.Integer(), nullable=True))
     op.create_table(
         "provider_batches",
         sa.Column("id", BigId, nullable=False),
@@ -69,4 +70,5 @@ def downgrade() -> None:
         batch_op.drop_index("ix_provider_batches_job_id")
     op.drop_table("provider_batches")
     with op.batch_alter_table("jobs") as batch_op:
+        batch_op.drop_column("fallback_below")
         batch_op.drop_column("lane")
