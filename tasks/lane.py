@@ -55,10 +55,7 @@ def advance_job(job_id: int) -> dict[str, Any]:
     try:
         done = advance_now(job_id)
     finally:
-        try:
-            lock.release()
-        except LockError:  # it expired (or Redis was flushed): nothing to release
-            pass
+        _release(lock)
     if done.online:
         publish(job_id)
     if done.ready:
@@ -67,6 +64,38 @@ def advance_job(job_id: int) -> dict[str, Any]:
         merge_job.apply_async((job_id,), {"store": store}, argsrepr=f"job={job_id}",
                               kwargsrepr="{}")
     return done.as_dict()
+
+
+def resume_lane(job_ids: list[int] | None) -> list[dict[str, Any]]:
+    """`docq resume`: advance the batch-lane jobs (all, or those of `job_ids`) here and now,
+    and merge those that are done; one record per job."""
+    rt = runtime()
+    with rt.sessions.begin() as session:
+        wanted = [j for j in lane_jobs(session) if job_ids is None or j in job_ids]
+    records = []
+    for job_id in wanted:
+        lock = broker_redis().lock(keys.lane_lock(job_id), timeout=LOCK_TTL_S)
+        if not lock.acquire(blocking=False):
+            records.append({"job_id": job_id, "skipped": "beat is advancing it right now"})
+            continue
+        try:
+            done = advance_now(job_id)
+        finally:
+            _release(lock)
+        record = done.as_dict()
+        if done.online:
+            publish(job_id)
+        if done.ready:
+            record["merged"] = merge_job(job_id)["status"]
+        records.append(record)
+    return records
+
+
+def _release(lock: Any) -> None:
+    try:
+        lock.release()
+    except LockError:  # it expired (or Redis was flushed): nothing to release
+        pass
 
 
 def advance_now(job_id: int) -> Advance:

@@ -393,3 +393,30 @@ def test_the_few_chunks_a_batch_leaves_go_online_with_batch_fallback(
     assert 0 < row.failed <= 20
     assert sim.stats()["by_status"] == {"200": row.failed}
     assert st["lane"] == "online"
+
+
+def test_docq_resume_advances_a_batch_lane_job_and_merges_it(
+    simulator: Any, docq_env: Any
+) -> None:
+    # Given a batch-lane job and no beat or worker running
+    sim = simulator("--seed", "10")
+    env = docq_env(sim.url, **SHAPE)
+    job = submit(corpus(10), "summarize", lane="batch", cache="off")
+
+    def resume() -> str:
+        done = subprocess.run([str(DOCQ), "resume", str(job.id)], env={**os.environ, **env},
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    # When `docq resume JOB` runs, it sends the provider batch
+    assert f"job {job.id} (batch lane): 1 provider batches sent, 0 closed" in resume()
+    # and when run again once the provider is done, it records the batch and merges the job
+    time.sleep(1)
+    second = resume()
+    assert f"job {job.id} (batch lane): 0 provider batches sent, 1 closed, 10 results" in second
+    assert "merged: succeeded" in second
+    # Then the job is done, and a further resume finds nothing to do
+    assert job_status(job.id)["status"] == "succeeded"
+    assert "nothing to resume" in resume()
+    assert batch_stats(sim)["batches_created"] == 1
