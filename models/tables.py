@@ -98,6 +98,7 @@ class Job(Base):
     lane: Mapped[str] = mapped_column(String(8), default="online", server_default="online")
     # Batch lane: once this few chunks are left after a provider batch, they go online.
     fallback_below: Mapped[int | None] = mapped_column(Integer)
+    service_tier: Mapped[str | None] = mapped_column(String(16))  # online: auto, default, flex
 
     documents_total: Mapped[int] = mapped_column(default=0)
     documents_rejected: Mapped[int] = mapped_column(default=0)

@@ -39,6 +39,7 @@ from workers.pipelines.openai_batch import read_batch_file, write_batch_results
 from workers.settings import Settings
 
 LANES = tuple(Lane)
+SERVICE_TIERS = ("auto", "default", "flex")
 
 
 def submit(
@@ -55,6 +56,7 @@ def submit(
     lane: str = "online",
     batch_fallback: str | None = None,
     fallback_below: int = 100,
+    service_tier: str | None = None,
 ) -> JobHandle:
     """Record the corpus as a job and queue its batches; returns at once with a handle.
 
@@ -67,6 +69,8 @@ def submit(
     seconds; the budget counts enqueued work as spent). `batch_fallback="online"` sends what
     is left to the online lane once a provider batch leaves at most `fallback_below` chunks
     unfinished (failed lines, an expiry's rest) instead of waiting for another batch.
+    `service_tier` ("auto", "default" or "flex") is sent with every online call; flex is
+    priced at batch rates, and its "resource unavailable" 429s are waited out, not failed.
 
     Raises:
         PipelineError: an unknown pipeline or options it cannot use.
@@ -89,6 +93,9 @@ def submit(
     if batch_fallback not in (None, Lane.ONLINE) or (batch_fallback and lane != Lane.BATCH):
         raise InputError(f"--batch-fallback {batch_fallback!r}: the batch lane can fall back "
                          "to online only, with --lane batch")
+    if service_tier is not None and (service_tier not in SERVICE_TIERS or lane != Lane.ONLINE):
+        raise InputError(f"--service-tier {service_tier!r}: choose auto, default or flex, for "
+                         "the online lane")
     if fallback_below < 1:
         raise InputError(f"--fallback-below must be at least 1, not {fallback_below!r}")
     if cache not in CACHE_POLICIES:
@@ -109,7 +116,8 @@ def submit(
             job_id = create_job(session, rt.settings, pipe, name, cache_policy=cache,
                                 budget_tokens=budget_tokens, budget_cost=budget_cost,
                                 lane=lane,
-                                fallback_below=fallback_below if batch_fallback else None).id
+                                fallback_below=fallback_below if batch_fallback else None,
+                                service_tier=service_tier).id
         report = ingest(rt.sessions, rt.settings, job_id, documents)
         if not report.documents_accepted:
             with rt.sessions.begin() as session:

@@ -49,6 +49,9 @@ def submit(
         "online once at most --fallback-below are left.")] = None,
     fallback_below: Annotated[int, typer.Option(
         help="The most chunks --batch-fallback sends online (100).")] = 100,
+    service_tier: Annotated[str | None, typer.Option(
+        help="auto, default or flex: the provider's service tier for online calls (flex: "
+        "batch prices, slower, at times unavailable).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Record documents as a job and queue its batches."""
@@ -70,7 +73,8 @@ def submit(
         return
     handle = do_submit(paths, pipeline, **options, name=name, cache=cache,
                        budget_tokens=budget_tokens, budget_cost=budget_cost, lane=lane,
-                       batch_fallback=batch_fallback, fallback_below=fallback_below)
+                       batch_fallback=batch_fallback, fallback_below=fallback_below,
+                       service_tier=service_tier)
     report: dict[str, Any] = handle.report.as_dict() if handle.report else {"job_id": handle.id}
     if as_json and not wait:
         typer.echo(json.dumps(report))

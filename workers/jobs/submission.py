@@ -66,6 +66,7 @@ def create_job(
     budget_cost: float | None = None,
     lane: str = "online",
     fallback_below: int | None = None,
+    service_tier: str | None = None,
 ) -> Job:
     """Insert the job row in state pending."""
     job = Job(
@@ -82,6 +83,7 @@ def create_job(
         budget_cost=budget_cost,
         lane=lane,
         fallback_below=fallback_below,
+        service_tier=service_tier,
     )
     session.add(job)
     session.flush()

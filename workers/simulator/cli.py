@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="share answered 200 with a malformed body",
     )
     flt.add_argument(
+        "--flex-unavailable-rate",
+        metavar="RATE",
+        type=float,
+        default=0.0,
+        help="share of service_tier=flex requests answered 429 resource_unavailable",
+    )
+    flt.add_argument(
         "--timeout-hold-s",
         metavar="SECONDS",
         type=float,
@@ -159,6 +166,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         timeout_rate=args.timeout_rate,
         garbage_rate=args.garbage_rate,
         timeout_hold_s=args.timeout_hold_s,
+        flex_unavailable_rate=args.flex_unavailable_rate,
         context_limit=args.context_limit,
         api_key=args.api_key,
         seed=args.seed,

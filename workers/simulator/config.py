@@ -36,6 +36,8 @@ class SimulatorConfig:
     timeout_rate: float = 0.0
     garbage_rate: float = 0.0
     timeout_hold_s: float = 600.0
+    # Share of service_tier="flex" requests refused 429 resource_unavailable (before admission).
+    flex_unavailable_rate: float = 0.0
     context_limit: int | None = None
     api_key: str | None = field(default=None, repr=False)
     seed: int | None = None
@@ -68,7 +70,7 @@ class SimulatorConfig:
             )
         if self.timeout_hold_s <= 0:
             raise ConfigError(f"--timeout-hold-s: must be positive, got {self.timeout_hold_s}")
-        for name in ("fail_rate", "timeout_rate", "garbage_rate"):
+        for name in ("fail_rate", "timeout_rate", "garbage_rate", "flex_unavailable_rate"):
             rate = getattr(self, name)
             if not 0.0 <= rate <= 1.0:
                 raise ConfigError(f"--{_flag(name)}: must be between 0 and 1, got {rate}")

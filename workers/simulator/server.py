@@ -117,6 +117,9 @@ async def _answer(request: web.Request, endpoint: Endpoint, state: SimulatorStat
     _check_model(req.model, config)
     _check_context(req, config.context_limit)
     reply = build_reply(req, config, int(time.time()))
+    if req.service_tier == "flex" and state.faults.flex_unavailable(config.flex_unavailable_rate):
+        state.stats.answered(429)
+        return error_response(FLEX_UNAVAILABLE)
     cost = req.budget_cost(config.default_max_tokens)
     decision = state.limiter.admit(cost)
     if not decision.admitted:
@@ -148,6 +151,10 @@ async def _answer(request: web.Request, endpoint: Endpoint, state: SimulatorStat
 
 
 PROMPT_KEY = "docq_prompt"
+FLEX_UNAVAILABLE = ApiError(
+    429, "Resource Unavailable: the flex tier has no capacity for this request right now; "
+    "try again later or use another service tier.", type="invalid_request_error",
+    code="resource_unavailable")
 
 
 def _prompt_text(body: Any) -> str | None:

@@ -1,4 +1,5 @@
-"""provider batches: the batch lane's ledger of files and batches sent to a provider's Batch API
+"""provider batches: the batch lane's ledger of files and batches sent to a provider's Batch API,
+and the online lane's service tier
 
 Revision ID: 0004
 Revises: 0003
@@ -21,6 +22,7 @@ def upgrade() -> None:
             sa.Column("lane", sa.String(length=8), nullable=False, server_default="online")
         )
         batch_op.add_column(sa.Column("fallback_below", sa.Integer(), nullable=True))
+        batch_op.add_column(sa.Column("service_tier", sa.String(length=16), nullable=True))
     op.create_table(
         "provider_batches",
         sa.Column("id", BigId, nullable=False),
@@ -70,5 +72,6 @@ def downgrade() -> None:
         batch_op.drop_index("ix_provider_batches_job_id")
     op.drop_table("provider_batches")
     with op.batch_alter_table("jobs") as batch_op:
+        batch_op.drop_column("service_tier")
         batch_op.drop_column("fallback_below")
         batch_op.drop_column("lane")
