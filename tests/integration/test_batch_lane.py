@@ -420,3 +420,28 @@ def test_docq_resume_advances_a_batch_lane_job_and_merges_it(
     assert job_status(job.id)["status"] == "succeeded"
     assert "nothing to resume" in resume()
     assert batch_stats(sim)["batches_created"] == 1
+
+
+def test_a_budget_counts_enqueued_batch_work_before_it_is_charged(
+    simulator: Any, docq_env: Any, workers: Any, beat: Any
+) -> None:
+    # Given a batch-lane job whose dollar budget pays for ten chunks at max_tokens, and about
+    # twenty-five at what they really take
+    sim = simulator("--seed", "12", "--output-tokens-mean", "20", "--output-tokens-sd", "2")
+    env = docq_env(sim.url, **SHAPE | {"llm_max_tokens": 64})
+    workers(env, concurrency=1)
+    beat(env)
+    job = submit(corpus(30), "summarize", lane="batch", cache="off", budget_cost=0.003)
+    st = wait_final(job.id, 90)
+    # Then each provider batch held only what the budget left could pay for even at
+    # max_tokens, the rest was skipped without being sent, and the spend is within budget
+    rows = ledger(job.id)
+    counts = st["chunks_by_state"]
+    sent = sum(r.requests for r in rows)
+    assert counts == {"ok": sent, "skipped_budget": 30 - sent}
+    assert 0 < rows[0].requests < sent < 30
+    assert st["cost"] <= 0.003
+    assert st["status"] == "partial"
+    row = rows[0]
+    print(f"\nfigures: budget $0.003: {[r.requests for r in rows]} of 30 chunks sent, cost "
+          f"${st['cost']:.6f}; first batch {row.requests}")
