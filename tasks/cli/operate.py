@@ -135,8 +135,8 @@ def _schedule_lines(row: dict[str, Any]) -> str:
 
 @cli.command(context_settings=_PASS_THROUGH)
 def beat(ctx: typer.Context) -> None:
-    """Run Celery beat: the schedules of DOCQ_CONFIG and the reconciler (extra arguments go
-    to Celery beat)."""
+    """Run Celery beat: the schedules of DOCQ_CONFIG, the reconciler and the batch lane's poll
+    (extra arguments go to Celery beat)."""
     from tasks.beat import beat_entries, config_path
     from tasks.celery import app
     from tasks.lane import poll_entry
@@ -153,7 +153,7 @@ def beat(ctx: typer.Context) -> None:
         except ScheduleError as exc:
             raise fail(str(exc)) from None
     else:
-        typer.echo(f"no schedule file at {path} (DOCQ_CONFIG): beat runs the reconciler only",
+        typer.echo(f"no schedule file at {path} (DOCQ_CONFIG): beat runs the reconciler and the batch lane's poll only",
                    err=True)
     app.conf.beat_schedule = {**beat_entries(found), "jobs-reconcile": reconcile_entry(settings),
                               "lane-poll": poll_entry(settings)}

@@ -1,6 +1,7 @@
 """The model client: one call through langchain-openai, its usage, headers and classified errors.
 
-This is the only module that catches `openai.*` exceptions; it re-raises docqueue's own.
+This module and `batch_api.py` (the Batch API) are the only ones that catch `openai.*`
+exceptions; they re-raise docqueue's own.
 """
 
 from __future__ import annotations
