@@ -3,6 +3,7 @@ against the simulator's Batch API, the ledger in PostgreSQL."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -445,3 +446,29 @@ def test_a_budget_counts_enqueued_batch_work_before_it_is_charged(
     row = rows[0]
     print(f"\nfigures: budget $0.003: {[r.requests for r in rows]} of 30 chunks sent, cost "
           f"${st['cost']:.6f}; first batch {row.requests}")
+
+
+def test_files_wait_for_the_enqueued_token_limit_instead_of_failing_at_the_provider(
+    simulator: Any, docq_env: Any, workers: Any, beat: Any
+) -> None:
+    # Given a provider that fails a batch past 3,000 enqueued prompt tokens, and docqueue told
+    # the same limit
+    sim = simulator("--seed", "13", "--batch-turnaround-s", "2", "--batch-enqueued-token-limit",
+                    "3000")
+    env = docq_env(sim.url, **SHAPE | {"batch_enqueued_token_limit": 3000})
+    workers(env, concurrency=1)
+    beat(env)
+    # When a job of 180 chunks runs
+    job = submit(corpus(180, sentences=1), "summarize", lane="batch", cache="off")
+    st = wait_final(job.id, 120)
+    # Then its files, each within the limit, went one at a time, and none failed at the provider
+    assert st["status"] == "succeeded", st
+    rows = ledger(job.id)
+    assert len(rows) > 1
+    assert sum(r.requests for r in rows) == 180
+    assert {r.provider_status for r in rows} == {"completed"}
+    assert all(r.tokens <= 3000 for r in rows)
+    for earlier, later in itertools.pairwise(rows):
+        assert earlier.closed_at is not None and later.created_at >= earlier.closed_at
+    print(f"\nfigures: 180 chunks in files of {[r.requests for r in rows]} requests, "
+          f"{[r.tokens for r in rows]} prompt tokens")

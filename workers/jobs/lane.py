@@ -216,13 +216,18 @@ def _send_new(ctx: _Context) -> None:
         enqueued = _enqueued_tokens(session)
         spent_tokens, spent_cost = _committed_spend(session, ctx)
     budget = _Budget(ctx, spent_tokens, spent_cost)
+    limit = cfg.batch_enqueued_token_limit
     file: list[_Request] = []
     size = tokens = 0
     for request in _free_requests(ctx):
+        if limit is not None and request.tokens > limit:
+            _too_large(ctx, request, limit)
+            continue
         if not budget.admits(request):
             continue
         fits = (len(file) < cfg.batch_file_max_requests
-                and size + len(request.line) <= cfg.batch_file_max_bytes)
+                and size + len(request.line) <= cfg.batch_file_max_bytes
+                and (limit is None or tokens + request.tokens <= limit))
         if not fits:
             if not _send_file(ctx, file, enqueued):
                 return
@@ -397,6 +402,16 @@ def _committed_spend(session: Session, ctx: _Context) -> tuple[int, float]:
     price = ctx.settings.price_for(ctx.settings.model_name)
     live_cost = 0.0 if price is None else price.cost(int(live_tokens), out_max, "batch")
     return tokens + int(live_tokens) + out_max, cost + live_cost
+
+
+def _too_large(ctx: _Context, r: _Request, limit: int) -> None:
+    """A request no batch can take: its prompt alone is past the enqueued-token limit."""
+    with ctx.sessions.begin() as session:
+        leases.record(session, ctx.job.version, [
+            leases.blank_result(r.chunk_id, ctx.job.id, r.document_id, r.attempts)
+            | {"status": ResultStatus.ERROR, "error_type": "RequestTooLargeError",
+               "error_message": f"the chunk's prompt is {r.tokens} tokens, more than the "
+                                f"enqueued-token limit of {limit} (DOCQ_BATCH_ENQUEUED_TOKEN_LIMIT)"}])
 
 
 def _skip_budget(ctx: _Context, requests: list[_Request]) -> None:
