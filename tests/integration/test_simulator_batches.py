@@ -59,10 +59,13 @@ def submit(api: openai.OpenAI, n: int, **metadata: str) -> Any:
     )
 
 
-def wait_for(api: openai.OpenAI, batch_id: str, states: set[str], timeout: float = 30) -> Any:
+def wait_for(api: openai.OpenAI, batch_id: str, states: set[str], timeout: float = 30,
+             seen: list[str] | None = None) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         batch = api.batches.retrieve(batch_id)
+        if seen is not None:
+            seen.append(batch.status)
         if batch.status in states or time.monotonic() > deadline:
             return batch
         time.sleep(0.2)
@@ -80,8 +83,10 @@ def test_a_batch_answers_like_the_online_endpoint(simulator: SimulatorFactory, c
     api = client(sim)
     created = submit(api, 5, docq_ledger="7")
     assert created.status in ("validating", "in_progress", "completed")
-    done = wait_for(api, created.id, {"completed"})
+    seen: list[str] = []
+    done = wait_for(api, created.id, {"completed"}, seen=seen)
     assert done.status == "completed"
+    assert seen[-2:] == ["finalizing", "completed"]
     assert done.request_counts is not None
     assert (done.request_counts.total, done.request_counts.completed) == (5, 5)
     assert done.request_counts.failed == 0

@@ -6,7 +6,9 @@ and `build_reply`, so its choices and usage equal what `/v1/chat/completions` an
 body. The lines are worked out once, in a thread, when the batch is created; after that the
 batch's state is a function of the clock. Lines are done in file order, evenly over
 `turnaround_s`; a batch whose `window_s` ends first expires with the lines done by then, and a
-cancel keeps the lines done before it. A terminal batch gets OpenAI's files: the output file
+cancel keeps the lines done before it. A batch whose lines are all done is read `finalizing`
+once, then `completed` (as a cancelled one is read `cancelling` once). A terminal batch gets
+OpenAI's files: the output file
 holds the lines answered 200, the error file the others and, for an expired or cancelled
 batch, the lines never run (`batch_expired` / `batch_cancelled`, no response).
 
@@ -91,6 +93,7 @@ class Batch:
     errors: list[dict[str, Any]] | None = None  # set when the batch failed validation
     cancelling_at: float | None = None
     cancel_seen: bool = False
+    finalizing_seen: bool = False
     output_file_id: str | None = None
     error_file_id: str | None = None
     closed: bool = False
@@ -119,7 +122,9 @@ class Batch:
             return "cancelled" if self.cancel_seen else "cancelling"
         if self.expires_at < self.ends_at and now >= self.expires_at:
             return "expired"
-        return "completed" if now >= self.ends_at else "in_progress"
+        if now < self.ends_at:
+            return "in_progress"
+        return "completed" if self.finalizing_seen else "finalizing"
 
     def stopped_at(self, status: str) -> float:
         """When the lines stopped being run, for a terminal status."""
@@ -453,6 +458,8 @@ def _batch(service: BatchService, batch_id: str) -> Batch:
 def _entry(service: BatchService, batch: Batch, now: float) -> dict[str, Any]:
     """The batch object as OpenAI returns it, with files written once it is terminal."""
     status = batch.status(now)
+    if status == "finalizing":
+        batch.finalizing_seen = True  # one read finds it finalizing, the next completed
     done = _done_lines(batch, status, now)
     if status in ("completed", "expired", "cancelled") and not batch.closed:
         _close(service, batch, status, done)
@@ -472,7 +479,7 @@ def _entry(service: BatchService, batch: Batch, now: float) -> dict[str, Any]:
         "created_at": stamp,
         "in_progress_at": None if batch.lines is None else stamp,
         "expires_at": int(batch.expires_at),
-        "finalizing_at": stopped if status in ("completed", "expired") else None,
+        "finalizing_at": stopped if status in ("finalizing", "completed", "expired") else None,
         "completed_at": stopped if status == "completed" else None,
         "failed_at": stamp if status == "failed" else None,
         "expired_at": stopped if status == "expired" else None,
@@ -491,7 +498,7 @@ def _entry(service: BatchService, batch: Batch, now: float) -> dict[str, Any]:
 def _done_lines(batch: Batch, status: str, now: float) -> list[Line]:
     if batch.lines is None:
         return []
-    if status in ("completed", "expired", "cancelled", "cancelling"):
+    if status in ("finalizing", "completed", "expired", "cancelled", "cancelling"):
         return batch.lines[: batch.done_by(batch.stopped_at(status))]
     return batch.lines[: batch.done_by(now)]
 
