@@ -477,3 +477,29 @@ def test_files_wait_for_the_enqueued_token_limit_instead_of_failing_at_the_provi
         assert earlier.closed_at is not None and later.created_at >= earlier.closed_at
     print(f"\nfigures: 180 chunks in files of {[r.requests for r in rows]} requests, "
           f"{[r.tokens for r in rows]} prompt tokens")
+
+
+def test_a_batch_the_provider_fails_counts_an_attempt_for_each_chunk(
+    simulator: Any, docq_env: Any, workers: Any, beat: Any
+) -> None:
+    # Given a provider whose enqueued-token limit no file of the job fits, and docqueue not
+    # told of it
+    sim = simulator("--seed", "14", "--batch-enqueued-token-limit", "100")
+    env = docq_env(sim.url, **SHAPE | {"max_attempts": 2})
+    workers(env, concurrency=1)
+    beat(env)
+    # When a batch-lane job runs
+    job = submit(corpus(10), "summarize", lane="batch", cache="off")
+    st = wait_final(job.id, 90)
+    # Then each failed batch was an attempt, and after two the chunks end in error with the
+    # provider's reason
+    assert st["status"] == "failed", st
+    rows = ledger(job.id)
+    assert [r.provider_status for r in rows] == ["failed", "failed"]
+    assert all(r.error and r.error.startswith("token_limit_exceeded: Enqueued token limit")
+               for r in rows)
+    with runtime().sessions() as s:
+        errors = s.execute(select(Result.status, Result.attempts, Result.error_message)
+                           .where(Result.job_id == job.id)).all()
+    assert {(status, n) for status, n, _ in errors} == {("error", 2)}
+    assert all("token_limit_exceeded" in message for _, _, message in errors)

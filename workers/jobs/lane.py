@@ -440,8 +440,13 @@ def _cancel_live(ctx: _Context) -> None:
         if row.cancel_requested or row.provider_status in TERMINAL:
             continue
         assert row.provider_batch_id is not None
-        batch = ctx.api.cancel(row.provider_batch_id)
-        _update(ctx, row.id, cancel_requested=True, provider_status=batch["status"])
+        try:
+            status = ctx.api.cancel(row.provider_batch_id)["status"]
+        except PermanentError as exc:  # it ended at the provider since the last poll
+            logger.info("job %s: provider batch %s not cancelled: %s", ctx.job.id,
+                        row.provider_batch_id, exc)
+            status = row.provider_status
+        _update(ctx, row.id, cancel_requested=True, provider_status=status)
 
 
 def _poll(ctx: _Context, row: ProviderBatch) -> None:
@@ -461,7 +466,11 @@ def _poll(ctx: _Context, row: ProviderBatch) -> None:
              *_file_lines(ctx, batch.get("error_file_id"))]
     errors = (batch.get("errors") or {}).get("data") or []
     error = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors) or None
-    rows, entries = _result_rows(ctx, row.id, lines)
+    entries: list[dict[str, Any]] = []
+    if status == "failed":
+        rows = _failed_batch_rows(ctx, row.id, error or "the provider failed the batch")
+    else:
+        rows, entries = _result_rows(ctx, row.id, lines)
     _close(ctx, row.id, rows, entries, status=status, error=error)
     if error:
         logger.warning("job %s: provider batch %s %s: %s", ctx.job.id, row.provider_batch_id,
@@ -503,6 +512,26 @@ def _result_rows(ctx: _Context, row_id: int, lines: list[dict[str, Any]]
         if entry is not None:
             entries.append(entry)
     return rows, entries
+
+
+def _failed_batch_rows(ctx: _Context, row_id: int, error: str) -> list[ResultRow]:
+    """A batch the provider failed as a whole (validation, the enqueued-token limit): an
+    attempt for each of its chunks, so a batch that keeps failing ends in error rows rather
+    than being sent again at every poll."""
+    with ctx.sessions.begin() as session:
+        linked = session.execute(
+            select(Chunk.id, Chunk.document_id,
+                   select(Result.attempts).where(_result_of(ctx.job.version)).scalar_subquery())
+            .join(ProviderBatchChunk, ProviderBatchChunk.chunk_id == Chunk.id)
+            .where(ProviderBatchChunk.provider_batch_id == row_id)
+        ).all()
+    rows = []
+    for chunk_id, document_id, attempts in linked:
+        row = leases.blank_result(chunk_id, ctx.job.id, document_id, (attempts or 0) + 1)
+        row.update({"error_type": "ProviderBatchFailed", "error_message": error})
+        _settle_failure(ctx.settings, row, retryable=True)
+        rows.append(row)
+    return rows
 
 
 def _chunk_of(custom_id: Any) -> int | None:
