@@ -22,7 +22,8 @@ caller sends the same `jobs.merge` as the online lane's chord.
 Failed lines (a 5xx or 429 from the provider, or output that does not parse) get a `retry` row
 and go in a later batch, up to DOCQ_MAX_ATTEMPTS; an expired or cancelled batch's lines that
 never ran get no row at all, so those chunks are simply sent again (or, for a cancelled job,
-recorded `cancelled`). Cost is the token usage at the batch price (settings.Price.rates).
+recorded `cancelled`). A batch the provider fails whole (validation, its enqueued-token limit)
+is an attempt for each of its chunks, so one that keeps failing ends in error rows. Cost is the token usage at the batch price (settings.Price.rates).
 """
 
 from __future__ import annotations
