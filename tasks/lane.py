@@ -1,7 +1,7 @@
 """The batch lane's tasks: beat's `lane.poll` sends one `lane.advance(job_id)` per batch-lane job.
 
-`lane.advance` runs workers/jobs/lane.py's `advance` under a per-job Redis lock (two copies of
-the task wait for nothing: the second returns at once), and once every chunk of the job has a
+`lane.advance` runs workers/jobs/lane.py's `advance` under a per-job Redis lock, renewed while
+it runs (two copies of the task wait for nothing: the second returns at once), and once every chunk of the job has a
 final result and no provider batch is live, it queues `jobs.merge`, the online lane's chord
 callback. Both tasks carry ids only; losing Redis (the lock, queued messages) loses nothing the
 ledger in the store does not hold, and the next tick finds the same work again.
@@ -10,9 +10,12 @@ ledger in the store does not hold, and the next tick finds the same work again.
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from redis.exceptions import LockError
+from redis.exceptions import LockError, RedisError
 
 from models import store_id
 from tasks.celery import app, broker_redis
@@ -25,7 +28,8 @@ from workers.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-LOCK_TTL_S = 300  # a killed holder blocks its job's lane this long at most
+# A killed holder blocks its job's lane this long at most; a live one renews it every third.
+LOCK_TTL_S = 60
 
 
 def poll_entry(settings: Settings) -> dict[str, Any]:
@@ -49,13 +53,10 @@ def poll_lane() -> dict[str, Any]:
 @app.task(name="lane.advance")
 def advance_job(job_id: int) -> dict[str, Any]:
     """Send, poll and record the job's provider batches; merge the job once it is done."""
-    lock = broker_redis().lock(keys.lane_lock(job_id), timeout=LOCK_TTL_S)
-    if not lock.acquire(blocking=False):
-        return {"job_id": job_id, "skipped": "another advance of this job is running"}
-    try:
+    with _job_lock(job_id) as held:
+        if not held:
+            return {"job_id": job_id, "skipped": "another advance of this job is running"}
         done = advance_now(job_id)
-    finally:
-        _release(lock)
     if done.online:
         publish(job_id)
     if done.ready:
@@ -74,14 +75,11 @@ def resume_lane(job_ids: list[int] | None) -> list[dict[str, Any]]:
         wanted = [j for j in lane_jobs(session) if job_ids is None or j in job_ids]
     records = []
     for job_id in wanted:
-        lock = broker_redis().lock(keys.lane_lock(job_id), timeout=LOCK_TTL_S)
-        if not lock.acquire(blocking=False):
-            records.append({"job_id": job_id, "skipped": "beat is advancing it right now"})
-            continue
-        try:
+        with _job_lock(job_id) as held:
+            if not held:
+                records.append({"job_id": job_id, "skipped": "beat is advancing it right now"})
+                continue
             done = advance_now(job_id)
-        finally:
-            _release(lock)
         record = done.as_dict()
         if done.online:
             publish(job_id)
@@ -91,11 +89,33 @@ def resume_lane(job_ids: list[int] | None) -> list[dict[str, Any]]:
     return records
 
 
-def _release(lock: Any) -> None:
+@contextmanager
+def _job_lock(job_id: int) -> Iterator[bool]:
+    """The job's lane lock, renewed by a thread while held; yields whether it was taken."""
+    lock = broker_redis().lock(keys.lane_lock(job_id), timeout=LOCK_TTL_S, thread_local=False)
+    if not lock.acquire(blocking=False):
+        yield False
+        return
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(LOCK_TTL_S / 3):
+            try:
+                lock.reacquire()
+            except (LockError, RedisError):  # lost (Redis flushed, or down): the ledger holds
+                return
+
+    renewer = threading.Thread(target=renew, name=f"docq-lane-lock-{job_id}", daemon=True)
+    renewer.start()
     try:
-        lock.release()
-    except LockError:  # it expired (or Redis was flushed): nothing to release
-        pass
+        yield True
+    finally:
+        stop.set()
+        renewer.join()
+        try:
+            lock.release()
+        except (LockError, RedisError):  # it expired (or Redis was flushed): nothing to release
+            pass
 
 
 def advance_now(job_id: int) -> Advance:

@@ -317,8 +317,10 @@ def test_a_crash_after_any_provider_call_is_finished_by_the_next_advance_without
     assert [(r.state, r.requests) for r in ledger(job.id)] == [(LedgerState.CLOSED, chunks)]
 
 
+@pytest.mark.parametrize("flush", [True, False], ids=["redis-flushed", "redis-kept"])
 def test_killed_worker_and_beat_and_a_flushed_redis_lose_nothing_and_send_nothing_twice(
-    simulator: Any, docq_env: Any, workers: Any, beat: Any, redis_client: redis.Redis
+    simulator: Any, docq_env: Any, workers: Any, beat: Any, redis_client: redis.Redis,
+    flush: bool
 ) -> None:
     # Given a job in three provider batches that take four seconds each
     sim = simulator("--seed", "7", "--batch-turnaround-s", "4", "--batch-max-requests", "100")
@@ -330,15 +332,17 @@ def test_killed_worker_and_beat_and_a_flushed_redis_lose_nothing_and_send_nothin
     while time.monotonic() < deadline and not any(
             r.state == LedgerState.CREATED for r in ledger(job.id)):
         time.sleep(0.1)
-    # When the worker and beat are killed mid-poll and Redis loses everything
+    # When the worker and beat are killed mid-poll (and Redis loses everything, or keeps the
+    # dead worker's lane lock until it expires)
     w.kill()
     b.kill()
-    redis_client.flushdb()
+    if flush:
+        redis_client.flushdb()
     before = [(r.state, r.provider_status) for r in ledger(job.id)]
     # and both come back
     workers(env, concurrency=1)
     beat(env)
-    st = wait_final(job.id, 120)
+    st = wait_final(job.id, 180)
     # Then the job succeeds with every chunk recorded once, and the provider got every
     # chunk in exactly one batch
     assert st["status"] == "succeeded", st
@@ -503,3 +507,25 @@ def test_a_batch_the_provider_fails_counts_an_attempt_for_each_chunk(
                            .where(Result.job_id == job.id)).all()
     assert {(status, n) for status, n, _ in errors} == {("error", 2)}
     assert all("token_limit_exceeded" in message for _, _, message in errors)
+
+
+def test_the_lane_lock_is_renewed_while_held_and_freed_after(
+    docq_env: Any, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks import lane
+    from workers import keys
+
+    docq_env("http://127.0.0.1:9/v1")
+    monkeypatch.setattr(lane, "LOCK_TTL_S", 0.6)
+    # While one advance holds a job's lock for longer than its TTL, no other takes it
+    with lane._job_lock(7) as held:
+        assert held
+        for _ in range(4):
+            time.sleep(0.4)
+            with lane._job_lock(7) as other:
+                assert not other
+            assert redis_client.exists(keys.lane_lock(7))
+    # and once it is done the lock is free at once
+    assert not redis_client.exists(keys.lane_lock(7))
+    with lane._job_lock(7) as again:
+        assert again
