@@ -19,6 +19,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -94,6 +95,10 @@ class Job(Base):
     cache_policy: Mapped[str] = mapped_column(String(8), default="use")  # use, refresh or off
     budget_tokens: Mapped[int | None] = mapped_column(BigInteger)
     budget_cost: Mapped[float | None] = mapped_column(Float)
+    lane: Mapped[str] = mapped_column(String(8), default="online", server_default="online")
+    # Batch lane: once this few chunks are left after a provider batch, they go online.
+    fallback_below: Mapped[int | None] = mapped_column(Integer)
+    service_tier: Mapped[str | None] = mapped_column(String(16))  # online: auto, default, flex
 
     documents_total: Mapped[int] = mapped_column(default=0)
     documents_rejected: Mapped[int] = mapped_column(default=0)
@@ -210,6 +215,70 @@ class Result(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
+
+
+# -- the batch lane's ledger (workers/jobs/lane.py) ----------------------------------------------
+
+
+class Lane(enum.StrEnum):
+    """How a job's chunks reach the model."""
+
+    ONLINE = "online"  # one call per chunk, through the workers
+    BATCH = "batch"  # files sent to the provider's Batch API, polled by beat
+
+
+class LedgerState(enum.StrEnum):
+    """A provider batch's own progress in the ledger; each step is committed before the next
+    provider call, so a crash anywhere leaves a row that says what is left to do."""
+
+    UPLOADING = "uploading"  # the row and its chunk links exist; the file may or may not
+    UPLOADED = "uploaded"  # the file is at the provider; the batch may or may not be
+    CREATED = "created"  # the batch is at the provider: poll it
+    CLOSED = "closed"  # its outcome is recorded; its chunks are free again if unfinished
+
+
+class ProviderBatch(Base):
+    """One file and batch sent to the provider's Batch API for one job."""
+
+    __tablename__ = "provider_batches"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    state: Mapped[str] = mapped_column(STATE, default=LedgerState.UPLOADING)
+    provider_status: Mapped[str | None] = mapped_column(STATE)  # as the provider reports it
+    input_file_id: Mapped[str | None] = mapped_column(String(200))
+    provider_batch_id: Mapped[str | None] = mapped_column(String(200))
+    output_file_id: Mapped[str | None] = mapped_column(String(200))
+    error_file_id: Mapped[str | None] = mapped_column(String(200))
+    requests: Mapped[int] = mapped_column(default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)  # enqueued prompt tokens
+    completed: Mapped[int] = mapped_column(default=0)
+    failed: Mapped[int] = mapped_column(default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    polled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ProviderBatchChunk(Base):
+    """A chunk's place in a provider batch; `live` until that batch is closed.
+
+    The partial unique index keeps a chunk in at most one live provider batch.
+    """
+
+    __tablename__ = "provider_batch_chunks"
+    __table_args__ = (
+        Index("ux_provider_batch_chunks_live", "chunk_id", unique=True,
+              postgresql_where=text("live"), sqlite_where=text("live")),
+    )
+
+    provider_batch_id: Mapped[int] = mapped_column(
+        ForeignKey("provider_batches.id", ondelete="CASCADE"), primary_key=True)
+    chunk_id: Mapped[int] = mapped_column(ForeignKey("chunks.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    live: Mapped[bool] = mapped_column(Boolean, default=True)
 
 
 # -- schedules (workers/jobs/schedules.py) -----------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from models import FINAL_JOB_STATES, Document, Job, JobStatus, Result
+from models import FINAL_JOB_STATES, Document, Job, JobStatus, Lane, Result
 from tasks.failures import explain, service_errors
 from tasks.publish import check_broker, forget_chord_results, publish
 from tasks.runtime import runtime
@@ -24,6 +24,7 @@ from workers.errors import (
     WorkerError,
 )
 from workers.ingest.sources import SourceDocument
+from workers.jobs.lane import provider_batches
 from workers.jobs.submission import (
     SubmitReport,
     create_job,
@@ -37,6 +38,9 @@ from workers.pipelines.openai_batch import PIPELINE_NAME as OPENAI_BATCH
 from workers.pipelines.openai_batch import read_batch_file, write_batch_results
 from workers.settings import Settings
 
+LANES = tuple(Lane)
+SERVICE_TIERS = ("auto", "default", "flex")
+
 
 def submit(
     sources: str | os.PathLike[str] | Iterable[Any],
@@ -49,6 +53,10 @@ def submit(
     cache: str = "use",
     budget_tokens: int | None = None,
     budget_cost: float | None = None,
+    lane: str = "online",
+    batch_fallback: str | None = None,
+    fallback_below: int = 100,
+    service_tier: str | None = None,
 ) -> JobHandle:
     """Record the corpus as a job and queue its batches; returns at once with a handle.
 
@@ -56,7 +64,13 @@ def submit(
     with `id`, `text` and optional `metadata`. `cache` is "use" (answer from the response cache
     where possible), "refresh" (call the model and overwrite the cache) or "off". A budget in
     tokens and/or dollars stops the job's model calls once spent; the chunks left end
-    `skipped_budget`.
+    `skipped_budget`. `lane` is "online" (the workers call the model per chunk) or "batch"
+    (the provider's Batch API at batch prices, sent and polled by `docq beat`: hours, not
+    seconds; the budget counts enqueued work as spent). `batch_fallback="online"` sends what
+    is left to the online lane once a provider batch leaves at most `fallback_below` chunks
+    unfinished (failed lines, an expiry's rest) instead of waiting for another batch.
+    `service_tier` ("auto", "default" or "flex") is sent with every online call; flex is
+    priced at batch rates, and its "resource unavailable" 429s are waited out, not failed.
 
     Raises:
         PipelineError: an unknown pipeline or options it cannot use.
@@ -72,6 +86,18 @@ def submit(
     options = {k: v for k, v in
                {"labels": labels, "schema": schema, "prompt": prompt}.items() if v is not None}
     pipe = build_pipeline(pipeline, options)
+    if lane not in LANES:
+        raise InputError(f"unknown lane {lane!r}: choose online or batch")
+    if lane == Lane.BATCH and runtime().settings.mode != "chat":
+        raise InputError("--lane batch sends chat requests: set DOCQ_LLM_MODE=chat")
+    if batch_fallback not in (None, Lane.ONLINE) or (batch_fallback and lane != Lane.BATCH):
+        raise InputError(f"--batch-fallback {batch_fallback!r}: the batch lane can fall back "
+                         "to online only, with --lane batch")
+    if service_tier is not None and (service_tier not in SERVICE_TIERS or lane != Lane.ONLINE):
+        raise InputError(f"--service-tier {service_tier!r}: choose auto, default or flex, for "
+                         "the online lane")
+    if fallback_below < 1:
+        raise InputError(f"--fallback-below must be at least 1, not {fallback_below!r}")
     if cache not in CACHE_POLICIES:
         raise InputError(f"unknown cache policy {cache!r}: choose use, refresh or off")
     for option, budget in (("budget_tokens", budget_tokens), ("budget_cost", budget_cost)):
@@ -88,7 +114,10 @@ def submit(
         documents = _source_documents(sources, pipe.name, rt.settings)  # a batch file: first
         with rt.sessions.begin() as session:
             job_id = create_job(session, rt.settings, pipe, name, cache_policy=cache,
-                                budget_tokens=budget_tokens, budget_cost=budget_cost).id
+                                budget_tokens=budget_tokens, budget_cost=budget_cost,
+                                lane=lane,
+                                fallback_below=fallback_below if batch_fallback else None,
+                                service_tier=service_tier).id
         report = ingest(rt.sessions, rt.settings, job_id, documents)
         if not report.documents_accepted:
             with rt.sessions.begin() as session:
@@ -96,6 +125,8 @@ def submit(
             raise _nothing_to_submit(report)
         with rt.sessions.begin() as session:
             mark_submitted(session, job_id)
+    if lane == Lane.BATCH:  # beat's `lane.poll` sends it: nothing goes to the workers' queue
+        return JobHandle(job_id, report)
     try:
         publish(job_id)  # only after the commit: a worker must find every row it is sent
     except Exception as exc:
@@ -262,6 +293,7 @@ def job_status(job_id: int) -> dict[str, Any]:
             "chunks_per_s": job.chunks_per_s,
             "created_at": _iso(job.created_at), "submitted_at": _iso(job.submitted_at),
             "finished_at": _iso(job.finished_at),
+            "lane": job.lane, "provider_batches": provider_batches(session, job_id),
         }
 
 

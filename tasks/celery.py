@@ -11,7 +11,7 @@ from kombu.entity import Exchange, Queue
 
 from tasks.runtime import max_memory_kib, reset_runtime, resolve_broker, runtime
 
-app = Celery("docqueue", include=["tasks.batches", "tasks.jobs", "tasks.beat"])
+app = Celery("docqueue", include=["tasks.batches", "tasks.jobs", "tasks.beat", "tasks.lane"])
 
 # Batches sent again (a dead delivery's, a lost message's) go to a queue of their own that every
 # worker also consumes: they do not wait behind the rest of a deep queue. Kombu polls a worker's

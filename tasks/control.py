@@ -7,7 +7,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis
+from sqlalchemy import select
 
+from models import Job, Lane
 from tasks.publish import forget_chord_results, publish
 from tasks.runtime import resolve_broker, runtime
 from workers import keys
@@ -40,15 +42,18 @@ def retry(job_id: int, *, include_skipped: bool = False, budget_tokens: int | No
           budget_cost: float | None = None) -> int:
     """Run the job's failed chunks again (and budget-skipped ones) as a new chord, then merge.
 
+    A batch-lane job's chunks go in the next provider batch beat's `lane.poll` sends instead.
     Returns how many chunks run again.
     """
     with runtime().sessions.begin() as session:
         n = control.reopen_failed(session, job_id, include_skipped=include_skipped,
                                   budget_tokens=budget_tokens, budget_cost=budget_cost)
+        lane = session.scalar(select(Job.lane).where(Job.id == job_id))
     if n:
         client = _redis()
         client.delete(keys.job_stop(job_id))  # a raised budget lets the skipped chunks run
         client.close()
+    if n and lane == Lane.ONLINE:
         publish(job_id)
         forget_chord_results()
     return n

@@ -5,6 +5,7 @@ WorkerError                     the root; every message is written for the user
 │   ├── RetryableLLMError         429, 408, 409, 5xx, timeout, connection, malformed body
 │   │   ├── RateLimitedError        429 with the provider's Retry-After
 │   │   ├── EndpointUnreachableError  connection refused, unknown host: not an attempt
+│   │   │   └── FlexUnavailableError  429 "resource unavailable" at the flex tier: a wait
 │   │   └── OutputParseError        the model's text cannot be used (pipelines/base.py)
 │   └── LimiterBusy               the limiter's wait is too long: re-queue (provider/limiter.py)
 ├── PermanentError              retrying cannot help
@@ -74,6 +75,11 @@ class RateLimitedError(RetryableLLMError):
 class EndpointUnreachableError(RetryableLLMError):
     """No connection could be made (refused, unknown host): the request never left, nothing
     was charged, and the call is not counted as an attempt; the batch waits and comes back."""
+
+
+class FlexUnavailableError(EndpointUnreachableError):
+    """429 "resource unavailable": the flex service tier has no capacity just now. Nothing
+    was charged; the batch waits and sends again, without counting an attempt."""
 
 
 class PermanentLLMError(LLMErrorMixin, PermanentError):

@@ -55,3 +55,8 @@ def schedule_lock(name: str) -> str:
 def limiter_scope(endpoint_hash: str, model: str, key_fingerprint: str) -> str:
     """The limiter's scope for one endpoint, model and key; its keys hang off it (lua/)."""
     return f"{PREFIX}:lim:{endpoint_hash}:{model}:{key_fingerprint}"
+
+
+def lane_lock(job_id: int) -> str:
+    """Held while one process advances a batch-lane job (workers/jobs/lane.py)."""
+    return f"{PREFIX}:lane:{job_id}:lock"

@@ -19,10 +19,29 @@ LLMMode = Literal["chat", "completion"]
 
 
 class Price(BaseModel):
-    """Dollars per million tokens, input and output."""
+    """Dollars per million tokens, input and output; the batch entries default to half."""
 
     input_per_mtok: float
     output_per_mtok: float
+    # The provider's Batch API and the flex service tier (OpenAI prices both at half).
+    batch_input_per_mtok: float | None = None
+    batch_output_per_mtok: float | None = None
+
+    def rates(self, lane: str = "online", tier: str | None = None) -> tuple[float, float]:
+        """(input, output) dollars per million tokens for a lane and an online service tier."""
+        if lane == "batch" or tier == "flex":
+            return (
+                self.input_per_mtok / 2 if self.batch_input_per_mtok is None
+                else self.batch_input_per_mtok,
+                self.output_per_mtok / 2 if self.batch_output_per_mtok is None
+                else self.batch_output_per_mtok,
+            )
+        return self.input_per_mtok, self.output_per_mtok
+
+    def cost(self, tokens_in: int, tokens_out: int, lane: str = "online",
+             tier: str | None = None) -> float:
+        rate_in, rate_out = self.rates(lane, tier)
+        return (tokens_in * rate_in + tokens_out * rate_out) / 1e6
 
 
 # Published list prices per million tokens; override or extend with DOCQ_PRICES (JSON).
@@ -144,6 +163,19 @@ class Settings(BaseSettings):
     metrics_dir: Path | None = Field(
         default=None, description="Where a worker's processes keep their metric files (one "
         "directory per worker main process under it); unset: `home`/metrics.")
+
+    # The batch lane (`--lane batch`): the provider's Batch API, polled by beat.
+    batch_poll_s: float = Field(
+        default=60.0, gt=0, description="How often beat sends, polls and records provider "
+        "batches.")
+    batch_file_max_requests: int = Field(
+        default=50_000, gt=0, description="Requests per Batch API file (OpenAI: 50,000).")
+    batch_file_max_bytes: int = Field(
+        default=200 * 1024 * 1024, gt=0, description="Bytes per Batch API file (OpenAI: "
+        "200 MB).")
+    batch_enqueued_token_limit: int | None = Field(
+        default=None, gt=0, description="Prompt tokens the model may have in unfinished "
+        "provider batches (the organisation's enqueued-token limit); unset: no limit.")
 
     # Celery limits: model timeout < soft limit < hard limit < visibility timeout.
     task_soft_time_limit_s: int = 540

@@ -43,6 +43,17 @@ def submit(
         None),
     dry_run: Annotated[bool, typer.Option(help="Print the estimated tokens and cost; exit.")] = (
         False),
+    lane: Annotated[str, typer.Option(
+        help="online (workers call the model) or batch (the provider's Batch API, half price, "
+        "sent and polled by `docq beat`).")] = "online",
+    batch_fallback: Annotated[str | None, typer.Option(
+        help="online: with --lane batch, send the chunks a provider batch leaves unfinished "
+        "online once at most --fallback-below are left.")] = None,
+    fallback_below: Annotated[int, typer.Option(
+        help="The most chunks --batch-fallback sends online (100).")] = 100,
+    service_tier: Annotated[str | None, typer.Option(
+        help="auto, default or flex: the provider's service tier for online calls (flex: "
+        "batch prices, slower, at times unavailable).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Record documents as a job and queue its batches."""
@@ -63,7 +74,9 @@ def submit(
         _print_estimate(paths, pipeline, options, as_json)
         return
     handle = do_submit(paths, pipeline, **options, name=name, cache=cache,
-                       budget_tokens=budget_tokens, budget_cost=budget_cost)
+                       budget_tokens=budget_tokens, budget_cost=budget_cost, lane=lane,
+                       batch_fallback=batch_fallback, fallback_below=fallback_below,
+                       service_tier=service_tier)
     report: dict[str, Any] = handle.report.as_dict() if handle.report else {"job_id": handle.id}
     if as_json and not wait:
         typer.echo(json.dumps(report))
@@ -126,7 +139,17 @@ def _summary(st: dict[str, Any]) -> str:
     documents = f"; {rejected:,} documents rejected" if rejected else ""
     text = (f"job {st['id']} {st['status']}: {chunks_in_words(st)}{documents}; tokens in "
             f"{st['tokens_in']:,}, out {st['tokens_out']:,}; cost {cost}")
-    return text + (f"\n  {st['reason']}" if st.get("reason") else "")
+    text += f"\n  {st['reason']}" if st.get("reason") else ""
+    return text + "".join(f"\n  {_provider_batch_line(b)}" for b in st.get("provider_batches", []))
+
+
+def _provider_batch_line(b: dict[str, Any]) -> str:
+    """`provider batch batch_ab12 in_progress: 30,000/50,000 done, 12 failed; 2.5 h old`."""
+    age_s = b["age_s"]
+    age = f"{age_s / 3600:.1f} h" if age_s >= 3600 else f"{age_s / 60:.0f} min" if (
+        age_s >= 60) else f"{age_s:.0f} s"
+    return (f"provider batch {b['id'] or '(not created yet)'} {b['status'] or b['state']}: "
+            f"{b['completed']:,}/{b['requests']:,} done, {b['failed']:,} failed; {age} old")
 
 
 @cli.command()

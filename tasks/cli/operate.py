@@ -135,10 +135,11 @@ def _schedule_lines(row: dict[str, Any]) -> str:
 
 @cli.command(context_settings=_PASS_THROUGH)
 def beat(ctx: typer.Context) -> None:
-    """Run Celery beat: the schedules of DOCQ_CONFIG and the reconciler (extra arguments go
-    to Celery beat)."""
+    """Run Celery beat: the schedules of DOCQ_CONFIG, the reconciler and the batch lane's poll
+    (extra arguments go to Celery beat)."""
     from tasks.beat import beat_entries, config_path
     from tasks.celery import app
+    from tasks.lane import poll_entry
     from tasks.maintenance import reconcile_entry
     from tasks.runtime import runtime
     from workers.jobs.schedules import ScheduleError, load_schedules
@@ -152,9 +153,10 @@ def beat(ctx: typer.Context) -> None:
         except ScheduleError as exc:
             raise fail(str(exc)) from None
     else:
-        typer.echo(f"no schedule file at {path} (DOCQ_CONFIG): beat runs the reconciler only",
+        typer.echo(f"no schedule file at {path} (DOCQ_CONFIG): beat runs the reconciler and the batch lane's poll only",
                    err=True)
-    app.conf.beat_schedule = {**beat_entries(found), "jobs-reconcile": reconcile_entry(settings)}
+    app.conf.beat_schedule = {**beat_entries(found), "jobs-reconcile": reconcile_entry(settings),
+                              "lane-poll": poll_entry(settings)}
     now = datetime.now(UTC)
     for s in found:
         typer.echo(f"schedule {s.name}: cron '{s.cron.expr}' {s.cron.timezone}, "

@@ -24,18 +24,22 @@ def resume(
     job whose chunks all have a final result is merged. Without: the reconciler's rules run once
     over every open job (what the beat task does each minute). Running it twice is harmless.
     """
+    from tasks.lane import resume_lane
     from tasks.maintenance import reconcile
 
     if job is not None:
         _check_resumable(job)
     records = reconcile(None if job is None else [job], force=job is not None, merge_inline=True)
+    lane = resume_lane(None if job is None else [job])
     if as_json:
-        typer.echo(json.dumps(records))
+        typer.echo(json.dumps(records + lane))
         return
-    if not records:
+    if not records and not lane:
         typer.echo("no open jobs")
     for r in records:
         typer.echo(_resume_line(r))
+    for r in lane:
+        typer.echo(_lane_line(r))
 
 
 def _check_resumable(job_id: int) -> None:
@@ -66,6 +70,14 @@ def _resume_line(r: dict[str, Any]) -> str:
     if not parts:
         parts.append("nothing to do")
     return f"job {r['job_id']}: {'; '.join(parts)} ({r['reason']})"
+
+
+def _lane_line(r: dict[str, Any]) -> str:
+    if "skipped" in r:
+        return f"job {r['job_id']}: {r['skipped']}"
+    done = (f"job {r['job_id']} (batch lane): {r['sent']} provider batches sent, {r['closed']} "
+            f"closed, {r['recorded']} results recorded, {r['cached']} from the cache")
+    return done + (f"; merged: {r['merged']}" if r.get("merged") else "")
 
 
 @cli.command()

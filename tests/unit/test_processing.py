@@ -48,7 +48,8 @@ class FakeLLM:
     answer: Callable[[Prompt, int], Completion | BaseException]
     calls: list[Prompt] = field(default_factory=list)
 
-    async def complete(self, prompt: Prompt, *, max_tokens: int) -> Completion:
+    async def complete(self, prompt: Prompt, *, max_tokens: int,
+                       service_tier: str | None = None) -> Completion:
         self.calls.append(prompt)
         result = self.answer(prompt, len(self.calls))
         if isinstance(result, BaseException):

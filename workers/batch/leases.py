@@ -67,6 +67,7 @@ class BatchInfo:
     cache_policy: str
     budget_tokens: int | None
     budget_cost: float | None
+    service_tier: str | None = None  # sent with each call; prices it (settings.Price.rates)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +108,7 @@ def start_delivery(session: Session, batch_id: int) -> BatchInfo | None:
             Job.status,
             Job.pipeline,
             Job.pipeline_version, Job.options, Job.cache_policy, Job.budget_tokens,
-            Job.budget_cost,
+            Job.budget_cost, Job.service_tier,
         )
         .join(Job, Job.id == Batch.job_id)
         .where(Batch.id == batch_id)

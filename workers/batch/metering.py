@@ -27,24 +27,26 @@ class MeteredLLM:
         self._endpoint = metrics.endpoint_label(base_url)
         self._operation = "chat" if settings.mode == "chat" else "text_completion"
 
-    async def complete(self, prompt: Prompt, *, max_tokens: int) -> Completion:
+    async def complete(self, prompt: Prompt, *, max_tokens: int,
+                       service_tier: str | None = None) -> Completion:
         started = time.perf_counter()
         try:
-            completion = await self._llm.complete(prompt, max_tokens=max_tokens)
+            completion = await self._llm.complete(prompt, max_tokens=max_tokens,
+                                                  service_tier=service_tier)
         except Exception as exc:
             self._record(time.perf_counter() - started, exc)
             raise
-        self._record(completion.latency_ms / 1000, None, completion)
+        self._record(completion.latency_ms / 1000, None, completion, service_tier)
         return completion
 
     async def aclose(self) -> None:
         await self._llm.aclose()
 
     def _record(self, seconds: float, exc: BaseException | None,
-                completion: Completion | None = None) -> None:
+                completion: Completion | None = None, tier: str | None = None) -> None:
         metrics.model_call(
             endpoint=self._endpoint, model=self._settings.model_name, operation=self._operation,
             seconds=seconds, exc=exc,
             tokens_in=completion.tokens_in if completion else 0,
             tokens_out=completion.tokens_out if completion else 0,
-            cost=cost_of(self._settings, completion) if completion else None)
+            cost=cost_of(self._settings, completion, tier) if completion else None)

@@ -441,7 +441,7 @@ async def _call(
             "tokens_in": completion.tokens_in,
             "tokens_out": completion.tokens_out,
             "latency_ms": round(completion.latency_ms, 2),
-            "cost": cost_of(svc.settings, completion),
+            "cost": cost_of(svc.settings, completion, info.service_tier),
         })
         await guard.spend(row["tokens_in"] + row["tokens_out"], row["cost"])
     try:
@@ -458,7 +458,8 @@ async def _limited_call(svc: Services, info: BatchInfo, prompt: Prompt,
                         max_tokens: int) -> Completion:
     lim = svc.limiter
     if lim is None:
-        return await svc.llm.complete(prompt, max_tokens=max_tokens)
+        return await svc.llm.complete(prompt, max_tokens=max_tokens,
+                                          service_tier=info.service_tier)
     key = f"{info.pipeline}:{info.pipeline_version}"
     by_max_tokens = svc.settings.llm_tpm_charge == "max_tokens"
     # A provider that charges max_tokens at admission must be reserved for the same; one that
@@ -468,7 +469,8 @@ async def _limited_call(svc: Services, info: BatchInfo, prompt: Prompt,
     ticket = await lim.acquire(prompt_tokens(prompt) + expected,
                                max_wait_s=svc.settings.limiter_max_wait_s)
     try:
-        completion = await svc.llm.complete(prompt, max_tokens=max_tokens)
+        completion = await svc.llm.complete(prompt, max_tokens=max_tokens,
+                                          service_tier=info.service_tier)
     except RateLimitedError as exc:
         # The provider consumed nothing; every process pauses for its Retry-After.
         await lim.release(ticket, refund=True, overloaded=True)
@@ -496,11 +498,11 @@ def prompt_tokens(prompt: Prompt) -> int:
     return sum(count_tokens(m["content"]) + 4 for m in prompt.messages or []) + 3
 
 
-def cost_of(settings: Settings, c: Completion) -> float | None:
+def cost_of(settings: Settings, c: Completion, tier: str | None = None) -> float | None:
     price = settings.price_for(settings.model_name)
     if price is None:
         return None  # an unknown model's cost is unknown, not zero
-    return (c.tokens_in * price.input_per_mtok + c.tokens_out * price.output_per_mtok) / 1e6
+    return price.cost(c.tokens_in, c.tokens_out, tier=tier)
 
 
 def _failed(row: ResultRow, exc: Exception, *, final: bool) -> ResultRow:

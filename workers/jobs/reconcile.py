@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
-from models import FINAL_RESULT_STATES, Batch, BatchStatus, Chunk, Job, JobStatus, Result
+from models import FINAL_RESULT_STATES, Batch, BatchStatus, Chunk, Job, JobStatus, Lane, Result
 from workers import keys
 from workers.clock import as_utc
 
@@ -66,11 +66,14 @@ class Plan:
 
 
 def open_jobs(session: Session, job_ids: Sequence[int] | None = None) -> list[JobState]:
-    """Jobs that may still need work: running, or cancelled and never merged since."""
-    wanted = or_(
+    """Online-lane jobs that may still need work: running, or cancelled and never merged since.
+
+    A batch-lane job is the ledger's (workers/jobs/lane.py): its chunks must not be sent online.
+    """
+    wanted = and_(Job.lane == Lane.ONLINE, or_(
         Job.status == JobStatus.RUNNING,
         and_(Job.status == JobStatus.CANCELLED, Job.finished_at.is_(None), Job.chunks_total > 0),
-    )
+    ))
     query = select(Job.id, Job.status, Job.submitted_at).where(wanted).order_by(Job.id)
     if job_ids is not None:
         query = query.where(Job.id.in_(job_ids))

@@ -64,6 +64,9 @@ def create_job(
     cache_policy: str = "use",
     budget_tokens: int | None = None,
     budget_cost: float | None = None,
+    lane: str = "online",
+    fallback_below: int | None = None,
+    service_tier: str | None = None,
 ) -> Job:
     """Insert the job row in state pending."""
     job = Job(
@@ -78,6 +81,9 @@ def create_job(
         cache_policy=cache_policy,
         budget_tokens=budget_tokens,
         budget_cost=budget_cost,
+        lane=lane,
+        fallback_below=fallback_below,
+        service_tier=service_tier,
     )
     session.add(job)
     session.flush()

@@ -1,6 +1,7 @@
 """The model client: one call through langchain-openai, its usage, headers and classified errors.
 
-This is the only module that catches `openai.*` exceptions; it re-raises docqueue's own.
+This module and `batch_api.py` (the Batch API) are the only ones that catch `openai.*`
+exceptions; they re-raise docqueue's own.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from langchain_openai import ChatOpenAI, OpenAI
 
 from workers.errors import (
     EndpointUnreachableError,
+    FlexUnavailableError,
     PermanentLLMError,
     RateLimitedError,
     RetryableLLMError,
@@ -32,6 +34,7 @@ from workers.settings import LLMMode
 # Statuses worth another try; every other 4xx is permanent.
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529})
 PERMANENT_CODES = frozenset({"insufficient_quota", "content_filter", "context_length_exceeded"})
+FLEX_UNAVAILABLE = "resource_unavailable"
 
 # The headers of the response being read in this asyncio task (set by `complete`).
 _headers: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
@@ -59,7 +62,8 @@ class Completion:
 class LLM(Protocol):
     """What the batch processor needs from a model client."""
 
-    async def complete(self, prompt: Prompt, *, max_tokens: int) -> Completion: ...
+    async def complete(self, prompt: Prompt, *, max_tokens: int,
+                       service_tier: str | None = None) -> Completion: ...
 
     async def aclose(self) -> None: ...
 
@@ -107,8 +111,9 @@ class OpenAICompatibleLLM:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def complete(self, prompt: Prompt, *, max_tokens: int) -> Completion:
-        """Make one call.
+    async def complete(self, prompt: Prompt, *, max_tokens: int,
+                       service_tier: str | None = None) -> Completion:
+        """Make one call, at the provider's `service_tier` if one is given.
 
         Raises:
             RetryableLLMError: a transient failure (RateLimitedError for 429).
@@ -118,10 +123,11 @@ class OpenAICompatibleLLM:
         token = _headers.set(holder)
         started = time.perf_counter()
         try:
+            tier: dict[str, Any] = {"service_tier": service_tier} if service_tier else {}
             if prompt.messages is not None:
-                text, finish, tin, tout = await self._call_chat(prompt, max_tokens)
+                text, finish, tin, tout = await self._call_chat(prompt, max_tokens, tier)
             else:
-                text, finish, tin, tout = await self._call_completion(prompt, max_tokens)
+                text, finish, tin, tout = await self._call_completion(prompt, max_tokens, tier)
         except openai.APIStatusError as exc:
             raise classify_status_error(exc, self._cfg.api_key) from None
         except (openai.APITimeoutError, openai.APIConnectionError) as exc:
@@ -155,9 +161,10 @@ class OpenAICompatibleLLM:
             headers=holder,
         )
 
-    async def _call_chat(self, prompt: Prompt, max_tokens: int) -> tuple[str, str | None, int, int]:
+    async def _call_chat(self, prompt: Prompt, max_tokens: int,
+                         tier: dict[str, Any]) -> tuple[str, str | None, int, int]:
         assert prompt.messages is not None
-        kwargs: dict[str, Any] = {**(prompt.params or {}), "max_tokens": max_tokens}
+        kwargs: dict[str, Any] = {**(prompt.params or {}), "max_tokens": max_tokens, **tier}
         if prompt.stop:
             kwargs["stop"] = prompt.stop
         if prompt.response_format:
@@ -170,12 +177,12 @@ class OpenAICompatibleLLM:
         return content, finish, int(usage["input_tokens"]), int(usage["output_tokens"])
 
     async def _call_completion(
-        self, prompt: Prompt, max_tokens: int
+        self, prompt: Prompt, max_tokens: int, tier: dict[str, Any]
     ) -> tuple[str, str | None, int, int]:
         assert prompt.text is not None
         result = await self._completion.agenerate(
-            [prompt.text], stop=prompt.stop, max_tokens=max_tokens, **(prompt.params or {})
-        )
+            [prompt.text], stop=prompt.stop, max_tokens=max_tokens, **(prompt.params or {}),
+            **tier)
         gen = result.generations[0][0]
         usage = (result.llm_output or {}).get("token_usage", {})
         finish = (gen.generation_info or {}).get("finish_reason")
@@ -271,6 +278,10 @@ def classify_status_error(
     code = err.get("code") or err.get("type")
     message = scrub(str(err.get("message") or exc.message), api_key)
     text = f"HTTP {status}" + (f" {code}" if code else "") + f": {message}"
+    if status == 429 and (code == FLEX_UNAVAILABLE or "resource unavailable" in message.lower()):
+        # The flex tier has no capacity now: not our rate, and not charged. A wait, not an
+        # attempt: the batch hands its chunks back, as for an endpoint that is down.
+        return FlexUnavailableError(text, http_status=status, code=FLEX_UNAVAILABLE)
     if status == 429 and code != "insufficient_quota":
         return RateLimitedError(
             text, http_status=status, code=code, retry_after_s=retry_after_s(exc.response.headers)

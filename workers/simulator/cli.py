@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from workers.simulator.config import DEFAULT_MODEL, MIB, ConfigError, SimulatorConfig
+from workers.simulator.config import DEFAULT_MODEL, MIB, BatchConfig, ConfigError, SimulatorConfig
 
 PROG = "docq simulate"
 
@@ -127,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="share answered 200 with a malformed body",
     )
     flt.add_argument(
+        "--flex-unavailable-rate",
+        metavar="RATE",
+        type=float,
+        default=0.0,
+        help="share of service_tier=flex requests answered 429 resource_unavailable",
+    )
+    flt.add_argument(
         "--timeout-hold-s",
         metavar="SECONDS",
         type=float,
@@ -136,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     flt.add_argument(
         "--seed", metavar="N", type=int, help="seed for fault and jitter draws (default random)"
     )
+    _add_batch_arguments(p)
     p.add_argument("--log-requests", action="store_true", help="log one line per request")
     p.add_argument(
         "--record-requests",
@@ -166,12 +174,67 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         timeout_rate=args.timeout_rate,
         garbage_rate=args.garbage_rate,
         timeout_hold_s=args.timeout_hold_s,
+        flex_unavailable_rate=args.flex_unavailable_rate,
         context_limit=args.context_limit,
         api_key=args.api_key,
         seed=args.seed,
         max_body_bytes=args.max_body_bytes,
         log_requests=args.log_requests,
         record_requests=args.record_requests,
+        batch=BatchConfig(
+            turnaround_s=args.batch_turnaround_s,
+            window_s=args.batch_window_s,
+            fail_rate=args.batch_fail_rate,
+            enqueued_token_limit=args.batch_enqueued_token_limit,
+            max_requests=args.batch_max_requests,
+            max_file_bytes=args.batch_max_file_bytes,
+        ),
+    )
+
+
+def _add_batch_arguments(p: argparse.ArgumentParser) -> None:
+    bat = p.add_argument_group("Batch API (/v1/files, /v1/batches)")
+    bat.add_argument(
+        "--batch-turnaround-s",
+        metavar="SECONDS",
+        type=float,
+        default=0.0,
+        help="a batch's lines are done evenly over this time (default 0: at once)",
+    )
+    bat.add_argument(
+        "--batch-window-s",
+        metavar="SECONDS",
+        type=float,
+        default=86_400.0,
+        help="a batch not done this long after creation expires with what it did (24 h)",
+    )
+    bat.add_argument(
+        "--batch-fail-rate",
+        metavar="RATE",
+        type=float,
+        default=0.0,
+        help="share of executed lines answered 500 in the error file (default 0)",
+    )
+    bat.add_argument(
+        "--batch-enqueued-token-limit",
+        metavar="TOKENS",
+        type=int,
+        help="prompt tokens a model may have in unfinished batches; a batch past it fails "
+        "with token_limit_exceeded (default unlimited)",
+    )
+    bat.add_argument(
+        "--batch-max-requests",
+        metavar="N",
+        type=int,
+        default=50_000,
+        help="requests per batch file (default 50,000)",
+    )
+    bat.add_argument(
+        "--batch-max-file-bytes",
+        metavar="BYTES",
+        type=int,
+        default=200 * MIB,
+        help="bytes per uploaded file (default 200 MiB)",
     )
 
 

@@ -41,6 +41,8 @@ class SimulatorConfig:
     timeout_rate: float = 0.0
     garbage_rate: float = 0.0
     timeout_hold_s: float = 600.0
+    # Share of service_tier="flex" requests refused 429 resource_unavailable (before admission).
+    flex_unavailable_rate: float = 0.0
     context_limit: int | None = None
     api_key: str | None = field(default=None, repr=False)
     seed: int | None = None
@@ -49,6 +51,7 @@ class SimulatorConfig:
     # Keep every completion request (times, status, prompt) for GET /requests: tests count
     # the calls per prompt with it. Off by default: it grows with every request.
     record_requests: bool = False
+    batch: BatchConfig = field(default_factory=lambda: BatchConfig())
 
     def __post_init__(self) -> None:
         _check_port(self.port)
@@ -72,7 +75,7 @@ class SimulatorConfig:
             )
         if self.timeout_hold_s <= 0:
             raise ConfigError(f"--timeout-hold-s: must be positive, got {self.timeout_hold_s}")
-        for name in ("fail_rate", "timeout_rate", "garbage_rate"):
+        for name in ("fail_rate", "timeout_rate", "garbage_rate", "flex_unavailable_rate"):
             rate = getattr(self, name)
             if not 0.0 <= rate <= 1.0:
                 raise ConfigError(f"--{_flag(name)}: must be between 0 and 1, got {rate}")
@@ -111,3 +114,32 @@ def _flag(attribute: str) -> str:
 def _check_port(port: int) -> None:
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port: must be between 0 and 65535, got {port}")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """How the Batch API behaves (`/v1/files`, `/v1/batches`). Limits default to OpenAI's."""
+
+    # A batch's lines are done one after another, evenly, over this many seconds.
+    turnaround_s: float = 0.0
+    # The completion window: a batch not done this long after its creation expires, keeping
+    # the lines it did. OpenAI's only window is 24 h.
+    window_s: float = 86_400.0
+    # Share of executed lines answered with a 500 in the error file (drawn per batch and line).
+    fail_rate: float = 0.0
+    # Prompt tokens a model may have in batches not yet final; None = no limit.
+    enqueued_token_limit: int | None = None
+    max_requests: int = 50_000
+    max_file_bytes: int = 200 * MIB
+
+    def __post_init__(self) -> None:
+        if self.turnaround_s < 0:
+            raise ConfigError(f"--batch-turnaround-s: must not be negative, got {self.turnaround_s}")
+        if self.window_s <= 0:
+            raise ConfigError(f"--batch-window-s: must be positive, got {self.window_s}")
+        if not 0.0 <= self.fail_rate <= 1.0:
+            raise ConfigError(f"--batch-fail-rate: must be between 0 and 1, got {self.fail_rate}")
+        for name in ("enqueued_token_limit", "max_requests", "max_file_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--batch-{_flag(name)}: must be at least 1, got {value}")

@@ -37,6 +37,7 @@ class FaultInjector:
 
     def __init__(self, config: SimulatorConfig) -> None:
         self._rng = random.Random(config.seed)
+        self._flex_rng = random.Random(None if config.seed is None else config.seed + 2)
         self._thresholds = (
             (config.fail_rate, Fault.FAIL),
             (config.fail_rate + config.timeout_rate, Fault.TIMEOUT),
@@ -50,6 +51,10 @@ class FaultInjector:
             if u < threshold:
                 return fault
         return Fault.NONE
+
+    def flex_unavailable(self, rate: float) -> bool:
+        """Whether the flex tier refuses the next flex request (its own seeded draw)."""
+        return rate > 0 and self._flex_rng.random() < rate
 
     def server_error(self) -> ApiError:
         """A 500, 502 or 503 in OpenAI's error shape."""

@@ -80,6 +80,7 @@ class CompletionRequest:
     response_format: ResponseFormat
     tool: ToolChoice | None
     fingerprint: int = field(repr=False)
+    service_tier: str | None = None
 
     @property
     def total_prompt_tokens(self) -> int:
@@ -132,6 +133,7 @@ def parse(body: Any, endpoint: Endpoint) -> CompletionRequest:
         response_format=_response_format(body.get("response_format")),
         tool=_tool_choice(body) if endpoint == "chat" else None,
         fingerprint=_fingerprint(endpoint, model, prompt_part, body),
+        service_tier=_optional(body, "service_tier", str, "a string"),
     )
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from workers.simulator.batches import add_routes as add_batch_routes
 from workers.simulator.config import SimulatorConfig
 from workers.simulator.faults import Fault, FaultInjector
 from workers.simulator.generate import build_reply
@@ -73,6 +74,7 @@ def build_app(config: SimulatorConfig) -> web.Application:
     app.router.add_post("/stats/reset", _stats_reset)
     app.router.add_get("/requests", _requests)
     app.router.add_post("/limits", _change_limits)
+    add_batch_routes(app, config, _check_key)
     app.on_response_prepare.append(_limit_headers)
     return app
 
@@ -120,6 +122,9 @@ async def _answer(request: web.Request, endpoint: Endpoint, state: SimulatorStat
     _check_model(req.model, config)
     _check_context(req, config.context_limit)
     reply = build_reply(req, config, int(time.time()))
+    if req.service_tier == "flex" and state.faults.flex_unavailable(config.flex_unavailable_rate):
+        state.stats.answered(429)
+        return error_response(FLEX_UNAVAILABLE)
     cost = req.budget_cost(config.default_max_tokens)
     decision = state.limiter.admit(cost)
     if not decision.admitted:
@@ -151,6 +156,10 @@ async def _answer(request: web.Request, endpoint: Endpoint, state: SimulatorStat
 
 
 PROMPT_KEY = "docq_prompt"
+FLEX_UNAVAILABLE = ApiError(
+    429, "Resource Unavailable: the flex tier has no capacity for this request right now; "
+    "try again later or use another service tier.", type="invalid_request_error",
+    code="resource_unavailable")
 
 
 def _prompt_text(body: Any) -> str | None:
