@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, select
 
-from models import FINAL_JOB_STATES, Document, Job, JobStatus, Result
+from models import FINAL_JOB_STATES, Chunk, Document, DocumentStatus, Job, JobStatus, Result
 from tasks.failures import explain, service_errors
 from tasks.publish import check_broker, forget_chord_results, publish
 from tasks.runtime import runtime
@@ -200,6 +200,7 @@ class JobHandle:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         moved_at, last = time.monotonic(), None
+        progress_now: tuple[Any, ...]
         while True:
             st = self.status()
             if progress is not None:
@@ -209,8 +210,9 @@ class JobHandle:
                                                      or st["finished_at"] is not None):
                 return st
             now = time.monotonic()
-            if (st["status"], st["chunks_done"]) != last:
-                moved_at, last = now, (st["status"], st["chunks_done"])
+            progress_now = (st["status"], st["chunks_done"], st["reduce_steps_done"])
+            if progress_now != last:
+                moved_at, last = now, progress_now
             elif stall_s is not None and now - moved_at > stall_s:
                 raise JobStalledError(
                     f"job {self.id} has not moved for {now - moved_at:.0f} s "
@@ -223,6 +225,29 @@ class JobHandle:
 
     def results(self) -> Iterator[dict[str, Any]]:
         return document_results(self.id)
+
+    def iter_results(self, poll_s: float = 0.5, timeout: float | None = None
+                     ) -> Iterator[dict[str, Any]]:
+        """Yield each document once it has its answer (or its error), while the job runs;
+        return once the job is final and every document was yielded.
+
+        Raises:
+            TimeoutError: the job was not final within `timeout` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen: set[str] = set()  # a document's external id and source: unique in a job
+        while True:
+            final = self.status()["status"] in FINAL_JOB_STATES
+            for record in document_results(self.id, finished_only=True):
+                key = f"{record['id']}\0{record['source']}"
+                if key not in seen:
+                    seen.add(key)
+                    yield record
+            if final:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {self.id} is not final after {timeout:g}s")
+            time.sleep(poll_s)
 
 
 def job_status(job_id: int) -> dict[str, Any]:
@@ -237,11 +262,16 @@ def job_status(job_id: int) -> dict[str, Any]:
         job = session.get(Job, job_id)
         if job is None:
             raise JobNotFoundError(f"job {job_id} does not exist")
-        counts = dict(session.execute(
-            select(Result.status, func.count())
+        counts: dict[str, int] = {}
+        reduce_counts: dict[str, int] = {}
+        for is_reduce, status, n in session.execute(
+            select(Chunk.level > 0, Result.status, func.count())
+            .join(Chunk, Chunk.id == Result.chunk_id)
             .where(Result.job_id == job_id, Result.pipeline_version == job.pipeline_version)
-            .group_by(Result.status)
-        ).all())
+            .group_by(Chunk.level > 0, Result.status)
+        ).all():
+            target = reduce_counts if is_reduce else counts
+            target[status] = target.get(status, 0) + n
         live = session.execute(
             select(func.coalesce(func.sum(Result.tokens_in), 0),
                    func.coalesce(func.sum(Result.tokens_out), 0), func.sum(Result.cost))
@@ -256,6 +286,7 @@ def job_status(job_id: int) -> dict[str, Any]:
             "chunks_total": job.chunks_total, "batches_total": job.batches_total,
             "chunks_done": sum(counts.values()), "chunks_retrying": retrying,
             "chunks_by_state": counts,
+            "reduce_steps_done": sum(n for k, n in reduce_counts.items() if k != "retry"),
             "tokens_in": int(live[0]), "tokens_out": int(live[1]),
             "cost": float(live[2]) if live[2] is not None else None,
             "latency_p50_ms": job.latency_p50_ms, "latency_p95_ms": job.latency_p95_ms,
@@ -265,13 +296,19 @@ def job_status(job_id: int) -> dict[str, Any]:
         }
 
 
-def document_results(job_id: int) -> Iterator[dict[str, Any]]:
-    """One record per document, in submission order, streamed from the store."""
+def document_results(job_id: int, *, finished_only: bool = False) -> Iterator[dict[str, Any]]:
+    """One record per document, in submission order, streamed from the store.
+
+    `finished_only`: leave out the documents still waiting for a chunk or a reduce step (a
+    running job's documents get their answer one by one, as they finish).
+    """
     rt = runtime()
+    query = select(Document).where(Document.job_id == job_id)
+    if finished_only:
+        query = query.where(Document.status != DocumentStatus.PENDING)
     with service_errors(rt.settings), rt.sessions() as session:
         rows = session.scalars(
-            select(Document).where(Document.job_id == job_id).order_by(Document.id)
-            .execution_options(yield_per=1000)
+            query.order_by(Document.id).execution_options(yield_per=1000)
         )
         for d in rows:
             yield {
@@ -284,3 +321,30 @@ def document_results(job_id: int) -> Iterator[dict[str, Any]]:
 
 def _iso(t: Any) -> str | None:
     return t.isoformat() if t is not None else None
+
+
+def chunk_results(job_id: int) -> Iterator[dict[str, Any]]:
+    """One record per chunk (level 0), in document and chunk order: what the model answered
+    for each part of each document before any merge or reduce."""
+    rt = runtime()
+    with service_errors(rt.settings), rt.sessions() as session:
+        version = session.scalar(select(Job.pipeline_version).where(Job.id == job_id))
+        rows = session.execute(
+            select(Document.external_id, Chunk.seq, Chunk.char_start, Chunk.char_end,
+                   Chunk.token_count, Result.status, Result.output, Result.error_message,
+                   Result.tokens_in, Result.tokens_out)
+            .join(Document, Document.id == Chunk.document_id)
+            .outerjoin(Result, and_(Result.chunk_id == Chunk.id,
+                                    Result.pipeline_version == version))
+            .where(Chunk.job_id == job_id, Chunk.level == 0)
+            .order_by(Chunk.document_id, Chunk.seq)
+            .execution_options(yield_per=1000)
+        )
+        for r in rows:
+            yield {
+                "id": r.external_id, "chunk": r.seq, "char_start": r.char_start,
+                "char_end": r.char_end, "tokens": r.token_count,
+                "status": r.status if r.status and r.status != "retry" else "pending",
+                "output": r.output, "error": r.error_message,
+                "tokens_in": r.tokens_in or 0, "tokens_out": r.tokens_out or 0,
+            }

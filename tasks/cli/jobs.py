@@ -6,8 +6,9 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TextIO
 
 import typer
 
@@ -166,10 +167,17 @@ def results(
     fmt: Annotated[str, typer.Option("--format", help="jsonl, csv or openai-batch.")] = "jsonl",
     output: Annotated[Path | None, typer.Option(
         help="Write here instead of stdout; openai-batch: the prefix of its two files.")] = None,
+    level: Annotated[str, typer.Option(
+        help="document (one answer each) or chunk (each chunk's own output).")] = "document",
 ) -> None:
-    """Write one record per document: status, merged output, error, tokens, cost."""
-    from tasks.api import document_results, job_status
+    """Write one record per document: status, merged output, error, tokens, cost.
 
+    A running job's documents are written as they finish: those still waiting are left out.
+    """
+    from tasks.api import chunk_results, document_results, job_status
+
+    if level not in ("document", "chunk"):
+        raise fail(f"unknown level {level!r}: choose document or chunk")
     if fmt == "openai-batch":
         _write_openai_batch(job, output)
         return
@@ -178,7 +186,10 @@ def results(
     job_status(job)  # a clear error for an unknown job
     out = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
     try:
-        rows = document_results(job)
+        if level == "chunk":
+            _write_chunks(chunk_results(job), fmt, out)
+            return
+        rows = document_results(job, finished_only=True)
         if fmt == "jsonl":
             for row in rows:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -193,6 +204,18 @@ def results(
     finally:
         if output:
             out.close()
+
+
+def _write_chunks(rows: Iterable[dict[str, Any]], fmt: str, out: TextIO) -> None:
+    if fmt == "jsonl":
+        out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        return
+    fields = ["id", "chunk", "char_start", "char_end", "tokens", "status", "output", "error",
+              "tokens_in", "tokens_out"]
+    writer = csv.DictWriter(out, fieldnames=fields)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row | {"output": json.dumps(row["output"], ensure_ascii=False)})
 
 
 def _write_openai_batch(job: int, prefix: Path | None) -> None:

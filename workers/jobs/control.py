@@ -15,6 +15,7 @@ from workers.batch.processing import prompt_tokens
 from workers.errors import JobNotFoundError
 from workers.ingest.chunking import Chunker
 from workers.ingest.sources import SourceDocument
+from workers.jobs import sizing
 from workers.pipelines import Pipeline
 from workers.settings import Settings
 
@@ -96,7 +97,7 @@ def estimate(
 ) -> Estimate:
     """Prompt tokens exactly (offline tokenizer); output tokens at most max_tokens per chunk."""
     est = Estimate()
-    chunker = Chunker(settings.chunk_tokens, settings.chunk_overlap_tokens)
+    chunker = Chunker(sizing.chunk_tokens(settings, pipeline), settings.chunk_overlap_tokens)
     for doc in documents:
         if doc.error is not None:
             est.rejected += 1

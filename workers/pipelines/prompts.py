@@ -71,6 +71,18 @@ SUMMARIZE = Templates(
     SUMMARIZE_SYSTEM, SUMMARIZE_USER, SUMMARIZE_COMPLETION, (". ", "\n"), completion_max_tokens=48
 )
 
+# The reduce step of summarize: the summaries of consecutive parts of one document (chunks, or
+# groups of them), one per line, summarized again. The completion prompt is the measured one:
+# to the base model the summaries are one more text to sum up in a sentence.
+SUMMARIZE_REDUCE_USER = (
+    "These are summaries of consecutive parts of one document, in order. Summarize the whole "
+    "document in one to three sentences.\n\n<summaries>\n{text}\n</summaries>"
+)
+SUMMARIZE_REDUCE = Templates(
+    SUMMARIZE_SYSTEM, SUMMARIZE_REDUCE_USER, SUMMARIZE_COMPLETION, (". ", "\n"),
+    completion_max_tokens=48,
+)
+
 CLASSIFY_SYSTEM = "You classify texts. Choose exactly one label from the list the user gives."
 CLASSIFY_USER = "Labels: {labels}\n\nWhich label fits this text best?\n\n<text>\n{text}\n</text>"
 CLASSIFY_COMPLETION = """\
