@@ -45,6 +45,8 @@ def submit(
     labels: list[str] | None = None,
     schema: dict[str, Any] | None = None,
     prompt: str | None = None,
+    reduce: str | None = None,
+    key: list[str] | None = None,
     name: str | None = None,
     cache: str = "use",
     budget_tokens: int | None = None,
@@ -53,7 +55,8 @@ def submit(
     """Record the corpus as a job and queue its batches; returns at once with a handle.
 
     `sources` is a path, a glob, a list of them, or an iterable of `(id, text)` pairs or dicts
-    with `id`, `text` and optional `metadata`. `cache` is "use" (answer from the response cache
+    with `id`, `text` and optional `metadata`. The pipeline's options: `labels` (classify),
+    `schema` and `key` (extract), `prompt` and `reduce` (custom). `cache` is "use" (answer from the response cache
     where possible), "refresh" (call the model and overwrite the cache) or "off". A budget in
     tokens and/or dollars stops the job's model calls once spent; the chunks left end
     `skipped_budget`.
@@ -69,8 +72,8 @@ def submit(
         JobNotPublishedError: the job is recorded but the broker went away before its batches
             were sent; `docq resume JOB` (or beat's reconciler) sends them once it is back.
     """
-    options = {k: v for k, v in
-               {"labels": labels, "schema": schema, "prompt": prompt}.items() if v is not None}
+    given = {"labels": labels, "schema": schema, "prompt": prompt, "reduce": reduce, "key": key}
+    options = {k: v for k, v in given.items() if v is not None}
     pipe = build_pipeline(pipeline, options)
     if cache not in CACHE_POLICIES:
         raise InputError(f"unknown cache policy {cache!r}: choose use, refresh or off")
@@ -264,13 +267,13 @@ def job_status(job_id: int) -> dict[str, Any]:
             raise JobNotFoundError(f"job {job_id} does not exist")
         counts: dict[str, int] = {}
         reduce_counts: dict[str, int] = {}
-        for is_reduce, status, n in session.execute(
-            select(Chunk.level > 0, Result.status, func.count())
+        for level, status, n in session.execute(
+            select(Chunk.level, Result.status, func.count())
             .join(Chunk, Chunk.id == Result.chunk_id)
             .where(Result.job_id == job_id, Result.pipeline_version == job.pipeline_version)
-            .group_by(Chunk.level > 0, Result.status)
+            .group_by(Chunk.level, Result.status)
         ).all():
-            target = reduce_counts if is_reduce else counts
+            target = reduce_counts if level > 0 else counts
             target[status] = target.get(status, 0) + n
         live = session.execute(
             select(func.coalesce(func.sum(Result.tokens_in), 0),

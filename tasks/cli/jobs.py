@@ -34,6 +34,11 @@ def submit(
     schema: Annotated[Path | None, typer.Option(help="extract: a JSON schema file.")] = None,
     prompt: Annotated[Path | None, typer.Option(help="custom: a template file with {text}.")] = (
         None),
+    reduce: Annotated[Path | None, typer.Option(
+        help="custom: a template file with {text} that answers a group of answers as one.")] = (
+        None),
+    key: Annotated[str | None, typer.Option(
+        help="extract: comma-separated schema fields; objects equal on them merge.")] = None,
     name: Annotated[str | None, typer.Option(help="A name for the job.")] = None,
     wait: Annotated[bool, typer.Option(help="Wait for the job, showing progress.")] = False,
     cache: Annotated[str, typer.Option(help="use, refresh or off: the response cache.")] = "use",
@@ -57,6 +62,8 @@ def submit(
         "labels": [x.strip() for x in labels.split(",") if x.strip()] if labels else None,
         "schema": schema_obj,
         "prompt": _read_option_file(prompt, "prompt"),
+        "reduce": _read_option_file(reduce, "reduce"),
+        "key": [x.strip() for x in key.split(",") if x.strip()] if key else None,
     }
     if dry_run:
         _print_estimate(paths, pipeline, options, as_json)

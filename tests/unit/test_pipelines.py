@@ -511,10 +511,11 @@ def test_custom_keeps_any_text() -> None:
 
 def test_summarize_merge_joins_the_summaries_in_order() -> None:
     summarize = pipeline("summarize")
-    # Given chunk summaries in chunk order / When merged / Then one text, one line per chunk
+    # Given chunk summaries in chunk order (a job without a reduce step) / When merged / Then
+    # one text, one line per chunk
     outputs = [{"summary": "First part."}, {"summary": "Second part."}]
     assert summarize.merge(outputs) == {"summary": "First part.\nSecond part."}
-    assert summarize.merge([]) == {"summary": "", "chunks": 0}
+    assert summarize.merge([]) == {"summary": ""}
 
 
 def test_classify_merge_takes_the_majority_with_the_counts() -> None:

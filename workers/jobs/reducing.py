@@ -87,6 +87,10 @@ def plan_document(steps: Sequence[Step], pipeline: Pipeline, reduce_tokens: int 
     good = [s for s in current if s.ok]
     if reduce_tokens is not None and pipeline.reduces and len(good) > 1:
         return DocumentPlan("reduce", top, groups=group_steps(good, pipeline, reduce_tokens))
+    below = top
+    while not good and below > 0:  # a reduce level none of whose steps succeeded (a budget
+        below -= 1  # spent): the answer is the merge of the best level below it
+        good = [s for s in steps if s.level == below and s.ok]
     return DocumentPlan("done", top, outputs=[s.output for s in good])
 
 

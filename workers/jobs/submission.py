@@ -66,7 +66,13 @@ def create_job(
     budget_tokens: int | None = None,
     budget_cost: float | None = None,
 ) -> Job:
-    """Insert the job row in state pending."""
+    """Insert the job row in state pending.
+
+    Raises:
+        PipelineError: the model's context cannot hold a chunk or a reduce step.
+    """
+    if pipeline.chunked:
+        sizing.chunk_tokens(settings, pipeline)  # refused here, before anything is recorded
     job = Job(
         reduce_tokens=sizing.reduce_group_tokens(settings, pipeline) if pipeline.reduces else None,
         name=name,
