@@ -109,7 +109,8 @@ class Pipeline(ABC):
                 max_tokens=self._chat_max_tokens,
             )
         if mode == "completion":
-            values = {**self._values, "text": self._completion_chunk(text)}
+            body = self._completion_parts(text) if level > 0 else self._completion_chunk(text)
+            values = {**self._values, "text": body}
             return Prompt(
                 text=prompts.fill(t.completion, values),
                 stop=list(t.stop) or None,
@@ -121,6 +122,10 @@ class Pipeline(ABC):
         """The chunk as a completion prompt holds it: its whitespace collapsed to single spaces,
         since the worked examples are one line each and a base model continues what it sees."""
         return " ".join(text.split())
+
+    def _completion_parts(self, text: str) -> str:
+        """A reduce step's text as a completion prompt holds it (its `reduce_text`)."""
+        return self._completion_chunk(text)
 
     def parse(self, raw: str, finish_reason: str | None) -> Any:
         """The chunk output, JSON-serializable.

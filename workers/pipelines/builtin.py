@@ -74,6 +74,11 @@ class Summarize(Pipeline):
         # it, a later one (open-source-maintainers.md in examples/corpus).
         return super()._completion_chunk(_drop_heading(text))
 
+    def _completion_parts(self, text: str) -> str:
+        # One "- " line per summary, as the reduce prompt's worked examples show them.
+        return "\n".join(f"- {' '.join(line.split())}" for line in text.splitlines()
+                         if line.strip())
+
     def _parse(self, raw: str) -> dict[str, str]:
         summary = raw.strip()
         if not summary:
