@@ -227,3 +227,22 @@ def test_a_document_with_failed_chunks_is_reduced_from_the_rest_and_marked_parti
     assert f"chunk{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed[:20]))}" in doc[
         "error"]
     assert doc["output"]["made"]["levels"] >= 1
+
+
+def test_documents_are_read_as_they_finish_while_the_job_runs(
+    simulator: Any, docq_env: Any, workers: Any
+) -> None:
+    # Given calls of 300 ms, a one-chunk note and a 30-chunk report (three reduce levels)
+    sim = simulator(*SIM, "--latency-ms", "300")
+    environment = docq_env(sim.url, llm_context_tokens=context_for_room(100), **SHAPE)
+    workers(environment)
+    handle = submit([("report", long_document(CHUNKS)), ("note", long_document(1, tag="n"))],
+                    "summarize", cache="off")
+    # When the results are read as the job runs
+    seen: list[tuple[str, str, str]] = []
+    for doc in handle.iter_results(poll_s=0.1, timeout=120):
+        seen.append((doc["id"], doc["status"], handle.status()["status"]))
+    # Then the note came first, with its answer, while the report was still being reduced
+    assert [s[0] for s in seen] == ["note", "report"], seen
+    assert seen[0][1] == "ok" and seen[0][2] == "running"
+    assert seen[1][1] == "ok" and handle.status()["status"] == "succeeded"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from models import Batch, BatchStatus, Chunk, Document, DocumentStatus, Job, JobStatus, ResultStatus
@@ -117,7 +117,7 @@ def merge_job(session: Session, job_id: int) -> MergeSummary | None:
 @dataclass
 class Advance:
     """What one finished batch moved on: reduce levels made (their batch ids), documents
-    given their answer, and whether its job has no open batch left."""
+    given their answer, and (for a reduce batch) whether its job has no open batch left."""
 
     job_id: int
     reduce_batch: bool  # the batch held reduce steps
@@ -154,11 +154,11 @@ def after_batch(session: Session, batch_id: int) -> Advance | None:
     if done:
         session.execute(update(Document), done)
     advance.documents_done = len(done)
-    open_batches = session.scalar(
-        select(func.count()).select_from(Batch)
-        .where(Batch.job_id == job.id, Batch.status != BatchStatus.DONE)
-    )
-    advance.job_idle = not open_batches
+    if advance.reduce_batch:  # only a reduce batch may be the job's last without its chord
+        advance.job_idle = session.scalar(
+            select(Batch.id).where(Batch.job_id == job.id, Batch.status != BatchStatus.DONE)
+            .limit(1)
+        ) is None
     return advance
 
 
