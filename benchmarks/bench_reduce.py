@@ -106,9 +106,11 @@ def run_row(args: argparse.Namespace, sim: SimulatorProcess, workdir: Path, name
             st = handle.status()
             calls = sim.stats()["requests_total"] - before
             with runtime().sessions() as s:
-                per_level = dict(s.execute(
-                    select(Chunk.level > 0, func.count()).select_from(Chunk)
-                    .where(Chunk.job_id == handle.id).group_by(Chunk.level > 0)).all())
+                per_level: dict[bool, int] = {False: 0, True: 0}
+                for level, n in s.execute(
+                        select(Chunk.level, func.count()).select_from(Chunk)
+                        .where(Chunk.job_id == handle.id).group_by(Chunk.level)):
+                    per_level[level > 0] += n
                 billed = s.scalar(select(func.sum(Result.tokens_in + Result.tokens_out))
                                   .where(Result.job_id == handle.id))
                 one_call = s.scalar(select(func.count()).select_from(Chunk).where(
@@ -123,7 +125,7 @@ def run_row(args: argparse.Namespace, sim: SimulatorProcess, workdir: Path, name
     return {
         "row": name, "job": st["status"], "documents": documents,
         "one_call_documents": documents - int(one_call or 0),
-        "map_calls": int(per_level.get(False, 0)), "reduce_calls": int(per_level.get(True, 0)),
+        "map_calls": per_level[False], "reduce_calls": per_level[True],
         "calls": calls, "tokens_in": st["tokens_in"], "tokens_out": st["tokens_out"],
         "tokens_billed": int(billed or 0), "wall_s": round(wall, 1), "load_before": load,
     }
