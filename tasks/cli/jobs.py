@@ -113,8 +113,9 @@ def _progress_line() -> Any:
     last: list[str] = [""]
 
     def show(st: dict[str, Any]) -> None:
+        steps = f", {st['reduce_steps_done']} reduce steps" if st["reduce_steps_done"] else ""
         line = (f"job {st['id']} {st['status']}: {st['chunks_done']}/{st['chunks_total']} chunks"
-                f", {st['tokens_in'] + st['tokens_out']} tokens")
+                f"{steps}, {st['tokens_in'] + st['tokens_out']} tokens")
         if line != last[0]:
             typer.echo(line, err=True)
             last[0] = line
