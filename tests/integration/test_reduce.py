@@ -8,13 +8,16 @@ collapses 30 -> 8 -> 2 -> 1: three reduce levels, 11 reduce calls.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from sqlalchemy import delete, select, update
+from typer.testing import CliRunner
 
 from models import Batch, Chunk, Document, Job, Result
 from tasks import submit
+from tasks.cli import cli
 from tasks.maintenance import reconcile
 from tasks.runtime import runtime
 from workers.ingest.chunking import Chunker
@@ -100,12 +103,17 @@ def test_a_30_chunk_document_collapses_in_three_levels_to_one_summary(env: Any) 
     assert sim.stats()["requests_total"] == CHUNKS + REDUCE_CALLS
     assert final["tokens_in"] == doc["tokens_in"] == made["tokens_in"]
     assert final["chunks_total"] == CHUNKS and final["chunks_by_state"] == {"ok": CHUNKS}
-    # and the chunk outputs stay readable beside the one answer
-    from tasks.api import chunk_results
-
-    chunks = list(chunk_results(handle.id))
-    assert [c["chunk"] for c in chunks] == list(range(CHUNKS))
-    assert all(c["status"] == "ok" and c["output"]["summary"] for c in chunks)
+    # and `docq results` prints the one answer, `--level chunk` each chunk's own output
+    runner = CliRunner()
+    documents = runner.invoke(cli, ["results", str(handle.id)])
+    assert documents.exit_code == 0, documents.output
+    assert [json.loads(line)["output"]["summary"] for line in documents.output.splitlines()] == [
+        summary]
+    chunks = runner.invoke(cli, ["results", str(handle.id), "--level", "chunk"])
+    assert chunks.exit_code == 0, chunks.output
+    records = [json.loads(line) for line in chunks.output.splitlines()]
+    assert [c["chunk"] for c in records] == list(range(CHUNKS))
+    assert all(c["status"] == "ok" and c["output"]["summary"] for c in records)
 
 
 def test_a_crash_between_levels_resumes_without_new_map_calls(env: Any) -> None:
