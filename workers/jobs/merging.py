@@ -189,8 +189,8 @@ def document_values(pipeline: Pipeline, document_id: int, steps: Sequence[Step],
         values["status"] = DocumentStatus.ERROR
         return values
     values["status"] = DocumentStatus.PARTIAL if partial else DocumentStatus.OK
-    output = pipeline.merge(plan.outputs)
-    output["made"] = {
+    merged = pipeline.merge(plan.outputs)
+    made = {
         "chunks": len(chunks),
         "levels": plan.levels,
         "reduce_steps": len(reduces),
@@ -200,7 +200,7 @@ def document_values(pipeline: Pipeline, document_id: int, steps: Sequence[Step],
         "tokens_out": totals.tokens_out,
         **({"failed_chunks": [s.seq for s in failed]} if failed else {}),
     }
-    values["output"] = output
+    values["output"] = {**merged, "made": made} if isinstance(merged, dict) else merged
     return values
 
 
