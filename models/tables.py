@@ -99,6 +99,9 @@ class Job(Base):
     # Batch lane: once this few chunks are left after a provider batch, they go online.
     fallback_below: Mapped[int | None] = mapped_column(Integer)
     service_tier: Mapped[str | None] = mapped_column(String(16))  # online: auto, default, flex
+    # Tokens of outputs one reduce step takes, fixed at submit from the model's context so that
+    # every worker groups a document's outputs alike; None: the pipeline merges without a reduce.
+    reduce_tokens: Mapped[int | None] = mapped_column(Integer)
 
     documents_total: Mapped[int] = mapped_column(default=0)
     documents_rejected: Mapped[int] = mapped_column(default=0)
@@ -146,7 +149,9 @@ class Batch(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    seq: Mapped[int] = mapped_column(Integer)
+    # 1, 2, ... for the producer's batches; below zero for a document's reduce level
+    # (workers/jobs/reducing.py), which needs 64 bits.
+    seq: Mapped[int] = mapped_column(BigInteger)
     chunk_count: Mapped[int] = mapped_column(default=0)
     token_count: Mapped[int] = mapped_column(default=0)
     status: Mapped[str] = mapped_column(STATE, default=BatchStatus.QUEUED)
@@ -157,7 +162,10 @@ class Batch(Base):
 class Chunk(Base):
     __tablename__ = "chunks"
     __table_args__ = (
-        Index("ix_chunks_document_seq", "document_id", "seq"),
+        # One row per (document, level, place): level 0 is the document's text, level L > 0
+        # the reduce steps over level L-1's outputs (workers/jobs/reducing.py). Unique, so a
+        # reduce step is created once however many workers schedule it.
+        Index("ix_chunks_document_level_seq", "document_id", "level", "seq", unique=True),
         Index("ix_chunks_job_batch", "job_id", "batch_seq"),
     )
 
@@ -165,8 +173,9 @@ class Chunk(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     document_id: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"))
     # The batch is (job_id, batch_seq): the producer writes chunks before it knows batch ids.
-    batch_seq: Mapped[int] = mapped_column(Integer)
+    batch_seq: Mapped[int] = mapped_column(BigInteger)
     seq: Mapped[int] = mapped_column(Integer)
+    level: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     text: Mapped[str] = mapped_column(Text)
     char_start: Mapped[int] = mapped_column(Integer)
     char_end: Mapped[int] = mapped_column(Integer)

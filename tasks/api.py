@@ -8,9 +8,18 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, select
 
-from models import FINAL_JOB_STATES, Document, Job, JobStatus, Lane, Result
+from models import (
+    FINAL_JOB_STATES,
+    Chunk,
+    Document,
+    DocumentStatus,
+    Job,
+    JobStatus,
+    Lane,
+    Result,
+)
 from tasks.failures import explain, service_errors
 from tasks.publish import check_broker, forget_chord_results, publish
 from tasks.runtime import runtime
@@ -49,6 +58,8 @@ def submit(
     labels: list[str] | None = None,
     schema: dict[str, Any] | None = None,
     prompt: str | None = None,
+    reduce: str | None = None,
+    key: list[str] | None = None,
     name: str | None = None,
     cache: str = "use",
     budget_tokens: int | None = None,
@@ -61,7 +72,8 @@ def submit(
     """Record the corpus as a job and queue its batches; returns at once with a handle.
 
     `sources` is a path, a glob, a list of them, or an iterable of `(id, text)` pairs or dicts
-    with `id`, `text` and optional `metadata`. `cache` is "use" (answer from the response cache
+    with `id`, `text` and optional `metadata`. The pipeline's options: `labels` (classify),
+    `schema` and `key` (extract), `prompt` and `reduce` (custom). `cache` is "use" (answer from the response cache
     where possible), "refresh" (call the model and overwrite the cache) or "off". A budget in
     tokens and/or dollars stops the job's model calls once spent; the chunks left end
     `skipped_budget`. `lane` is "online" (the workers call the model per chunk) or "batch"
@@ -83,8 +95,8 @@ def submit(
         JobNotPublishedError: the job is recorded but the broker went away before its batches
             were sent; `docq resume JOB` (or beat's reconciler) sends them once it is back.
     """
-    options = {k: v for k, v in
-               {"labels": labels, "schema": schema, "prompt": prompt}.items() if v is not None}
+    given = {"labels": labels, "schema": schema, "prompt": prompt, "reduce": reduce, "key": key}
+    options = {k: v for k, v in given.items() if v is not None}
     pipe = build_pipeline(pipeline, options)
     if lane not in LANES:
         raise InputError(f"unknown lane {lane!r}: choose online or batch")
@@ -231,6 +243,7 @@ class JobHandle:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         moved_at, last = time.monotonic(), None
+        progress_now: tuple[Any, ...]
         while True:
             st = self.status()
             if progress is not None:
@@ -240,8 +253,9 @@ class JobHandle:
                                                      or st["finished_at"] is not None):
                 return st
             now = time.monotonic()
-            if (st["status"], st["chunks_done"]) != last:
-                moved_at, last = now, (st["status"], st["chunks_done"])
+            progress_now = (st["status"], st["chunks_done"], st["reduce_steps_done"])
+            if progress_now != last:
+                moved_at, last = now, progress_now
             elif stall_s is not None and now - moved_at > stall_s:
                 raise JobStalledError(
                     f"job {self.id} has not moved for {now - moved_at:.0f} s "
@@ -254,6 +268,29 @@ class JobHandle:
 
     def results(self) -> Iterator[dict[str, Any]]:
         return document_results(self.id)
+
+    def iter_results(self, poll_s: float = 0.5, timeout: float | None = None
+                     ) -> Iterator[dict[str, Any]]:
+        """Yield each document once it has its answer (or its error), while the job runs;
+        return once the job is final and every document was yielded.
+
+        Raises:
+            TimeoutError: the job was not final within `timeout` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen: set[str] = set()  # a document's external id and source: unique in a job
+        while True:
+            final = self.status()["status"] in FINAL_JOB_STATES
+            for record in document_results(self.id, finished_only=True):
+                key = f"{record['id']}\0{record['source']}"
+                if key not in seen:
+                    seen.add(key)
+                    yield record
+            if final:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {self.id} is not final after {timeout:g}s")
+            time.sleep(poll_s)
 
 
 def job_status(job_id: int) -> dict[str, Any]:
@@ -268,11 +305,16 @@ def job_status(job_id: int) -> dict[str, Any]:
         job = session.get(Job, job_id)
         if job is None:
             raise JobNotFoundError(f"job {job_id} does not exist")
-        counts = dict(session.execute(
-            select(Result.status, func.count())
+        counts: dict[str, int] = {}
+        reduce_counts: dict[str, int] = {}
+        for level, status, n in session.execute(
+            select(Chunk.level, Result.status, func.count())
+            .join(Chunk, Chunk.id == Result.chunk_id)
             .where(Result.job_id == job_id, Result.pipeline_version == job.pipeline_version)
-            .group_by(Result.status)
-        ).all())
+            .group_by(Chunk.level, Result.status)
+        ).all():
+            target = reduce_counts if level > 0 else counts
+            target[status] = target.get(status, 0) + n
         live = session.execute(
             select(func.coalesce(func.sum(Result.tokens_in), 0),
                    func.coalesce(func.sum(Result.tokens_out), 0), func.sum(Result.cost))
@@ -287,6 +329,7 @@ def job_status(job_id: int) -> dict[str, Any]:
             "chunks_total": job.chunks_total, "batches_total": job.batches_total,
             "chunks_done": sum(counts.values()), "chunks_retrying": retrying,
             "chunks_by_state": counts,
+            "reduce_steps_done": sum(n for k, n in reduce_counts.items() if k != "retry"),
             "tokens_in": int(live[0]), "tokens_out": int(live[1]),
             "cost": float(live[2]) if live[2] is not None else None,
             "latency_p50_ms": job.latency_p50_ms, "latency_p95_ms": job.latency_p95_ms,
@@ -316,13 +359,19 @@ def running_jobs() -> list[dict[str, Any]]:
     return found
 
 
-def document_results(job_id: int) -> Iterator[dict[str, Any]]:
-    """One record per document, in submission order, streamed from the store."""
+def document_results(job_id: int, *, finished_only: bool = False) -> Iterator[dict[str, Any]]:
+    """One record per document, in submission order, streamed from the store.
+
+    `finished_only`: leave out the documents still waiting for a chunk or a reduce step (a
+    running job's documents get their answer one by one, as they finish).
+    """
     rt = runtime()
+    query = select(Document).where(Document.job_id == job_id)
+    if finished_only:
+        query = query.where(Document.status != DocumentStatus.PENDING)
     with service_errors(rt.settings), rt.sessions() as session:
         rows = session.scalars(
-            select(Document).where(Document.job_id == job_id).order_by(Document.id)
-            .execution_options(yield_per=1000)
+            query.order_by(Document.id).execution_options(yield_per=1000)
         )
         for d in rows:
             yield {
@@ -335,3 +384,30 @@ def document_results(job_id: int) -> Iterator[dict[str, Any]]:
 
 def _iso(t: Any) -> str | None:
     return t.isoformat() if t is not None else None
+
+
+def chunk_results(job_id: int) -> Iterator[dict[str, Any]]:
+    """One record per chunk (level 0), in document and chunk order: what the model answered
+    for each part of each document before any merge or reduce."""
+    rt = runtime()
+    with service_errors(rt.settings), rt.sessions() as session:
+        version = session.scalar(select(Job.pipeline_version).where(Job.id == job_id))
+        rows = session.execute(
+            select(Document.external_id, Chunk.seq, Chunk.char_start, Chunk.char_end,
+                   Chunk.token_count, Result.status, Result.output, Result.error_message,
+                   Result.tokens_in, Result.tokens_out)
+            .join(Document, Document.id == Chunk.document_id)
+            .outerjoin(Result, and_(Result.chunk_id == Chunk.id,
+                                    Result.pipeline_version == version))
+            .where(Chunk.job_id == job_id, Chunk.level == 0)
+            .order_by(Chunk.document_id, Chunk.seq)
+            .execution_options(yield_per=1000)
+        )
+        for r in rows:
+            yield {
+                "id": r.external_id, "chunk": r.seq, "char_start": r.char_start,
+                "char_end": r.char_end, "tokens": r.token_count,
+                "status": r.status if r.status and r.status != "retry" else "pending",
+                "output": r.output, "error": r.error_message,
+                "tokens_in": r.tokens_in or 0, "tokens_out": r.tokens_out or 0,
+            }

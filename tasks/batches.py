@@ -64,6 +64,8 @@ def process_batch(self: Task, batch_id: int, store: str | None = None) -> dict[s
         countdown = min(max(outcome.retry_in_s, 0.1), s.retry_backoff_max_s)
         logger.info("batch %s: %s; again in %.1fs", batch_id, outcome.reason, countdown)
         raise self.retry(countdown=countdown, max_retries=None)
+    if outcome.state == "done":
+        _advance(batch_id, store)
     return {"state": outcome.state, **_story(batch_id, outcome.state)}
 
 
@@ -81,6 +83,37 @@ def _story(batch_id: int, state: str) -> dict[str, Any]:
         logger.warning("batch %s: cannot read its story: %s: %s", batch_id, type(exc).__name__,
                        exc)
         return {"batch_id": batch_id}
+
+
+def _advance(batch_id: int, store: str | None) -> None:
+    """Move the batch's documents on at once: send the reduce levels it made ready, and merge
+    the job when this reduce batch was its last open one (its chord's callback ran before).
+
+    Before the task returns, so a worker killed here has its message delivered again and this
+    runs again; what still slips (the store or Redis down just now) the job's merge makes up.
+    """
+    from workers.jobs.merging import after_batch
+
+    try:
+        with runtime().sessions.begin() as session:
+            advance = after_batch(session, batch_id)
+        if advance is None:
+            return
+        send_batches(advance.job_id, advance.new_batches, store)
+        if advance.reduce_batch and advance.job_idle:
+            app.send_task("jobs.merge", (advance.job_id,), {"store": store},
+                          argsrepr=f"job={advance.job_id}", kwargsrepr="{}")
+    except Exception:  # a chord header must not fail; the job's merge catches up
+        logger.exception("batch %s: could not move its documents on to their reduce step",
+                         batch_id)
+
+
+def send_batches(job_id: int, batch_ids: list[int], store: str | None) -> None:
+    """Queue one task per batch (a document's reduce level), ids only, outside any chord."""
+    for batch_id in batch_ids:
+        process_batch.apply_async((batch_id,), {"store": store},
+                                  argsrepr=f"job={job_id} reduce batch={batch_id}",
+                                  kwargsrepr="{}")
 
 
 def refuse_wrong_store(task: Task, exc: WrongStoreError) -> NoReturn:

@@ -204,9 +204,11 @@ def _progress(console: Console, supervisor: ModelSupervisor | None) -> Any:
     def show(st: dict[str, Any]) -> None:
         if supervisor is not None:
             supervisor.check()
-        if st["chunks_done"] != last[0]:
-            last[0] = st["chunks_done"]
-            console.print(f"  {st['chunks_done']}/{st['chunks_total']} chunks, "
+        done = st["chunks_done"] + st["reduce_steps_done"]
+        if done != last[0]:
+            last[0] = done
+            steps = f", {st['reduce_steps_done']} reduce steps" if st["reduce_steps_done"] else ""
+            console.print(f"  {st['chunks_done']}/{st['chunks_total']} chunks{steps}, "
                           f"{st['tokens_in'] + st['tokens_out']} tokens")
 
     return show

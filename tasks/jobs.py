@@ -8,8 +8,8 @@ from celery import Task
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.exc import OperationalError
 
-from models import JobStatus
-from tasks.batches import refuse_wrong_store
+from models import JobStatus, store_id
+from tasks.batches import refuse_wrong_store, send_batches
 from tasks.celery import app, broker_redis
 from tasks.runtime import WrongStoreError, runtime
 from workers.jobs.merging import merge_job as merge
@@ -43,8 +43,10 @@ def merge_job(self: Task, job_id: int, store: str | None = None,
         refuse_wrong_store(self, exc)
     with rt.sessions.begin() as session:
         summary = merge(session, job_id)
+        store = store or store_id(session)  # the reconciler's merge names none
     if summary is None:
         return {"job_id": job_id, "status": "missing"}
+    send_batches(job_id, summary.new_batches, store)  # reduce levels a lost step left unmade
     if summary.unfinished == 0:  # nothing left to send: the reconciler can forget the job
         forget_published(broker_redis(), job_id)
     elif until_final and summary.status == JobStatus.RUNNING:

@@ -58,6 +58,22 @@ DEFAULT_PRICES: dict[str, Price] = {
 
 LOCAL_MODEL_NAME = "gemma-3-270m"
 
+# Context windows in tokens (prompt and output together); DOCQ_LLM_CONTEXT_TOKENS overrides.
+# The local model's is the n_ctx its server is started with (workers/local/model.py); the
+# simulator answers any length unless started with --context-limit, and stands in for
+# gpt-4o-mini here.
+KNOWN_CONTEXT_TOKENS: dict[str, int] = {
+    "gpt-4o-mini": 128_000,
+    "gpt-4o": 128_000,
+    "gpt-4.1-mini": 1_047_576,
+    "gpt-4.1-nano": 1_047_576,
+    "gpt-4.1": 1_047_576,
+    "docq-sim": 128_000,
+    LOCAL_MODEL_NAME: 2048,
+}
+# A model not listed above is taken to hold this much, until DOCQ_LLM_CONTEXT_TOKENS says.
+UNKNOWN_CONTEXT_TOKENS = 4096
+
 
 def masked_url(url: str) -> str:
     """`url` with any password replaced by ***, fit for a message or a log."""
@@ -130,10 +146,15 @@ class Settings(BaseSettings):
         "(AIMD). auto: only while the endpoint has no rate limit, configured or learned.")
     llm_concurrency_floor: int = Field(default=2, gt=0, description="The adaptive window's least.")
     llm_concurrency_start: int = Field(default=8, gt=0, description="The adaptive window's start.")
+    llm_context_tokens: int | None = Field(
+        default=None, gt=0, description="The model's context window (prompt plus output); unset: "
+        "the known window of the model (KNOWN_CONTEXT_TOKENS), else 4096.")
     prices: dict[str, Price] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
 
     # Work shape.
-    chunk_tokens: int = Field(default=400, gt=0)
+    chunk_tokens: int | None = Field(
+        default=None, gt=0, description="Unset: as large as the context window allows after "
+        "the pipeline's prompt and output cap (workers/jobs/sizing.py).")
     chunk_overlap_tokens: int = Field(default=40, ge=0)
     batch_max_chunks: int = Field(default=25, gt=0)
     batch_max_tokens: int = Field(default=20_000, gt=0)
@@ -237,7 +258,7 @@ class Settings(BaseSettings):
                              f"twice DOCQ_HEARTBEAT_S ({self.heartbeat_s})")
         if self.retry_backoff_max_s >= self.visibility_timeout_s:
             raise ValueError("DOCQ_RETRY_BACKOFF_MAX_S must be below DOCQ_VISIBILITY_TIMEOUT_S")
-        if self.chunk_overlap_tokens >= self.chunk_tokens:
+        if self.chunk_tokens is not None and self.chunk_overlap_tokens >= self.chunk_tokens:
             raise ValueError("DOCQ_CHUNK_OVERLAP_TOKENS must be below DOCQ_CHUNK_TOKENS")
         return self
 
@@ -250,6 +271,13 @@ class Settings(BaseSettings):
         if self.llm_model:
             return self.llm_model
         return LOCAL_MODEL_NAME if self.uses_local_model else "gpt-4o-mini"
+
+    @property
+    def context_tokens(self) -> int:
+        """The model's context window: the setting, else the known one, else a modest guess."""
+        if self.llm_context_tokens is not None:
+            return self.llm_context_tokens
+        return KNOWN_CONTEXT_TOKENS.get(self.model_name, UNKNOWN_CONTEXT_TOKENS)
 
     @property
     def mode(self) -> LLMMode:

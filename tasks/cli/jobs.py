@@ -8,8 +8,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TextIO
 
 import typer
 
@@ -35,6 +36,11 @@ def submit(
     schema: Annotated[Path | None, typer.Option(help="extract: a JSON schema file.")] = None,
     prompt: Annotated[Path | None, typer.Option(help="custom: a template file with {text}.")] = (
         None),
+    reduce: Annotated[Path | None, typer.Option(
+        help="custom: a template file with {text} that answers a group of answers as one.")] = (
+        None),
+    key: Annotated[str | None, typer.Option(
+        help="extract: comma-separated schema fields; objects equal on them merge.")] = None,
     name: Annotated[str | None, typer.Option(help="A name for the job.")] = None,
     wait: Annotated[bool, typer.Option(help="Wait for the job, showing progress.")] = False,
     cache: Annotated[str, typer.Option(help="use, refresh or off: the response cache.")] = "use",
@@ -69,6 +75,8 @@ def submit(
         "labels": [x.strip() for x in labels.split(",") if x.strip()] if labels else None,
         "schema": schema_obj,
         "prompt": _read_option_file(prompt, "prompt"),
+        "reduce": _read_option_file(reduce, "reduce"),
+        "key": [x.strip() for x in key.split(",") if x.strip()] if key else None,
     }
     if dry_run:
         _print_estimate(paths, pipeline, options, as_json)
@@ -120,8 +128,9 @@ def _progress_line() -> Any:
     last: list[str] = [""]
 
     def show(st: dict[str, Any]) -> None:
+        steps = f", {st['reduce_steps_done']} reduce steps" if st["reduce_steps_done"] else ""
         line = (f"job {st['id']} {st['status']}: {st['chunks_done']}/{st['chunks_total']} chunks"
-                f", {st['tokens_in'] + st['tokens_out']} tokens")
+                f"{steps}, {st['tokens_in'] + st['tokens_out']} tokens")
         if line != last[0]:
             typer.echo(line, err=True)
             last[0] = line
@@ -191,10 +200,17 @@ def results(
     fmt: Annotated[str, typer.Option("--format", help="jsonl, csv or openai-batch.")] = "jsonl",
     output: Annotated[Path | None, typer.Option(
         help="Write here instead of stdout; openai-batch: the prefix of its two files.")] = None,
+    level: Annotated[str, typer.Option(
+        help="document (one answer each) or chunk (each chunk's own output).")] = "document",
 ) -> None:
-    """Write one record per document: status, merged output, error, tokens, cost."""
-    from tasks.api import document_results, job_status
+    """Write one record per document: status, merged output, error, tokens, cost.
 
+    A running job's documents are written as they finish: those still waiting are left out.
+    """
+    from tasks.api import chunk_results, document_results, job_status
+
+    if level not in ("document", "chunk"):
+        raise fail(f"unknown level {level!r}: choose document or chunk")
     if fmt == "openai-batch":
         _write_openai_batch(job, output)
         return
@@ -203,7 +219,10 @@ def results(
     job_status(job)  # a clear error for an unknown job
     out = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
     try:
-        rows = document_results(job)
+        if level == "chunk":
+            _write_chunks(chunk_results(job), fmt, out)
+            return
+        rows = document_results(job, finished_only=True)
         if fmt == "jsonl":
             for row in rows:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -218,6 +237,18 @@ def results(
     finally:
         if output:
             out.close()
+
+
+def _write_chunks(rows: Iterable[dict[str, Any]], fmt: str, out: TextIO) -> None:
+    if fmt == "jsonl":
+        out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        return
+    fields = ["id", "chunk", "char_start", "char_end", "tokens", "status", "output", "error",
+              "tokens_in", "tokens_out"]
+    writer = csv.DictWriter(out, fieldnames=fields)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row | {"output": json.dumps(row["output"], ensure_ascii=False)})
 
 
 def _write_openai_batch(job: int, prefix: Path | None) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from models import Result
+from models import Chunk, Result
 from tasks import submit
 from tasks.control import cancel, retry
 from tasks.runtime import runtime
@@ -50,8 +50,9 @@ def test_an_unchanged_corpus_makes_no_model_call_and_a_changed_document_only_its
     assert sim.stats()["requests_total"] == calls_first
     again = results(second.id)
     assert all(r.cached and r.tokens_in == r.tokens_out == 0 and r.cost == 0 for r in again)
-    outputs = {d["id"]: d["output"] for d in second.results()}
-    assert outputs == {d["id"]: d["output"] for d in first.results()}
+    outputs = {d["id"]: d["output"]["summary"] for d in second.results()}
+    assert outputs == {d["id"]: d["output"]["summary"] for d in first.results()}
+    assert all(d["output"]["made"]["calls"] == 0 for d in second.results())
     # When one document's text changes
     third = submit(corpus(5, changed=2), "summarize")
     assert third.wait(timeout=60)["status"] == "succeeded"
@@ -109,6 +110,11 @@ def test_a_budget_stops_spending_within_one_round_of_calls_in_flight(
                                                 and not r.cached)
 
 
+def chunk_levels(job_id: int) -> dict[int, int]:
+    with runtime().sessions() as s:
+        return dict(s.execute(select(Chunk.id, Chunk.level).where(Chunk.job_id == job_id)).all())
+
+
 def test_retry_runs_exactly_the_failed_chunks_again(simulator: Any, docq_env: Any,
                                                     workers: Any) -> None:
     # Given a job where about a third of the chunks failed (one attempt each)
@@ -116,19 +122,27 @@ def test_retry_runs_exactly_the_failed_chunks_again(simulator: Any, docq_env: An
     workers(docq_env(sim.url, chunk_tokens=40, chunk_overlap_tokens=0, max_attempts=1))
     handle = submit(corpus(8), "summarize", cache="off")
     assert handle.wait(timeout=60)["status"] == "partial"
+    level = chunk_levels(handle.id)
+    before = set(level)
     failed = {r.chunk_id for r in results(handle.id) if r.status == "error"}
-    ok_before = {r.chunk_id: r.output for r in results(handle.id) if r.status == "ok"}
+    ok_before = {r.chunk_id: r.output for r in results(handle.id)
+                 if r.status == "ok" and level[r.chunk_id] == 0}
     assert failed
     calls = sim.stats()["requests_total"]
-    # When the failed chunks are retried
+    # When the failed chunks (and reduce steps) are retried
     assert retry(handle.id) == len(failed)
     final = handle.wait(timeout=60)
-    # Then exactly those chunks were called again, the others kept, and the job merged again
-    assert sim.stats()["requests_total"] == calls + len(failed)
+    # Then exactly the failed chunks were called again, the others kept, the reduce steps of
+    # their documents made again from the new outputs, and the job merged again
+    level = chunk_levels(handle.id)
     after = {r.chunk_id: r for r in results(handle.id)}
+    rerun = [c for c in after if c in failed and level[c] == 0]
+    new_steps = [c for c in after if c not in before]
+    assert rerun and sim.stats()["requests_total"] == calls + sum(
+        after[c].attempts for c in rerun + new_steps if not after[c].cached)
     assert {c: r.output for c, r in after.items() if c in ok_before} == ok_before
     assert final["status"] in ("succeeded", "partial")
-    assert final["chunks_done"] == len(after) == len(failed) + len(ok_before)
+    assert final["chunks_done"] == len(ok_before) + len(rerun) == final["chunks_total"]
 
 
 def test_cancel_leaves_a_consistent_merged_job(simulator: Any, docq_env: Any,

@@ -102,7 +102,7 @@ def test_errors_make_documents_partial_or_error_and_the_job_partial(
         d0, d1 = s.query(Document).order_by(Document.id).all()
         # Then the first is partial with the first error named, the second an error
         assert d0.status == "partial" and d0.output["summary"] == "A."
-        assert d0.error == ("1 of 2 chunks failed; first error: "
+        assert d0.error == ("1 of 2 chunks failed (chunk 1); first error: "
                             "HTTP 400 context_length_exceeded: too long")
         assert d1.status == "error" and d1.output is None
         assert job is not None and job.status == JobStatus.PARTIAL
@@ -119,7 +119,7 @@ def test_a_job_with_chunks_still_missing_stays_running(sessions: sessionmaker[Se
         job = s.get(Job, job_id)
         # Then the job is not finished and says why
         assert job is not None and job.status == JobStatus.RUNNING
-        assert job.reason == "1 chunks have no final result yet" and job.finished_at is None
+        assert job.reason == "1 chunks or reduce steps have no final result yet" and job.finished_at is None
 
 
 def test_classify_merges_to_the_majority_label_with_counts(

@@ -511,10 +511,11 @@ def test_custom_keeps_any_text() -> None:
 
 def test_summarize_merge_joins_the_summaries_in_order() -> None:
     summarize = pipeline("summarize")
-    # Given chunk summaries in chunk order / When merged / Then one text, one line per chunk
+    # Given chunk summaries in chunk order (a job without a reduce step) / When merged / Then
+    # one text, one line per chunk
     outputs = [{"summary": "First part."}, {"summary": "Second part."}]
-    assert summarize.merge(outputs) == {"summary": "First part.\nSecond part.", "chunks": 2}
-    assert summarize.merge([]) == {"summary": "", "chunks": 0}
+    assert summarize.merge(outputs) == {"summary": "First part.\nSecond part."}
+    assert summarize.merge([]) == {"summary": ""}
 
 
 def test_classify_merge_takes_the_majority_with_the_counts() -> None:
@@ -522,7 +523,8 @@ def test_classify_merge_takes_the_majority_with_the_counts() -> None:
     merged = pipeline("classify").merge(
         [{"label": "negative"}, {"label": "positive"}, {"label": "negative"}]
     )
-    assert merged == {"label": "negative", "counts": {"positive": 1, "negative": 2, "neutral": 0}}
+    assert merged == {"label": "negative", "counts": {"positive": 1, "negative": 2, "neutral": 0},
+                      "share": 0.6667}
 
 
 def test_classify_merge_breaks_a_tie_by_the_users_label_order() -> None:
@@ -537,7 +539,8 @@ def test_classify_merge_breaks_a_tie_by_the_users_label_order() -> None:
 def test_classify_merge_of_no_chunks_has_no_label() -> None:
     # Given no successful chunk / When merged / Then there is no label and every count is 0
     merged = pipeline("classify").merge([])
-    assert merged == {"label": None, "counts": {"positive": 0, "negative": 0, "neutral": 0}}
+    assert merged == {"label": None, "counts": {"positive": 0, "negative": 0, "neutral": 0},
+                      "share": None}
 
 
 def test_extract_and_custom_merge_keep_every_chunk_in_order() -> None:
@@ -656,7 +659,7 @@ BAD_OPTIONS = [
     (
         "custom",
         {"prompt": "{text}", "temp": 1},
-        "unknown option 'temp' (known options: prompt, stop)",
+        "unknown option 'temp' (known options: prompt, stop, reduce)",
     ),
 ]
 

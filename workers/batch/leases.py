@@ -78,6 +78,7 @@ class WorkItem:
     token_count: int
     attempts: int
     not_before: datetime | None
+    level: int = 0  # above 0: a reduce step (workers/jobs/reducing.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,13 +199,14 @@ def claim(
                 Chunk.token_count,
                 select(Result.attempts).where(earlier).scalar_subquery(),
                 select(Result.not_before).where(earlier).scalar_subquery(),
+                Chunk.level,
             )
             # A chunk another delivery finished while this claim waited on its row lock passed
             # the claim's older snapshot of results; this statement's newer one leaves it out.
             .where(Chunk.id.in_(claimed_ids), ~_is_final(info.pipeline_version))
             .order_by(Chunk.document_id, Chunk.seq)
         )
-        items = [WorkItem(r[0], r[1], r[2], r[3], r[4] or 0, as_utc(r[5])) for r in rows]
+        items = [WorkItem(r[0], r[1], r[2], r[3], r[4] or 0, as_utc(r[5]), r[6]) for r in rows]
     return Claim(items=items, unfinished=int(counts[0]), held_elsewhere=int(counts[1]),
                  holders=holders)
 

@@ -370,7 +370,7 @@ class _Call:
 
 def _prepare(svc: Services, info: BatchInfo, pipeline: Pipeline, item: WorkItem) -> _Call:
     cfg = svc.settings
-    prompt = pipeline.render(item.text, cfg.mode)
+    prompt = pipeline.render(item.text, cfg.mode, item.level)
     max_tokens = min(prompt.max_tokens or cfg.llm_max_tokens, cfg.llm_max_tokens)
     key = cache.cache_key(svc.endpoint, cfg.model_name, info.pipeline_version, prompt, max_tokens,
                           cfg.llm_temperature)

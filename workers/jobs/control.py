@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import and_, delete, select, update
 from sqlalchemy.orm import Session
 
 from models import FINAL_JOB_STATES, Batch, BatchStatus, Chunk, Job, JobStatus, Result, ResultStatus
@@ -15,6 +15,7 @@ from workers.batch.processing import prompt_tokens
 from workers.errors import JobNotFoundError
 from workers.ingest.chunking import Chunker
 from workers.ingest.sources import SourceDocument
+from workers.jobs import sizing
 from workers.pipelines import Pipeline
 from workers.settings import Settings
 
@@ -38,8 +39,9 @@ def reopen_failed(
 ) -> int:
     """Forget the job's failed (and budget-skipped) results so their chunks run again.
 
-    Returns how many chunks will run again; their batches are queued again and the job is
-    running until the merge.
+    Returns how many failed chunks and reduce steps will run again; their batches are queued
+    again and the job is running until the merge. The reduce levels of their documents are
+    dropped, to be made again from the chunks' new outputs (the merge makes them).
     """
     job = session.get(Job, job_id)
     if job is None:
@@ -47,11 +49,14 @@ def reopen_failed(
     states = [ResultStatus.ERROR] + ([ResultStatus.SKIPPED_BUDGET] if include_skipped else [])
     failed = select(Result.chunk_id).where(Result.job_id == job_id, Result.status.in_(states))
     seqs = set(session.scalars(select(Chunk.batch_seq).where(Chunk.id.in_(failed))))
+    documents = set(session.scalars(select(Result.document_id).distinct().where(
+        Result.job_id == job_id, Result.status.in_(states))))
     removed = _rowcount(session.execute(
         delete(Result).where(Result.job_id == job_id, Result.status.in_(states))
     ))
     if not removed:
         return 0
+    _drop_reduce_levels(session, job_id, documents)
     session.execute(
         update(Batch).where(Batch.job_id == job_id, Batch.seq.in_(seqs))
         .values(status=BatchStatus.QUEUED, deliveries=0)
@@ -67,6 +72,18 @@ def reopen_failed(
         values["budget_cost"] = budget_cost
     session.execute(update(Job).where(Job.id == job_id).values(**values))
     return int(removed)
+
+
+def _drop_reduce_levels(session: Session, job_id: int, document_ids: set[int]) -> None:
+    """Delete the reduce steps of these documents, their results and their batches."""
+    if not document_ids:
+        return
+    steps = and_(Chunk.job_id == job_id, Chunk.document_id.in_(document_ids), Chunk.level > 0)
+    session.execute(delete(Result).where(Result.chunk_id.in_(select(Chunk.id).where(steps))))
+    seqs = set(session.scalars(select(Chunk.batch_seq).where(steps).distinct()))
+    session.execute(delete(Chunk).where(steps))
+    if seqs:
+        session.execute(delete(Batch).where(Batch.job_id == job_id, Batch.seq.in_(seqs)))
 
 
 def _rowcount(result: Any) -> int:
@@ -96,7 +113,7 @@ def estimate(
 ) -> Estimate:
     """Prompt tokens exactly (offline tokenizer); output tokens at most max_tokens per chunk."""
     est = Estimate()
-    chunker = Chunker(settings.chunk_tokens, settings.chunk_overlap_tokens)
+    chunker = Chunker(sizing.chunk_tokens(settings, pipeline), settings.chunk_overlap_tokens)
     for doc in documents:
         if doc.error is not None:
             est.rejected += 1

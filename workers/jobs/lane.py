@@ -318,8 +318,8 @@ def _content_again(ctx: _Context, row_id: int) -> bytes:
 
 
 def _free_requests(ctx: _Context) -> Iterator[_Request]:
-    """The job's unfinished chunks that no live provider batch holds, as requests; those the
-    response cache answers are recorded on the way."""
+    """The job's unfinished chunks (reduce steps aside) that no live provider batch holds, as
+    requests; those the response cache answers are recorded on the way."""
     last = 0
     while True:
         with ctx.sessions.begin() as session:
@@ -327,7 +327,7 @@ def _free_requests(ctx: _Context) -> Iterator[_Request]:
                 select(Chunk.id, Chunk.document_id, Chunk.text,
                        select(Result.attempts).where(_result_of(ctx.job.version))
                        .scalar_subquery())
-                .where(Chunk.job_id == ctx.job.id, Chunk.id > last,
+                .where(Chunk.job_id == ctx.job.id, Chunk.level == 0, Chunk.id > last,
                        ~_final(ctx.job.version), ~_linked_live())
                 .order_by(Chunk.id).limit(READ_CHUNKS)
             ))
@@ -663,9 +663,12 @@ def _has_live(ctx: _Context) -> bool:
 
 
 def _unfinished(session: Session, job: JobView) -> int:
+    """The job's chunks still to be answered through the provider's batches. Reduce steps
+    (level > 0) are not among them: `jobs.merge`, sent once these are done, makes them and
+    sends them online (workers/jobs/merging.py), as it does for an online job."""
     return int(session.scalar(
         select(func.count()).select_from(Chunk)
-        .where(Chunk.job_id == job.id, ~_final(job.version))
+        .where(Chunk.job_id == job.id, Chunk.level == 0, ~_final(job.version))
     ) or 0)
 
 

@@ -1,24 +1,36 @@
-"""Merge a job's results per document (in chunk order) and per job, from the store alone.
+"""Merge a job's results per document and per job, from the store alone.
 
-The chord callback and the reconciler both call `merge_job`; it recomputes everything from the
-result rows, so running it twice leaves the same state.
+A document's answer is its pipeline's merge of its chunk outputs, or, for a pipeline that
+reduces, the output of its last reduce step (workers/jobs/reducing.py). `after_batch` writes
+the answers of the documents a finished batch completed, so they can be read while the job
+runs; `merge_job`, run by the chord callback and the reconciler, recomputes every document and
+the job's totals, and makes any reduce level still missing (a worker died between levels).
+Running either twice leaves the same state.
 """
 
 from __future__ import annotations
 
-import itertools
 import statistics
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from models import Chunk, Document, DocumentStatus, Job, JobStatus, Result, ResultStatus
+from models import Batch, BatchStatus, Chunk, Document, DocumentStatus, Job, JobStatus, ResultStatus
 from workers.clock import as_utc
-from workers.pipelines import build_pipeline
+from workers.jobs.reducing import (
+    DocumentPlan,
+    Step,
+    by_document,
+    document_steps,
+    make_level,
+    plan_document,
+)
+from workers.pipelines import Pipeline, build_pipeline
 
 STREAM_ROWS = 5_000
 
@@ -31,89 +43,44 @@ class MergeSummary:
     chunks_error: int
     chunks_other: int
     unfinished: int
-
-
-@dataclass
-class _Totals:
-    tokens_in: int = 0
-    tokens_out: int = 0
-    cost: float | None = 0.0
-
-    def add(self, tin: int, tout: int, cost: float | None, cached: bool) -> None:
-        self.tokens_in += tin
-        self.tokens_out += tout
-        if cost is None and not cached and (tin or tout):
-            self.cost = None  # one call of unknown price makes the sum unknown
-        elif self.cost is not None and cost is not None:
-            self.cost += cost
+    new_batches: list[int] = field(default_factory=list)  # reduce levels this merge made
 
 
 def merge_job(session: Session, job_id: int) -> MergeSummary | None:
-    """Write each document's merged output and the job's totals; None if the job is unknown."""
+    """Write each document's answer and the job's totals; None if the job is unknown.
+
+    A document whose current level is final but whose next reduce level is missing gets it
+    made here: its batch id is in `new_batches`, for the caller to send.
+    """
     job = session.get(Job, job_id)
     if job is None:
         return None
     pipeline = build_pipeline(job.pipeline, job.options)
-    rows = session.execute(
-        select(
-            Chunk.document_id,
-            Result.status,
-            Result.output,
-            Result.tokens_in,
-            Result.tokens_out,
-            Result.cost,
-            Result.latency_ms,
-            Result.cached,
-            Result.updated_at,
-            Result.error_message,
-        )
-        .outerjoin(
-            Result,
-            and_(Result.chunk_id == Chunk.id, Result.pipeline_version == job.pipeline_version),
-        )
-        .where(Chunk.job_id == job_id)
-        .order_by(Chunk.document_id, Chunk.seq)
-        .execution_options(yield_per=STREAM_ROWS)
-    )
-    states: Counter[str] = Counter()
+    states: Counter[str] = Counter()  # of the chunks (level 0)
+    reduce_states: Counter[str] = Counter()  # of the reduce steps
     totals = _Totals()
     latencies: list[float] = []
     last_result: datetime | None = None
+    new_batches: list[int] = []
+    waiting = 0  # reduce steps just made, not yet run
     doc_updates: list[dict[str, Any]] = []
-    for document_id, group in itertools.groupby(rows, key=lambda r: r.document_id):
-        outputs: list[Any] = []
-        doc_states: Counter[str] = Counter()
-        doc_totals = _Totals()
-        first_error: str | None = None
-        for r in group:
-            state = r.status if r.status and r.status != ResultStatus.RETRY else "unfinished"
-            doc_states[state] += 1
-            if r.status is None:
-                continue
-            doc_totals.add(r.tokens_in, r.tokens_out, r.cost, r.cached)
-            if state == ResultStatus.ERROR and first_error is None:
-                first_error = r.error_message
-            if state == ResultStatus.OK:
-                outputs.append(r.output)
-                if r.latency_ms is not None and not r.cached:
-                    latencies.append(r.latency_ms)
-            if r.updated_at is not None:
-                stamp = as_utc(r.updated_at)
+    for document_id, steps in by_document(document_steps(session, job)):
+        plan = plan_document(steps, pipeline, _reduce_tokens(job))
+        if plan.state == "reduce":
+            made = make_level(session, job.id, document_id, plan.levels + 1, plan.groups,
+                              pipeline)
+            new_batches += [made] if made is not None else []
+            waiting += len(plan.groups)
+        for step in steps:
+            (states if step.level == 0 else reduce_states)[_state(step)] += 1
+            if step.ok and step.latency_ms is not None and not step.cached:
+                latencies.append(step.latency_ms)
+            if step.updated_at is not None:
+                stamp = as_utc(step.updated_at)
                 last_result = stamp if last_result is None else max(last_result, stamp)
-        states.update(doc_states)
-        totals.add(doc_totals.tokens_in, doc_totals.tokens_out, doc_totals.cost, cached=False)
-        ok, total = doc_states[ResultStatus.OK], sum(doc_states.values())
-        doc_updates.append(
-            {
-                "id": document_id,
-                "status": _document_status(ok, total, doc_states["unfinished"]),
-                "output": pipeline.merge(outputs) if outputs else None,
-                "error": _document_error(doc_states, first_error) if ok < total else None,
-                "tokens_in": doc_totals.tokens_in,
-                "tokens_out": doc_totals.tokens_out,
-                "cost": doc_totals.cost,
-            }
-        )
+        values = document_values(pipeline, document_id, steps, plan)
+        totals.add(values["tokens_in"], values["tokens_out"], values["cost"], cached=False)
+        doc_updates.append(values)
         if len(doc_updates) >= STREAM_ROWS:
             session.execute(update(Document), doc_updates)
             doc_updates = []
@@ -122,7 +89,8 @@ def merge_job(session: Session, job_id: int) -> MergeSummary | None:
 
     ok, err, unfinished = states[ResultStatus.OK], states[ResultStatus.ERROR], states["unfinished"]
     other = sum(states.values()) - ok - err - unfinished
-    status, reason = _job_status(job, ok, err, other, unfinished, states)
+    unfinished_all = unfinished + reduce_states["unfinished"] + waiting
+    status, reason = _job_status(job, ok, err, other, unfinished_all, states, reduce_states)
     submitted = as_utc(job.submitted_at) if job.submitted_at else None
     elapsed = (last_result - submitted).total_seconds() if last_result and submitted else None
     session.execute(
@@ -140,18 +108,124 @@ def merge_job(session: Session, job_id: int) -> MergeSummary | None:
             latency_p50_ms=_percentile(latencies, 50),
             latency_p95_ms=_percentile(latencies, 95),
             chunks_per_s=(ok + err + other) / elapsed if elapsed and elapsed > 0 else None,
-            finished_at=last_result if unfinished == 0 else None,
+            finished_at=last_result if unfinished_all == 0 else None,
         )
     )
-    return MergeSummary(job_id, status, ok, err, other, unfinished)
+    return MergeSummary(job_id, status, ok, err, other, unfinished_all, new_batches)
 
 
-def _document_status(ok: int, total: int, unfinished: int) -> str:
-    if unfinished:
-        return DocumentStatus.PENDING
-    if ok == total:
-        return DocumentStatus.OK
-    return DocumentStatus.PARTIAL if ok else DocumentStatus.ERROR
+@dataclass
+class Advance:
+    """What one finished batch moved on: reduce levels made (their batch ids), documents
+    given their answer, and (for a reduce batch) whether its job has no open batch left."""
+
+    job_id: int
+    reduce_batch: bool  # the batch held reduce steps
+    new_batches: list[int] = field(default_factory=list)
+    documents_done: int = 0
+    job_idle: bool = False
+
+
+def after_batch(session: Session, batch_id: int) -> Advance | None:
+    """Move the documents of a finished batch on: make the next level of each whose current
+    level is all final, and write the answer of each that is done, readable at once."""
+    row = session.execute(
+        select(Batch.job_id, Batch.seq).where(Batch.id == batch_id)
+    ).one_or_none()
+    if row is None:
+        return None
+    job = session.get(Job, row.job_id)
+    assert job is not None  # a batch is deleted with its job
+    advance = Advance(job.id, reduce_batch=row.seq < 0)
+    document_ids = list(session.scalars(
+        select(Chunk.document_id).distinct()
+        .where(Chunk.job_id == job.id, Chunk.batch_seq == row.seq)
+    ))
+    pipeline = build_pipeline(job.pipeline, job.options)
+    done: list[dict[str, Any]] = []
+    for document_id, steps in by_document(document_steps(session, job, document_ids)):
+        plan = plan_document(steps, pipeline, _reduce_tokens(job))
+        if plan.state == "reduce":
+            made = make_level(session, job.id, document_id, plan.levels + 1, plan.groups,
+                              pipeline)
+            advance.new_batches += [made] if made is not None else []
+        elif plan.state == "done":
+            done.append(document_values(pipeline, document_id, steps, plan))
+    if done:
+        session.execute(update(Document), done)
+    advance.documents_done = len(done)
+    if advance.reduce_batch:  # only a reduce batch may be the job's last without its chord
+        advance.job_idle = session.scalar(
+            select(Batch.id).where(Batch.job_id == job.id, Batch.status != BatchStatus.DONE)
+            .limit(1)
+        ) is None
+    return advance
+
+
+def document_values(pipeline: Pipeline, document_id: int, steps: Sequence[Step],
+                    plan: DocumentPlan) -> dict[str, Any]:
+    """A document's row as its steps make it: status, answer, error, tokens and cost.
+
+    The answer says how it was made: the chunks, the reduce levels, the model calls paid
+    (cached answers are not), the tokens, and the chunks that failed, if any.
+    """
+    chunks = [s for s in steps if s.level == 0]
+    reduces = [s for s in steps if s.level > 0]
+    totals = _Totals()
+    for s in steps:
+        if s.status is not None:
+            totals.add(s.tokens_in, s.tokens_out, s.cost, s.cached)
+    values: dict[str, Any] = {"id": document_id, "tokens_in": totals.tokens_in,
+                              "tokens_out": totals.tokens_out, "cost": totals.cost,
+                              "status": DocumentStatus.PENDING, "output": None, "error": None}
+    failed = [s for s in chunks if not s.ok]
+    failed_reduces = [s for s in reduces if s.final and not s.ok]
+    partial = bool(failed or failed_reduces)
+    if partial:
+        values["error"] = _document_error(chunks, failed, failed_reduces)
+    if plan.state != "done":
+        return values
+    if not plan.outputs or (partial and not pipeline.partial_answer):
+        values["status"] = DocumentStatus.ERROR
+        return values
+    values["status"] = DocumentStatus.PARTIAL if partial else DocumentStatus.OK
+    merged = pipeline.merge(plan.outputs)
+    made = {
+        "chunks": len(chunks),
+        "levels": plan.levels,
+        "reduce_steps": len(reduces),
+        "calls": sum(1 for s in steps if s.status is not None and not s.cached
+                     and (s.tokens_in or s.tokens_out)),
+        "tokens_in": totals.tokens_in,
+        "tokens_out": totals.tokens_out,
+        **({"failed_chunks": [s.seq for s in failed]} if failed else {}),
+    }
+    values["output"] = {**merged, "made": made} if isinstance(merged, dict) else merged
+    return values
+
+
+def _reduce_tokens(job: Job) -> int | None:
+    """The job's reduce group size; None (merge without a reduce) once it is cancelled."""
+    return None if job.status == JobStatus.CANCELLED else job.reduce_tokens
+
+
+def _state(step: Step) -> str:
+    return step.status if step.status and step.status != ResultStatus.RETRY else "unfinished"
+
+
+@dataclass
+class _Totals:
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost: float | None = 0.0
+
+    def add(self, tin: int, tout: int, cost: float | None, cached: bool) -> None:
+        self.tokens_in += tin
+        self.tokens_out += tout
+        if cost is None and not cached and (tin or tout):
+            self.cost = None  # one call of unknown price makes the sum unknown
+        elif self.cost is not None and cost is not None:
+            self.cost += cost
 
 
 _STATE_WORDS = {
@@ -160,28 +234,40 @@ _STATE_WORDS = {
     ResultStatus.CANCELLED: "cancelled",
     "unfinished": "unfinished",
 }
+NAMED_CHUNKS = 20  # failed chunks named in a document's error; `made.failed_chunks` has all
 
 
-def _document_error(states: Counter[str], first_error: str | None) -> str:
-    """E.g. "3 of 3 chunks failed; first error: HTTP 400 context_length_exceeded: ..."."""
-    total = sum(states.values())
+def _document_error(chunks: Sequence[Step], failed: Sequence[Step],
+                    failed_reduces: Sequence[Step]) -> str:
+    """E.g. "1 of 3 chunks failed (chunk 2); first error: HTTP 400 context_length_exceeded"."""
+    states = Counter(_state(s) for s in chunks)
     parts = [
-        f"{n} of {total} chunks {_STATE_WORDS.get(state, state)}"
+        f"{n} of {len(chunks)} chunks {_STATE_WORDS.get(state, state)}"
         for state, n in sorted(states.items())
         if state != ResultStatus.OK
     ]
     text = ", ".join(parts)
-    return text + (f"; first error: {first_error}" if first_error else "")
+    named = [str(s.seq) for s in failed if s.final][:NAMED_CHUNKS]
+    if named:
+        more = "..." if len([s for s in failed if s.final]) > NAMED_CHUNKS else ""
+        text += f" (chunk{'s' if len(named) > 1 else ''} {', '.join(named)}{more})"
+    if failed_reduces:
+        text += (", " if text else "") + f"{len(failed_reduces)} reduce steps did not succeed"
+    first = next((s.error_message for s in [*failed, *failed_reduces]
+                  if s.status == ResultStatus.ERROR and s.error_message), None)
+    return text + (f"; first error: {first}" if first else "")
 
 
 def _job_status(
-    job: Job, ok: int, err: int, other: int, unfinished: int, states: Counter[str]
+    job: Job, ok: int, err: int, other: int, unfinished: int, states: Counter[str],
+    reduce_states: Counter[str],
 ) -> tuple[str, str | None]:
-    if job.status == JobStatus.CANCELLED or states[ResultStatus.CANCELLED]:
+    if (job.status == JobStatus.CANCELLED or states[ResultStatus.CANCELLED]
+            or reduce_states[ResultStatus.CANCELLED]):
         # A cancelled job stays cancelled; its counts still say what was done.
         return JobStatus.CANCELLED, job.reason or "cancelled by the user"
     if unfinished:
-        return JobStatus.RUNNING, f"{unfinished} chunks have no final result yet"
+        return JobStatus.RUNNING, f"{unfinished} chunks or reduce steps have no final result yet"
     if job.documents_total == 0:
         return JobStatus.FAILED, "the sources held no documents"
     reasons = []
@@ -191,6 +277,11 @@ def _job_status(
         reasons.append(f"{err} chunks failed")
     if states[ResultStatus.SKIPPED_BUDGET]:
         reasons.append(f"{states[ResultStatus.SKIPPED_BUDGET]} chunks skipped: budget reached")
+    if reduce_states[ResultStatus.ERROR]:
+        reasons.append(f"{reduce_states[ResultStatus.ERROR]} reduce steps failed")
+    if reduce_states[ResultStatus.SKIPPED_BUDGET]:
+        reasons.append(f"{reduce_states[ResultStatus.SKIPPED_BUDGET]} reduce steps skipped: "
+                       "budget reached")
     if not reasons:
         return JobStatus.SUCCEEDED, None
     status = JobStatus.FAILED if ok == 0 else JobStatus.PARTIAL

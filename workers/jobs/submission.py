@@ -21,6 +21,7 @@ from models import Batch, Chunk, Document, DocumentStatus, Job, JobStatus
 from workers.ingest.batching import Batcher
 from workers.ingest.chunking import Chunker, ChunkSpan
 from workers.ingest.sources import SourceDocument, iter_documents
+from workers.jobs import sizing
 from workers.pipelines import Pipeline, build_pipeline
 from workers.settings import Settings
 from workers.tokens import count_tokens
@@ -68,8 +69,15 @@ def create_job(
     fallback_below: int | None = None,
     service_tier: str | None = None,
 ) -> Job:
-    """Insert the job row in state pending."""
+    """Insert the job row in state pending.
+
+    Raises:
+        PipelineError: the model's context cannot hold a chunk or a reduce step.
+    """
+    if pipeline.chunked:
+        sizing.chunk_tokens(settings, pipeline)  # refused here, before anything is recorded
     job = Job(
+        reduce_tokens=sizing.reduce_group_tokens(settings, pipeline) if pipeline.reduces else None,
         name=name,
         pipeline=pipeline.name,
         pipeline_version=pipeline.version,
@@ -163,8 +171,10 @@ def ingest(
 ) -> SubmitReport:
     """Write documents, chunks and batches for a pending job, committing every few thousand."""
     report = SubmitReport(job_id=job_id)
-    chunker = Chunker(settings.chunk_tokens, settings.chunk_overlap_tokens)
-    split = chunker.split if _chunked(sessions, job_id) else _whole
+    pipeline = _pipeline(sessions, job_id)
+    split = _whole
+    if pipeline.chunked:
+        split = Chunker(sizing.chunk_tokens(settings, pipeline), settings.chunk_overlap_tokens).split
     assigner = _BatchAssigner(settings.batch_max_chunks, settings.batch_max_tokens)
     pending_docs: list[tuple[SourceDocument, list[Any]]] = []
     pending_chunks = 0
@@ -218,11 +228,12 @@ def ingest(
     return report
 
 
-def _chunked(sessions: sessionmaker[Session], job_id: int) -> bool:
-    """Whether the job's pipeline cuts documents into chunks (most do)."""
+def _pipeline(sessions: sessionmaker[Session], job_id: int) -> Pipeline:
+    """The job's pipeline, which says whether and how large documents are cut."""
     with sessions.begin() as session:
         job = session.get(Job, job_id)
-        return job is None or build_pipeline(job.pipeline, job.options).chunked
+        assert job is not None  # `ingest` is given a job it created
+        return build_pipeline(job.pipeline, job.options)
 
 
 def _whole(text: str) -> list[ChunkSpan]:

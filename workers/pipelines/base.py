@@ -60,14 +60,18 @@ class Pipeline(ABC):
         values: Mapping[str, str] | None = None,
         response_format: dict[str, Any] | None = None,
         chat_max_tokens: int | None = None,
+        reduce_templates: Templates | None = None,
     ) -> None:
         self._options = options
         self._templates = templates
         self._values = dict(values or {})
         self._response_format = response_format
         self._chat_max_tokens = chat_max_tokens
+        self._reduce_templates = reduce_templates
         # Everything that shapes a request except the chunk, and the parse revision.
         sent = [self.revision, asdict(templates), self._values, response_format, chat_max_tokens]
+        if reduce_templates is not None:  # a pipeline without a reduce keeps its old version
+            sent.append(asdict(reduce_templates))
         digest = hashlib.sha256(json.dumps(sent, ensure_ascii=False).encode()).hexdigest()
         self.version = f"{self.name}-r{self.revision}-{digest[:12]}"
 
@@ -75,9 +79,24 @@ class Pipeline(ABC):
         """The options as checked, for the job row; `build_pipeline` accepts them back."""
         return copy.deepcopy(self._options)
 
-    def render(self, text: str, mode: Mode) -> Prompt:
-        """The request for one chunk; the chunk is inserted, never formatted."""
+    @property
+    def reduces(self) -> bool:
+        """Whether a document's chunk outputs are reduced by the model, level by level, to one
+        (workers/jobs/reducing.py), rather than merged here by `merge`."""
+        return self._reduce_templates is not None
+
+    def reduce_text(self, outputs: Sequence[Any]) -> str:
+        """The text a reduce step sends: a group of outputs of the level below, in order."""
+        raise NotImplementedError(f"{self.name} has no reduce step")
+
+    def render(self, text: str, mode: Mode, level: int = 0) -> Prompt:
+        """The request for one chunk (level 0) or one reduce step (level > 0); the text is
+        inserted, never formatted."""
         t = self._templates
+        if level > 0:
+            if self._reduce_templates is None:
+                raise ValueError(f"{self.name} has no reduce step (level {level})")
+            t = self._reduce_templates
         if mode == "chat":
             values = {**self._values, "text": text.strip()}
             messages = [
@@ -90,7 +109,8 @@ class Pipeline(ABC):
                 max_tokens=self._chat_max_tokens,
             )
         if mode == "completion":
-            values = {**self._values, "text": self._completion_chunk(text)}
+            body = self._completion_parts(text) if level > 0 else self._completion_chunk(text)
+            values = {**self._values, "text": body}
             return Prompt(
                 text=prompts.fill(t.completion, values),
                 stop=list(t.stop) or None,
@@ -102,6 +122,10 @@ class Pipeline(ABC):
         """The chunk as a completion prompt holds it: its whitespace collapsed to single spaces,
         since the worked examples are one line each and a base model continues what it sees."""
         return " ".join(text.split())
+
+    def _completion_parts(self, text: str) -> str:
+        """A reduce step's text as a completion prompt holds it (its `reduce_text`)."""
+        return self._completion_chunk(text)
 
     def parse(self, raw: str, finish_reason: str | None) -> Any:
         """The chunk output, JSON-serializable.
@@ -119,6 +143,12 @@ class Pipeline(ABC):
     @abstractmethod
     def _parse(self, raw: str) -> Any: ...
 
+    # A document some of whose chunks failed still gets the merge (or reduce) of the others,
+    # marked partial with the failed chunks named; False: such a document gets an error.
+    partial_answer: ClassVar[bool] = True
+
     @abstractmethod
     def merge(self, outputs: Sequence[Any]) -> Any:
-        """One document's output from its chunks' outputs, in chunk order (maybe none)."""
+        """One document's output from its chunks' outputs, in chunk order (at least one).
+
+        A pipeline that `reduces` gets the one output its last reduce step left."""

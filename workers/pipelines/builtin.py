@@ -6,10 +6,26 @@ chunk order, into the document's output. `workers/provider/client.py` makes the 
 
 | name      | options                   | chunk output          | document output                  |
 | --------- | ------------------------- | --------------------- | -------------------------------- |
-| summarize | none                      | {"summary": str}      | {"summary": str, "chunks": n}    |
-| classify  | labels: [str, str, ...]   | {"label": str}        | {"label": str|None, "counts": {}}|
-| extract   | schema: {JSON schema}     | the object            | {"items": [object, ...]}         |
-| custom    | prompt: str, stop: [str]  | {"text": str}         | {"texts": [str, ...]}            |
+| summarize | none                      | {"summary": str}      | {"summary": str}                 |
+| classify  | labels: [str, str, ...]   | {"label": str}        | {"label", "counts", "share"}     |
+| extract   | schema, key: [field, ...] | the object            | {"items": [object, ...]}         |
+| custom    | prompt, stop, reduce      | {"text": str}         | {"texts": [...]} or {"text": str}|
+
+How a document's chunk outputs become its one answer (the rule per pipeline):
+
+- summarize: reduced by the model. The chunk summaries, one per line, are summarized again in
+  groups that fit the model's context, level after level, until one summary is left
+  (workers/jobs/reducing.py).
+- custom: with the option `reduce` (a template with {text}), reduced the same way, each group's
+  answers joined by blank lines; without it, the list of the chunks' answers.
+- extract: merged here. With `key` (fields of the schema), objects with the same key values
+  become one, the first value of each field winning; without it, every object, duplicates
+  removed.
+- classify: merged here. The most frequent label, its count per label and its share of chunks.
+
+Every pipeline answers for a document with failed chunks from the chunks that succeeded (and,
+for a reduce, from the steps that succeeded); the document is marked partial and its error
+names the failed chunks (workers/jobs/merging.py).
 
 `openai-batch` (workers/pipelines/openai_batch.py) runs the requests of an OpenAI Batch file: one
 unchunked document per request, output {"content": str, "finish_reason": str}.
@@ -43,7 +59,7 @@ class Summarize(Pipeline):
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         _check_keys(self.name, options)
-        super().__init__({}, prompts.SUMMARIZE)
+        super().__init__({}, prompts.SUMMARIZE, reduce_templates=prompts.SUMMARIZE_REDUCE)
 
     def parse(self, raw: str, finish_reason: str | None) -> dict[str, str]:
         output: dict[str, str] = super().parse(raw, finish_reason)
@@ -58,15 +74,23 @@ class Summarize(Pipeline):
         # it, a later one (open-source-maintainers.md in examples/corpus).
         return super()._completion_chunk(_drop_heading(text))
 
+    def _completion_parts(self, text: str) -> str:
+        # One "- " line per summary, as the reduce prompt's worked examples show them.
+        return "\n".join(f"- {' '.join(line.split())}" for line in text.splitlines()
+                         if line.strip())
+
     def _parse(self, raw: str) -> dict[str, str]:
         summary = raw.strip()
         if not summary:
             raise OutputParseError("summarize: the model returned an empty summary")
         return {"summary": summary}
 
+    def reduce_text(self, outputs: Sequence[Any]) -> str:
+        # One line per summary: a summary cut at max_tokens does not run into the next one.
+        return "\n".join(o["summary"] for o in outputs)
+
     def merge(self, outputs: Sequence[Any]) -> dict[str, Any]:
-        # One line per chunk: a summary cut at max_tokens does not run into the next one.
-        return {"summary": "\n".join(o["summary"] for o in outputs), "chunks": len(outputs)}
+        return {"summary": self.reduce_text(outputs)}
 
 
 class Classify(Pipeline):
@@ -125,18 +149,20 @@ class Classify(Pipeline):
         for output in outputs:
             counts[output["label"]] += 1
         label = max(self.labels, key=counts.__getitem__) if outputs else None
-        return {"label": label, "counts": counts}
+        share = round(counts[label] / len(outputs), 4) if label is not None else None
+        return {"label": label, "counts": counts, "share": share}
 
 
 class Extract(Pipeline):
     name = "extract"
 
     def __init__(self, options: Mapping[str, Any]) -> None:
-        _check_keys(self.name, options, required=("schema",))
+        _check_keys(self.name, options, required=("schema",), optional=("key",))
         self._validator = _schema_validator(options["schema"])
         schema: dict[str, Any] = self._validator.schema
+        self.key = _check_key_fields(options.get("key", []), schema)
         super().__init__(
-            {"schema": schema},
+            {"schema": schema, "key": self.key} if self.key else {"schema": schema},
             prompts.EXTRACT,
             values={
                 "schema": json.dumps(schema, ensure_ascii=False),
@@ -157,23 +183,36 @@ class Extract(Pipeline):
         return data
 
     def merge(self, outputs: Sequence[Any]) -> dict[str, Any]:
-        return {"items": list(outputs)}
+        """Objects with equal key fields become one (a field's first non-null value wins);
+        without key fields, the objects in chunk order with exact duplicates dropped."""
+        merged: dict[str, dict[str, Any]] = {}
+        for output in outputs:
+            fields = [output.get(k) for k in self.key] if self.key else output
+            ident = json.dumps(fields, sort_keys=True, ensure_ascii=False)
+            if ident not in merged:
+                merged[ident] = dict(output)
+            elif self.key:
+                kept = merged[ident]
+                for name, value in output.items():
+                    if kept.get(name) is None:
+                        kept[name] = value
+        return {"items": list(merged.values())}
 
 
 class Custom(Pipeline):
     name = "custom"
 
     def __init__(self, options: Mapping[str, Any]) -> None:
-        _check_keys(self.name, options, required=("prompt",), optional=("stop",))
-        template = options["prompt"]
-        if not isinstance(template, str) or "{text}" not in template:
-            raise PipelineError(
-                "custom: option 'prompt' must be a string containing the placeholder {text} "
-                "(single braces), which marks where each chunk goes; other braces stay as written"
-            )
+        _check_keys(self.name, options, required=("prompt",), optional=("stop", "reduce"))
+        template = _check_template("prompt", options["prompt"])
         stop = _check_stop(options.get("stop", list(prompts.CUSTOM_STOP)))
         templates = Templates(prompts.CUSTOM_SYSTEM, template, template, tuple(stop))
-        super().__init__({"prompt": template, "stop": stop}, templates)
+        described: dict[str, Any] = {"prompt": template, "stop": stop}
+        reduce_templates = None
+        if "reduce" in options:
+            described["reduce"] = reduce = _check_template("reduce", options["reduce"])
+            reduce_templates = Templates(prompts.CUSTOM_SYSTEM, reduce, reduce, tuple(stop))
+        super().__init__(described, templates, reduce_templates=reduce_templates)
 
     def _completion_chunk(self, text: str) -> str:
         return text.strip()  # the user's own prompt: their chunk goes in as it is
@@ -182,7 +221,12 @@ class Custom(Pipeline):
         # Any text is an answer, an empty or cut one too: only the user knows what they asked.
         return {"text": raw.strip()}
 
+    def reduce_text(self, outputs: Sequence[Any]) -> str:
+        return "\n\n".join(o["text"] for o in outputs)
+
     def merge(self, outputs: Sequence[Any]) -> dict[str, Any]:
+        if self.reduces:  # the one answer the last reduce step left
+            return {"text": self.reduce_text(outputs)}
         # A list, not one joined text: custom answers (lists, JSON, labels) need not concatenate.
         return {"texts": [o["text"] for o in outputs]}
 
@@ -282,6 +326,28 @@ def _refs(node: Any) -> Iterator[str]:
     if isinstance(node, list):
         for item in node:
             yield from _refs(item)
+
+
+def _check_template(option: str, template: Any) -> str:
+    if not isinstance(template, str) or "{text}" not in template:
+        raise PipelineError(
+            f"custom: option {option!r} must be a string containing the placeholder {{text}} "
+            "(single braces), which marks where the text goes; other braces stay as written"
+        )
+    return template
+
+
+def _check_key_fields(key: Any, schema: dict[str, Any]) -> list[str]:
+    properties = schema.get("properties", {})
+    if not isinstance(key, list | tuple) or not all(isinstance(k, str) for k in key):
+        raise PipelineError(f"extract: option 'key' must be a list of field names, got {_cut(key)}")
+    for name in key:
+        if name not in properties:
+            raise PipelineError(
+                f"extract: key field {name!r} is not a property of the schema "
+                f"(properties: {', '.join(properties) or 'none'})"
+            )
+    return list(key)
 
 
 def _check_stop(stop: Any) -> list[str]:

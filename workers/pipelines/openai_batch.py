@@ -391,8 +391,9 @@ class OpenAIBatchPipeline(Pipeline):
         super().__init__({}, Templates("", "", "", ()))
         self.version = self.VERSION  # the request itself is the prompt: no template to hash
 
-    def render(self, text: str, mode: Mode) -> Prompt:
-        """The request stored as `text`; its url, not the job's mode, picks the endpoint."""
+    def render(self, text: str, mode: Mode, level: int = 0) -> Prompt:
+        """The request stored as `text`; its url, not the job's mode, picks the endpoint.
+        (No reduce: each request is its own document, so `level` is always 0.)"""
         request = json.loads(text)
         try:
             return _prompt_of(request["url"], request["body"])

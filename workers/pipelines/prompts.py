@@ -71,6 +71,43 @@ SUMMARIZE = Templates(
     SUMMARIZE_SYSTEM, SUMMARIZE_USER, SUMMARIZE_COMPLETION, (". ", "\n"), completion_max_tokens=48
 )
 
+# The reduce step of summarize: the summaries of consecutive parts of one document (chunks, or
+# groups of them), one per line, summarized again. The completion prompt shows them as a list
+# of parts (`{text}` is one "- " line per summary): given them as one more text in the map
+# prompt, Gemma 3 270M copied the shortest sentence ("The ferry runs all year." for the
+# 3,166-word examples/long/ferry-service-review.md); given them as parts, it took the report's
+# conclusion. Tried on that one document only.
+SUMMARIZE_REDUCE_USER = (
+    "These are summaries of consecutive parts of one document, in order. Summarize the whole "
+    "document in one to three sentences.\n\n<summaries>\n{text}\n</summaries>"
+)
+SUMMARIZE_REDUCE_COMPLETION = """\
+Each report is given as the summaries of its parts, in order, followed by a one-sentence \
+summary of the whole report.
+
+Parts:
+- The council reviewed the town's bus service after many complaints about late buses.
+- Most passengers said that buses arriving on time mattered more to them than cheaper fares.
+- Running the service cost two million euros last year.
+- The review recommends buying six new electric buses and adding an early morning route.
+Summary: After complaints about late buses, a review of the town's bus service recommends \
+buying six new electric buses and adding an early morning route.
+
+Parts:
+- Scientists followed bees in three cities for two summers.
+- Bees in parks visited more kinds of flowers than bees in private gardens.
+- The scientists suggest planting more wild flowers along streets.
+Summary: A study of bees in three cities suggests planting more wild flowers along streets, \
+because bees in parks visit more kinds of flowers.
+
+Parts:
+{text}
+Summary:"""
+SUMMARIZE_REDUCE = Templates(
+    SUMMARIZE_SYSTEM, SUMMARIZE_REDUCE_USER, SUMMARIZE_REDUCE_COMPLETION, (". ", "\n"),
+    completion_max_tokens=48,
+)
+
 CLASSIFY_SYSTEM = "You classify texts. Choose exactly one label from the list the user gives."
 CLASSIFY_USER = "Labels: {labels}\n\nWhich label fits this text best?\n\n<text>\n{text}\n</text>"
 CLASSIFY_COMPLETION = """\
