@@ -529,3 +529,32 @@ def test_the_lane_lock_is_renewed_while_held_and_freed_after(
     assert not redis_client.exists(keys.lane_lock(7))
     with lane._job_lock(7) as again:
         assert again
+
+
+def test_long_documents_go_through_the_batch_lane_and_are_reduced_online_to_one_answer(
+    simulator: Any, docq_env: Any, workers: Any, beat: Any
+) -> None:
+    from tasks.api import document_results
+
+    # Given documents of several chunks each, on the batch lane
+    sim = simulator("--seed", "4", "--batch-turnaround-s", "1")
+    env = docq_env(sim.url, **SHAPE)
+    workers(env, concurrency=1)
+    beat(env)
+    handle = submit(corpus(4, sentences=12), "summarize", lane="batch")
+    # When the job ends
+    st = wait_final(handle.id, 120)
+    assert st["status"] == "succeeded", st
+    with runtime().sessions() as s:
+        levels = dict(s.execute(select(Chunk.level, func.count()).where(Chunk.job_id == handle.id)
+                                .group_by(Chunk.level)).all())
+    # Then every chunk went through the provider's batches and every reduce step online
+    assert levels[0] > 4 and levels.get(1) == 4, levels
+    sent = sum(r.requests for r in ledger(handle.id))
+    assert sent == levels[0], (sent, levels)
+    assert sim.stats()["requests_total"] == levels[1]
+    # and each document has one answer, made from its chunks' summaries
+    docs = list(document_results(handle.id))
+    assert len(docs) == 4
+    for doc in docs:
+        assert doc["status"] == "ok" and isinstance(doc["output"]["summary"], str), doc
