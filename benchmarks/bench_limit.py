@@ -11,7 +11,8 @@ so every call is charged the same (prompt + max_tokens, as OpenAI and the simula
 Figures per run, from the simulator's own per-second counts of what it admitted:
 - share: what the binding dimension admitted per second over the steady part (the first
   WARMUP_S and the last EDGE_S seconds of admissions left out) against its limit; for the
-  latency-bound scenarios, the mean number of calls in flight against the cap;
+  latency-bound scenarios, the mean number of calls in flight over the same part against the
+  cap; for the self-hosted server, answers per second against its best (saturation / latency);
 - job share: the time the whole job's charge allows (its charge beyond the first full bucket,
   at the limit's rate) against the time it took;
 - 429 share, time to the first result after submit() returned, and the time the last 5% of
@@ -228,7 +229,7 @@ def figures(sc: Scenario, run: dict[str, Any], charge: int) -> dict[str, Any]:
     key = {"tokens": "admitted_tokens", "requests": "admitted", "throughput": "ok"}.get(
         sc.measure)
     if sc.measure == "inflight":
-        level = [n for t, n in run["inflight"] if first + 10 <= t <= last - EDGE_S]
+        level = [n for t, n in run["inflight"] if first + WARMUP_S <= t <= last - EDGE_S]
         share = statistics.fmean(level) / sc.limit if level else None
     elif len(window) < 10:
         share = None

@@ -145,7 +145,7 @@ class Settings(BaseSettings):
         "answers come back steadily and shrinks on 429s, 5xx, timeouts and rising latency "
         "(AIMD). auto: only while the endpoint has no rate limit, configured or learned.")
     llm_concurrency_floor: int = Field(default=2, gt=0, description="The adaptive window's least.")
-    llm_concurrency_start: int = Field(default=8, gt=0, description="The adaptive window's start.")
+    llm_concurrency_start: int = Field(default=32, gt=0, description="The adaptive window's start.")
     llm_context_tokens: int | None = Field(
         default=None, gt=0, description="The model's context window (prompt plus output); unset: "
         "the known window of the model (KNOWN_CONTEXT_TOKENS), else 4096.")

@@ -73,7 +73,7 @@ class Limits:
     # max_inflight. Shared by every process of the scope.
     adaptive: bool | None = False  # None: only while no rate limit is configured or learned
     window_floor: int = 2
-    window_start: int = 8
+    window_start: int = 32
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm"):
