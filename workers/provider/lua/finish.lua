@@ -73,7 +73,7 @@ tighten(T, tonumber(ARGV[16]), seen_t)
 
 -- Adaptive concurrency, for endpoints that publish no limits: the window of calls in flight
 -- doubles per round trip until the first sign of overload (slow start), then grows by one per
--- round trip; an overload (429, 5xx, timeout) halves it, and a moving latency rising to 1.3 times
+-- round trip; an overload (429, 5xx, timeout) halves it, and a moving latency rising to 1.5 times
 -- its least value lately (a server queueing or saturated) takes a fifth off; one decrease per
 -- round trip.
 local ended = tonumber(ARGV[20])
@@ -94,7 +94,7 @@ if adaptive(ARGV[22]) and ended > 0 then
     -- forgets slowly, so a workload whose answers grow longer is learned again).
     short = short + 0.1 * (latency - short)
     if short < low then low = short else low = low + 0.002 * (short - low) end
-    if short > 1.3 * low then decrease = 0.8 end
+    if short > 1.5 * low then decrease = 0.8 end
   end
   if decrease < 1 then
     if now - dec > rtt then
