@@ -181,6 +181,8 @@ class Runtime:
             return
         if self._services is not None:
             self.run(self._services.llm.aclose())
+            if self._services.limiter is not None:
+                self.run(self._services.limiter.aclose())
             if self._services.heartbeat is not None:
                 self.run(self._services.heartbeat.close())
         if self._redis is not None:

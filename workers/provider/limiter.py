@@ -28,6 +28,7 @@ Build one Limiter per process and scope, after the fork, on that process's event
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
@@ -396,6 +397,13 @@ class Limiter:
         )
         if output is not None:
             self._remember_output(output[0], (float(_text(reply[0])), float(_text(reply[1]))))
+
+    async def aclose(self) -> None:
+        """Stop renewing slots (the process is closing its loop; they expire on their own)."""
+        if self._keeper is not None and not self._keeper.done():
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
 
     def _hold(self, slot_id: str) -> None:
         self._held.add(slot_id)

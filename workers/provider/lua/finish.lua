@@ -31,8 +31,20 @@ if (header_r > 0 and header_r ~= learned_r) or (header_t > 0 and header_t ~= lea
   if header_r > 0 then learned_r = header_r end
   if header_t > 0 then learned_t = header_t end
   redis.call('HSET', state, 'lr', fmt(learned_r), 'lt', fmt(learned_t))
+  local unknown_r, unknown_t = R.lim <= 0, T.lim <= 0
   R.lim = limit(tonumber(ARGV[1]), learned_r)
   T.lim = limit(tonumber(ARGV[2]), learned_t)
+  -- A limit known for the first time: what was sent while none was known is in the provider's
+  -- bucket already (the last period's admissions; for tokens, what settled plus the calls still
+  -- in flight at this call's size), so the bucket does not start full.
+  if (unknown_r and R.lim > 0) or (unknown_t and T.lim > 0) then
+    local used_r, used_t = used_last_period()
+    local flying = redis.call('ZCOUNT', slots, '(' .. fmt(now), '+inf')
+    if unknown_r and R.lim > 0 then R.c = math.max(R.c, math.min(R.lim, used_r)) end
+    if unknown_t and T.lim > 0 then
+      T.c = math.max(T.c, math.min(T.lim, used_t + flying * tonumber(ARGV[5])))
+    end
+  end
   -- A bucket emptied (a cool-down) or overdrawn on the old, larger scale is empty on the new
   -- one, not in debt for the difference: the provider never admitted what we could not send.
   if R.lim > 0 and R.c > R.lim then R.c = R.lim end

@@ -78,6 +78,25 @@ local function refund(d, amount, mark)
   if left > 0 then d.c = d.c - left end
 end
 
+-- Requests admitted and tokens settled over the last period, from the ring of usage counters.
+local function used_last_period()
+  local fields = {}
+  for i = 0, 9 do
+    fields[#fields + 1] = 'e' .. i
+    fields[#fields + 1] = 'ur' .. i
+    fields[#fields + 1] = 'ut' .. i
+  end
+  local v = redis.call('HMGET', state, unpack(fields))
+  local used_r, used_t = 0, 0
+  for i = 0, 9 do
+    if num(v[3 * i + 1], -1) > epoch - 10 then
+      used_r = used_r + num(v[3 * i + 2], 0)
+      used_t = used_t + num(v[3 * i + 3], 0)
+    end
+  end
+  return used_r, used_t
+end
+
 local function tally(requests, tokens)
   local e, ur, ut = 'e' .. ring, 'ur' .. ring, 'ut' .. ring
   if num(s[e], -1) ~= epoch then
