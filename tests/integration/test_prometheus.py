@@ -100,8 +100,9 @@ def test_prometheus_scrapes_workers_and_beat_and_every_dashboard_query_has_data(
     config.write_text(json.dumps({  # YAML is a superset of JSON
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
         "scrape_configs": [
+            # `docq worker`'s two processes: the port and the one after it
             {"job_name": "docq-worker", "static_configs": [
-                {"targets": [f"127.0.0.1:{worker_port}"]}]},
+                {"targets": [f"127.0.0.1:{worker_port}", f"127.0.0.1:{worker_port + 1}"]}]},
             {"job_name": "docq-beat", "static_configs": [
                 {"targets": [f"127.0.0.1:{beat_port}"]}]},
         ]}))
@@ -130,8 +131,8 @@ def test_prometheus_scrapes_workers_and_beat_and_every_dashboard_query_has_data(
     handle.wait(timeout=120)
 
     # Then both targets were up, and every query of every panel returned data while it ran
-    up = {r["metric"]["job"]: r["value"][1] for r in query(prom, "query", query="up")}
-    assert up == {"docq-worker": "1", "docq-beat": "1"}
+    up = sorted((r["metric"]["job"], r["value"][1]) for r in query(prom, "query", query="up"))
+    assert up == [("docq-beat", "1"), ("docq-worker", "1"), ("docq-worker", "1")]
     hits = query(prom, "query", query="sum(docq_response_cache_hits_total)")
     assert float(hits[0]["value"][1]) == 5
     missing = sorted(wanted - answered)

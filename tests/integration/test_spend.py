@@ -157,11 +157,16 @@ def test_cancel_leaves_a_consistent_merged_job(simulator: Any, docq_env: Any,
     assert cancel(handle.id)
     final = handle.wait(timeout=60)
     calls_at_end = sim.stats()["requests_total"]
-    # Then it is cancelled and merged, every chunk has exactly one final row
+    # Then it is cancelled and merged, every chunk (and every reduce step of a document that
+    # finished before the cancel) has exactly one final row
     rows = results(handle.id)
     states = Counter(r.status for r in rows)
     assert final["status"] == "cancelled"
-    assert len(rows) == len({r.chunk_id for r in rows}) == final["chunks_total"]
+    with runtime().sessions() as s:
+        chunks = set(s.scalars(select(Chunk.id).where(Chunk.job_id == handle.id,
+                                                      Chunk.level == 0)))
+    assert len(rows) == len({r.chunk_id for r in rows})
+    assert chunks <= {r.chunk_id for r in rows} and len(chunks) == final["chunks_total"]
     assert states["cancelled"] > 0 and set(states) <= {"ok", "cancelled"}
     assert sum(1 for r in rows if r.status == "ok" and not r.cached) == calls_at_end
     # and no model call happens afterwards
