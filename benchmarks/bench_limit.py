@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -42,14 +41,19 @@ sys.path.insert(0, str(ROOT))  # run as a script: the project, not this folder, 
 
 from sqlalchemy import select
 
-from benchmarks.harness import DEFAULT_PG_URL, WORDS, check_redis, results_store, table, write_json
+from benchmarks.harness import (
+    DEFAULT_PG_URL,
+    check_redis,
+    one_chunk_corpus,
+    results_store,
+    table,
+    write_json,
+)
 from benchmarks.peer import run_peer
 from models import Result
 from tasks.worker_process import WorkerProcess
-from workers.batch.processing import prompt_tokens
 from workers.pipelines import build_pipeline
 from workers.simulator.process import SimulatorProcess
-from workers.tokens import count_tokens
 
 MAX_TOKENS = 100
 DOC_TOKENS = 190
@@ -100,21 +104,7 @@ SCENARIOS = [
 
 def corpus(n: int, seed: int) -> tuple[list[tuple[str, str]], int]:
     """n one-chunk documents whose prompts all count the same tokens; and that count."""
-    rng = random.Random(seed)
-    pipe = build_pipeline("summarize", {})
-    docs: list[tuple[str, str]] = []
-    sizes: set[int] = set()
-    while len(docs) < n:
-        words = [f"Note {len(docs)}:", *rng.choices(WORDS, k=DOC_TOKENS - 12)]
-        while count_tokens(" ".join(words)) < DOC_TOKENS:
-            words.append(rng.choice(WORDS))
-        body = " ".join(words) + "."
-        if count_tokens(body) != DOC_TOKENS + 1:
-            continue
-        docs.append((f"note-{len(docs)}", body))
-        sizes.add(prompt_tokens(pipe.render(body, "chat")))
-    assert len(sizes) == 1, sizes
-    return docs, sizes.pop()
+    return one_chunk_corpus(n, seed, DOC_TOKENS, "Note", "note")
 
 
 class Sampler(threading.Thread):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import random
 import sys
 import tempfile
 import time
@@ -40,8 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import (
     DEFAULT_PG_URL,
-    WORDS,
     check_redis,
+    one_chunk_corpus,
     results_store,
     start_worker,
     write_json,
@@ -49,10 +48,7 @@ from benchmarks.harness import (
 from benchmarks.harness import table as render_table
 from models import Result
 from tasks.worker_process import WorkerProcess
-from workers.batch.processing import prompt_tokens
-from workers.pipelines import build_pipeline
 from workers.simulator.process import SimulatorProcess
-from workers.tokens import count_tokens
 
 RPM, TPM, LATENCY_MS = 1200, 120_000, 100
 CHUNK_TOKENS, MAX_TOKENS = 150, 100
@@ -61,25 +57,9 @@ TARGETS = {"admitted_share": 0.95, "rate_limited_share": 0.01, "first_result_s":
 
 
 def corpus(n: int, seed: int) -> tuple[list[tuple[str, str]], int]:
-    """n documents of exactly CHUNK_TOKENS - 2 tokens (one chunk each, all the same charge)
+    """n documents of exactly CHUNK_TOKENS - 1 tokens (one chunk each, all the same charge)
     and the prompt tokens of each call."""
-    rng = random.Random(seed)
-    pipe = build_pipeline("summarize", {})
-    goal = CHUNK_TOKENS - 2
-    docs: list[tuple[str, str]] = []
-    sizes: set[int] = set()
-    while len(docs) < n:
-        # Most words are one token: take nearly enough at once, then one at a time.
-        words = [f"Report {len(docs)}:", *rng.choices(WORDS, k=goal - 12)]
-        while count_tokens(" ".join(words)) < goal:
-            words.append(rng.choice(WORDS))
-        body = " ".join(words) + "."
-        if count_tokens(body) != goal + 1:
-            continue  # a word that split into two tokens overshot: draw this document again
-        docs.append((f"doc-{len(docs)}", body))
-        sizes.add(prompt_tokens(pipe.render(body, "chat")))
-    assert len(sizes) == 1, sizes
-    return docs, sizes.pop()
+    return one_chunk_corpus(n, seed, CHUNK_TOKENS - 2, "Report", "doc")
 
 
 def run(name: str, limits_known: bool, args: argparse.Namespace, workdir: Path,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import sys
 import time
 import uuid
@@ -25,6 +26,9 @@ from sqlalchemy import create_engine, text
 
 from models import upgrade
 from tasks.worker_process import WorkerProcess
+from workers.batch.processing import prompt_tokens
+from workers.pipelines import build_pipeline
+from workers.tokens import count_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -84,6 +88,28 @@ _VOCABULARY = (
     "battery charge cell energy engine design test field farm weather rain wind sun"
 )
 WORDS = _VOCABULARY.split()
+
+
+def one_chunk_corpus(n: int, seed: int, tokens: int, label: str,
+                     name: str) -> tuple[list[tuple[str, str]], int]:
+    """n documents of exactly `tokens` + 1 tokens (one chunk each, every call the same charge),
+    named `name`-0, -1, ..., each opening "`label` i:"; and the prompt tokens of each call."""
+    rng = random.Random(seed)
+    pipe = build_pipeline("summarize", {})
+    docs: list[tuple[str, str]] = []
+    sizes: set[int] = set()
+    while len(docs) < n:
+        # Most words are one token: take nearly enough at once, then one at a time.
+        words = [f"{label} {len(docs)}:", *rng.choices(WORDS, k=tokens - 12)]
+        while count_tokens(" ".join(words)) < tokens:
+            words.append(rng.choice(WORDS))
+        body = " ".join(words) + "."
+        if count_tokens(body) != tokens + 1:
+            continue  # a word that split into two tokens overshot: draw this document again
+        docs.append((f"{name}-{len(docs)}", body))
+        sizes.add(prompt_tokens(pipe.render(body, "chat")))
+    assert len(sizes) == 1, sizes
+    return docs, sizes.pop()
 
 
 def wait_for_job(job_id: int, timeout_s: float, log: Path, poll_s: float = 0.1) -> None:

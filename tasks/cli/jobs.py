@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -314,12 +313,11 @@ def worker(
 ) -> None:
     """Run docqueue's worker processes (extra arguments, such as -Q, go to Celery)."""
     from tasks.runtime import runtime
+    from tasks.supervisor import Supervisor, default_layout
 
     settings = runtime().settings
     if pool is None:
         from dataclasses import replace
-
-        from tasks.supervisor import Supervisor, default_layout
 
         logging.basicConfig(level=logging.INFO,
                             format="[%(asctime)s: %(levelname)s/docq worker] %(message)s")
@@ -332,7 +330,7 @@ def worker(
         raise typer.BadParameter(f"choose prefork or threads, not {pool!r}", param_hint="--pool")
     from tasks.celery import app
 
-    n = concurrency or settings.worker_concurrency or os.cpu_count() or 1
+    n = concurrency or default_layout(settings).processes
     app.worker_main(["worker", f"--concurrency={n}", f"--pool={pool}", "--events",
                      "--loglevel=INFO", "--without-gossip", *ctx.args])
 
