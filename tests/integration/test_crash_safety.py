@@ -311,12 +311,12 @@ def test_docq_resume_sends_a_job_whose_messages_were_lost_and_is_idempotent(
     # When `docq resume JOB` runs twice, and only then a worker starts
     first = _docq(env, "resume", str(handle.id))
     second = _docq(env, "resume", str(handle.id))
+    with runtime().sessions() as s:  # counted before a worker adds the reduce steps' batches
+        batches = s.scalar(select(func.count()).select_from(Batch)
+                           .where(Batch.job_id == handle.id))
     workers(env, concurrency=2)
     # Then the first run sent every batch again; the second found them queued (none is
     # leased, so it sends them again, and the duplicates cost no model call)
-    with runtime().sessions() as s:
-        batches = s.scalar(select(func.count()).select_from(Batch)
-                           .where(Batch.job_id == handle.id))
     assert f"sent {batches} batches again" in first.stdout, first
     assert second.returncode == 0, second
     wait_until(lambda: finished(handle.id), 60, "the job to end")
