@@ -328,7 +328,7 @@ async def _work(
     async def one(call: _Call) -> None:
         if busy or time.monotonic() > deadline or lapsed():
             return
-        row = await _call(svc, info, pipeline, guard, call, busy, lapsed)
+        row = await _call(svc, info, pipeline, guard, call, busy, lapsed, deadline)
         if row is None:
             return
         cache_entry = None
@@ -407,7 +407,7 @@ def _stopped_row(info: BatchInfo, item: WorkItem, reason: StopReason) -> ResultR
 
 async def _call(
     svc: Services, info: BatchInfo, pipeline: Pipeline, guard: JobGuard, call: _Call,
-    busy: list[_Pause], lapsed: Callable[[], bool],
+    busy: list[_Pause], lapsed: Callable[[], bool], deadline: float,
 ) -> ResultRow | None:
     """Call the model for one chunk; return its result row, or None if it was not attempted."""
     row = _base_row(info, call.item, call.item.attempts + 1)
@@ -420,7 +420,8 @@ async def _call(
         if busy or lapsed():  # the pass stopped while this call waited for its slot
             return None
         try:
-            completion = await _limited_call(svc, info, call.prompt, call.max_tokens)
+            completion = await _limited_call(svc, info, call.prompt, call.max_tokens,
+                                             slot_wait_s=deadline - time.monotonic())
         except LimiterBusy as exc:
             busy.append(_Pause(exc.wait_s, "waiting for rate-limit capacity"))
             return None
@@ -454,8 +455,8 @@ async def _call(
     return row
 
 
-async def _limited_call(svc: Services, info: BatchInfo, prompt: Prompt,
-                        max_tokens: int) -> Completion:
+async def _limited_call(svc: Services, info: BatchInfo, prompt: Prompt, max_tokens: int,
+                        slot_wait_s: float) -> Completion:
     lim = svc.limiter
     if lim is None:
         return await svc.llm.complete(prompt, max_tokens=max_tokens,
@@ -466,8 +467,11 @@ async def _limited_call(svc: Services, info: BatchInfo, prompt: Prompt,
     # charges usage gets the moving average of real outputs (plus a margin), settled later.
     expected = max_tokens if by_max_tokens else await lim.expected_output_tokens(
         key, cap=max_tokens, default=max_tokens // 2)
+    # A call waiting for an in-flight slot waits while its pass may run: a slot frees with
+    # the next answer; a long wait for rate-limit budget hands the batch back instead.
     ticket = await lim.acquire(prompt_tokens(prompt) + expected,
-                               max_wait_s=svc.settings.limiter_max_wait_s)
+                               max_wait_s=svc.settings.limiter_max_wait_s,
+                               slot_wait_s=slot_wait_s)
     try:
         completion = await svc.llm.complete(prompt, max_tokens=max_tokens,
                                           service_tier=info.service_tier)

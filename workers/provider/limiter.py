@@ -170,6 +170,7 @@ class Limiter:
         self._held: set[str] = set()
         self._keeper: asyncio.Task[None] | None = None
         self._gate = asyncio.Lock()  # one waiter per process polls Redis; the rest queue here
+        self._freed = asyncio.Event()  # set when this process frees a slot: its waiter looks
         self._free_at = 0.0  # loop time when the last reply expected room for a call again
         self._claimant = os.urandom(8).hex()  # this process's name on a claim
         self._outputs: dict[str, tuple[float, float] | None] = {}  # key: (mean, variance)
@@ -178,18 +179,25 @@ class Limiter:
     def __repr__(self) -> str:
         return f"Limiter(scope={self.scope!r}, limits={self.limits!r})"
 
-    async def acquire(self, tokens: int, *, max_wait_s: float) -> Ticket:
+    async def acquire(
+        self, tokens: int, *, max_wait_s: float, slot_wait_s: float | None = None
+    ) -> Ticket:
         """Reserve one request, `tokens` tokens and an in-flight slot, waiting up to max_wait_s.
 
+        `slot_wait_s` (at least max_wait_s) lets the caller wait longer when every in-flight
+        slot is taken: a slot frees as soon as any call ends, so waiting for one in the process
+        costs nothing, where handing the work back costs a round trip through the queue. A
+        wait for the request or token budget longer than max_wait_s still raises at once.
+
         Raises:
-            LimiterBusy: the wait would be longer than max_wait_s (nothing is held).
+            LimiterBusy: the wait would be longer than allowed (nothing is held).
             RequestTooLargeError: `tokens` exceeds the whole token budget.
         """
         _check_count("tokens", tokens)
         if not (math.isfinite(max_wait_s) and max_wait_s >= 0):
             raise ValueError(f"max_wait_s must be a finite number >= 0, got {max_wait_s!r}")
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + max_wait_s
+        deadline = loop.time() + max(max_wait_s, slot_wait_s or 0.0)
         slot_id = os.urandom(8).hex()
         if not self._gate.locked():  # nobody of this process is waiting: try at once
             first = await self._attempt(tokens, slot_id, max_wait_s)
@@ -201,11 +209,13 @@ class Limiter:
         except TimeoutError:
             raise LimiterBusy(max(self._free_at - loop.time(), 0.0), "queue") from None
         try:
-            return await self._wait_turn(tokens, slot_id, deadline)
+            return await self._wait_turn(tokens, slot_id, deadline, max_wait_s)
         finally:
             self._gate.release()
 
-    async def _wait_turn(self, tokens: int, slot_id: str, deadline: float) -> Ticket:
+    async def _wait_turn(
+        self, tokens: int, slot_id: str, deadline: float, max_wait_s: float
+    ) -> Ticket:
         loop = asyncio.get_running_loop()
         slot_pause = SLOT_POLL_FIRST_S
         delay = self._free_at - loop.time()
@@ -214,18 +224,25 @@ class Limiter:
             if pause > 0:
                 await asyncio.sleep(pause)
             left = deadline - loop.time()
-            outcome = await self._attempt(tokens, slot_id, max(0.0, left))
+            outcome = await self._attempt(tokens, slot_id, max(0.0, min(left, max_wait_s)))
             if isinstance(outcome, Ticket):
                 return outcome
             status, seconds = outcome
             if status == "wait":
                 delay = seconds
                 continue
-            # Every slot is taken: any call may finish at any moment, so look again soon.
+            # Every slot is taken: any call may finish at any moment, so look again soon, and
+            # at once when a call of this process ends.
             if left <= 0:
                 raise LimiterBusy(min(seconds, POLL_CAP_S), "in-flight")
-            delay = min(slot_pause, left, seconds) * random.uniform(0.5, 1.0)
+            pause = min(slot_pause, left, seconds) * random.uniform(0.5, 1.0)
             slot_pause = min(2 * slot_pause, POLL_CAP_S)
+            self._freed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self._freed.wait()
+                slot_pause = SLOT_POLL_FIRST_S
+            delay = 0.0
 
     async def _attempt(
         self, tokens: int, slot_id: str, left_s: float
@@ -277,7 +294,9 @@ class Limiter:
         charged = used_tokens
         if not self.limits.refund_unused_tokens:
             charged = max(used_tokens, ticket.tokens)
-        ended = (ANSWERED, latency_s) if latency_s is not None else None
+        ended = None
+        if latency_s is not None:  # with the output's size, when known: answers then compare
+            ended = (ANSWERED, latency_s, -1 if output_tokens is None else output_tokens)
         await self._finish(ticket, charged, False, _headers(headers), output, ended=ended)
 
     async def release(
@@ -288,7 +307,7 @@ class Limiter:
         a 429 or a refused connection) also give back its request and tokens. `overloaded`
         (a 429, 5xx or timeout) shrinks the adaptive concurrency window."""
         charged = 0 if refund else ticket.tokens
-        ended = (OVERLOADED, 0.0) if overloaded else None
+        ended = (OVERLOADED, 0.0, -1) if overloaded else None
         await self._finish(ticket, charged, refund, _headers(headers), None, ended=ended)
 
     async def observe(self, headers: Mapping[str, str], *, ticket: Ticket | None = None) -> None:
@@ -366,10 +385,10 @@ class Limiter:
         output: tuple[str, int] | None,
         *,
         since: Ticket | None = None,
-        ended: tuple[int, float] | None = None,
+        ended: tuple[int, float, int] | None = None,
     ) -> None:
         call = ticket or since
-        outcome, latency_s = ended or (0, 0.0)
+        outcome, latency_s, output_size = ended or (0, 0.0, -1)
         if ticket is not None:
             self._held.discard(ticket.slot_id)
         h = headers or RateLimitHeaders()
@@ -392,9 +411,11 @@ class Limiter:
                     (call.admitted_at_us, call.requests_admitted, call.tokens_admitted)
                     if call else (-1, 0, 0)
                 ),
-                outcome, _us(latency_s), *self._adaptive,
+                outcome, _us(latency_s), *self._adaptive, output_size,
             ],
         )
+        if ticket is not None:
+            self._freed.set()
         if output is not None:
             self._remember_output(output[0], (float(_text(reply[0])), float(_text(reply[1]))))
 

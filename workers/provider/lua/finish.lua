@@ -7,7 +7,8 @@
 -- [19] a_t at that admission.
 -- [20] how the call ended: 0 = no call, 1 = answered, 2 = overloaded (429, 5xx, timeout);
 -- [21] its latency µs; [22] adaptive concurrency ('0' off, '1' on, '2' while no rate limit is
--- known), with [23] floor, [24] start, [25] cap.
+-- known), with [23] floor, [24] start, [25] cap; [26] its output tokens (-1 = unknown: the
+-- latency alone is compared).
 -- Returns {mean, variance ('' when no output given), limit r, limit t}.
 local id = ARGV[4]
 if id ~= '' then
@@ -85,28 +86,37 @@ tighten(T, tonumber(ARGV[16]), seen_t)
 
 -- Adaptive concurrency, for endpoints that publish no limits: the window of calls in flight
 -- doubles per round trip until the first sign of overload (slow start), then grows by one per
--- round trip; an overload (429, 5xx, timeout) halves it, and a moving latency rising to 1.5 times
--- its least value lately (a server queueing or saturated) takes a fifth off; one decrease per
--- round trip.
+-- round trip; an overload (429, 5xx, timeout) halves it, and a moving pace (latency per output
+-- token: answers of different lengths compare) rising to 1.3 times its least value lately (a
+-- server queueing or saturated) takes a fifth off; one decrease per round trip.
 local ended = tonumber(ARGV[20])
 if adaptive(ARGV[22]) and ended > 0 then
   local floor, cap = tonumber(ARGV[23]), tonumber(ARGV[25])
-  local a = redis.call('HMGET', state, 'ss', 'lb', 'ls', 'dec')
+  local a = redis.call('HMGET', state, 'ss', 'lb', 'ls', 'dec', 'pb', 'bt', 'lk')
   local window = num(s.cw, tonumber(ARGV[24]))
   local slow_start = a[1] ~= '0'
   local low, short, dec = num(a[2], -1), num(a[3], -1), num(a[4], 0)
+  local low_before, low_since, size = num(a[5], -1), num(a[6], now), num(a[7], -1)
   local rtt = math.max(short, 0)
   local decrease = 1
   if ended == 2 then
     decrease = 0.5
   else
-    local latency = tonumber(ARGV[21])
-    if low < 0 then low, short = latency, latency end
-    -- short: the moving latency of about the last ten answers; low: its least value lately (it
-    -- forgets slowly, so a workload whose answers grow longer is learned again).
+    local latency, tokens = tonumber(ARGV[21]), math.max(tonumber(ARGV[26]), 0) + 1
+    if short < 0 then short, size = latency, tokens end
+    -- short: the moving latency of about the last ten answers (the round trip); size: their
+    -- moving output tokens; their ratio, the pace, compares answers of any length; low: the
+    -- pace's least value in this minute and the one before (then it is forgotten, so a workload
+    -- whose answers slow down is learned again). A least value that crept up with the pace it
+    -- is compared with would let a queue on the server grow.
     short = short + 0.1 * (latency - short)
-    if short < low then low = short else low = low + 0.002 * (short - low) end
-    if short > 1.5 * low then decrease = 0.8 end
+    size = size + 0.1 * (tokens - size)
+    local pace = short / size
+    if low < 0 then low = pace end
+    if now - low_since > 60e6 then low_before, low, low_since = low, pace, now end
+    low = math.min(low, pace)
+    local least = low_before > 0 and math.min(low, low_before) or low
+    if pace > 1.3 * least then decrease = 0.8 end
   end
   if decrease < 1 then
     if now - dec > rtt then
@@ -119,7 +129,8 @@ if adaptive(ARGV[22]) and ended > 0 then
     window = math.min(cap, window + 1 / window)
   end
   redis.call('HSET', state, 'cw', fmt(window), 'ss', slow_start and '1' or '0', 'lb', fmt(low),
-             'ls', fmt(short), 'dec', fmt(dec))
+             'ls', fmt(short), 'dec', fmt(dec), 'pb', fmt(low_before), 'bt', fmt(low_since),
+             'lk', fmt(size))
 end
 
 local mean, variance = '', ''

@@ -9,7 +9,9 @@
 --                         cid/cnr/cnt/cexp a waiting process's claim; e<i>/ur<i>/ut<i> a ring of ten
 --                         usage counters, one per tenth of the period; with adaptive concurrency,
 --                         cw the window (calls in flight allowed), ss '0' once slow start ended,
---                         lb/ls low and short moving latencies (µs), dec (µs of the last decrease)
+--                         ls the short moving latency, lk the moving output tokens + 1 (their
+--                         ratio is the pace), lb the pace's least in the minute begun at bt and
+--                         pb in the minute before, dec (µs of the last decrease)
 --   {scope}:slots  zset   in-flight slots scored by their expiry (µs)
 --   {scope}:out    hash   <key>|m, <key>|v, <key>|n: moving mean and variance of output sizes
 --   {scope}:admissions zset  the last two periods' admissions scored by their time (µs), each
