@@ -162,7 +162,8 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=5, gt=0, description="Model calls per chunk at most.")
     retry_backoff_base_s: float = Field(default=1.0, gt=0)
     limiter_max_wait_s: float = Field(
-        default=5.0, ge=0, description="Longer waits for capacity re-queue the batch."
+        default=5.0, ge=0, description="Longer waits for rate-limit budget re-queue the batch "
+        "(a wait for an in-flight slot stays in the process while the batch may run)."
     )
     worker_inflight: int = Field(
         default=256, gt=0, description="Model calls in flight per process at most (the global "

@@ -17,7 +17,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -419,9 +419,18 @@ async def _call(
             return _stopped_row(info, call.item, reason)
         if busy or lapsed():  # the pass stopped while this call waited for its slot
             return None
+
+        async def interrupted() -> bool:  # while the call waited for the limiter
+            return bool(busy) or lapsed() or await guard.stop_reason() is not None
+
         try:
             completion = await _limited_call(svc, info, call.prompt, call.max_tokens,
-                                             slot_wait_s=deadline - time.monotonic())
+                                             slot_wait_s=deadline - time.monotonic(),
+                                             interrupted=interrupted)
+        except _Interrupted:
+            if reason := await guard.stop_reason():
+                return _stopped_row(info, call.item, reason)
+            return None
         except LimiterBusy as exc:
             busy.append(_Pause(exc.wait_s, "waiting for rate-limit capacity"))
             return None
@@ -455,8 +464,13 @@ async def _call(
     return row
 
 
+class _Interrupted(Exception):
+    """The pass stopped (a cancel, a budget, a pause) while a call waited for the limiter."""
+
+
 async def _limited_call(svc: Services, info: BatchInfo, prompt: Prompt, max_tokens: int,
-                        slot_wait_s: float) -> Completion:
+                        slot_wait_s: float,
+                        interrupted: Callable[[], Awaitable[bool]]) -> Completion:
     lim = svc.limiter
     if lim is None:
         return await svc.llm.complete(prompt, max_tokens=max_tokens,
@@ -472,6 +486,9 @@ async def _limited_call(svc: Services, info: BatchInfo, prompt: Prompt, max_toke
     ticket = await lim.acquire(prompt_tokens(prompt) + expected,
                                max_wait_s=svc.settings.limiter_max_wait_s,
                                slot_wait_s=slot_wait_s)
+    if await interrupted():
+        await lim.release(ticket, refund=True)  # nothing was sent
+        raise _Interrupted
     try:
         completion = await svc.llm.complete(prompt, max_tokens=max_tokens,
                                           service_tier=info.service_tier)
