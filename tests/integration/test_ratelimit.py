@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import threading
 import time
 from collections import defaultdict
@@ -133,6 +134,28 @@ def test_four_processes_share_one_budget_near_its_limit_with_almost_no_429s(
     assert worst_window_excess(stats["per_second"], 1, rpm) <= 1
     # (How close to the limit it runs is a speed target: benchmarks/bench_ratelimit.py measures
     # it, at 0.9999 of TPM; a timed test on a shared machine would only be flaky.)
+
+
+def test_calls_waiting_for_an_in_flight_slot_wait_in_the_worker_not_in_the_queue(
+    simulator: Any, docq_env: Any, workers: Any
+) -> None:
+    # Given calls of a second, an in-flight cap of 3, and waits for rate-limit budget longer
+    # than 0.2 s sent back to the queue; 4 batches of 4 on the default worker
+    sim = simulator("--latency-ms", "1000", "--seed", "12")
+    env = docq_env(sim.url, llm_max_inflight=3, limiter_max_wait_s=0.2, llm_max_tokens=MAX_TOKENS,
+                   llm_adaptive_concurrency="off", batch_max_chunks=4, chunk_overlap_tokens=0)
+    worker = workers(env)
+    # When a job of 16 calls runs: most of them wait seconds for a slot
+    handle = submit(notes(16), "summarize")
+    final = handle.wait(timeout=90)
+    # Then they waited in the worker: never more than 3 in flight, each batch taken once and
+    # never sent back to the queue, every chunk done at its first attempt
+    assert final["status"] == "succeeded", final
+    assert sim.stats()["peak_in_flight"] <= 3
+    log = worker.log()
+    assert len(re.findall(r"Task batches\.process\[[^]]+\] received", log)) == 4, log[-3000:]
+    assert "again in" not in log
+    assert all(r.status == "ok" and r.attempts == 1 for r in rows(handle.id))
 
 
 def test_limits_are_learned_from_the_providers_headers(
