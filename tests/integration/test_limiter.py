@@ -643,6 +643,36 @@ def test_rising_latency_takes_a_fifth_off_the_adaptive_window(redis_url: str) ->
     run(redis_url, scenario)
 
 
+@pytest.mark.parametrize("server", ["latency not the output's", "10 ms an output token"])
+def test_answers_of_another_length_are_not_mistaken_for_a_queue(
+    redis_url: str, server: str
+) -> None:
+    timing = {"latency not the output's": lambda tokens: 1.0,
+              "10 ms an output token": lambda tokens: tokens / 100}[server]
+
+    async def scenario(client: Redis) -> None:
+        # Given an adaptive window of 10 (cap 64) before a server of either kind
+        limiter = Limiter(client, "t:aimd-length", Limits(rpm=None, tpm=None, max_inflight=64,
+                                                          adaptive=True, window_start=10),
+                          slot_ttl_s=30)
+
+        async def answers(n: int, slower: float = 1.0) -> None:
+            for i in range(n):  # five long answers, five short ones, and again: 190, 10 tokens
+                tokens = 10 if (i // 5) % 2 else 190
+                await limiter.settle(await limiter.acquire(1, max_wait_s=0), 1, output_key="k",
+                                     output_tokens=tokens, latency_s=timing(tokens) * slower)
+
+        # When 60 answers come back, long and short
+        await answers(60)
+        # Then none is read as a queue: the window grew to its cap and stays there
+        assert (await limiter.snapshot())["window"] == 64
+        # When the same answers take twice as long (a queue) / Then the window shrinks
+        await answers(10, slower=2.0)
+        assert (await limiter.snapshot())["window"] < 64
+
+    run(redis_url, scenario)
+
+
 def test_auto_adaptive_concurrency_steps_aside_once_the_provider_states_its_limits(
     redis_url: str,
 ) -> None:

@@ -86,17 +86,20 @@ tighten(T, tonumber(ARGV[16]), seen_t)
 
 -- Adaptive concurrency, for endpoints that publish no limits: the window of calls in flight
 -- doubles per round trip until the first sign of overload (slow start), then grows by one per
--- round trip; an overload (429, 5xx, timeout) halves it, and a moving pace (latency per output
--- token: answers of different lengths compare) rising to 1.3 times its least value lately (a
--- server queueing or saturated) takes a fifth off; one decrease per round trip.
+-- round trip; an overload (429, 5xx, timeout) halves it, and a moving latency and a moving pace
+-- (latency per output token) both rising to 1.3 times their least values lately (a server
+-- queueing or saturated) take a fifth off; one decrease per round trip. Either alone misleads:
+-- where latency grows with the answer's length, a run of long answers looks like a queue; where
+-- it does not, a run of short ones does.
 local ended = tonumber(ARGV[20])
 if adaptive(ARGV[22]) and ended > 0 then
   local floor, cap = tonumber(ARGV[23]), tonumber(ARGV[25])
-  local a = redis.call('HMGET', state, 'ss', 'lb', 'ls', 'dec', 'pb', 'bt', 'lk')
+  local a = redis.call('HMGET', state, 'ss', 'lb', 'ls', 'dec', 'pb', 'bt', 'lk', 'ma', 'mb')
   local window = num(s.cw, tonumber(ARGV[24]))
   local slow_start = a[1] ~= '0'
   local low, short, dec = num(a[2], -1), num(a[3], -1), num(a[4], 0)
   local low_before, low_since, size = num(a[5], -1), num(a[6], now), num(a[7], -1)
+  local fast, fast_before = num(a[8], -1), num(a[9], -1)
   local rtt = math.max(short, 0)
   local decrease = 1
   if ended == 2 then
@@ -105,18 +108,21 @@ if adaptive(ARGV[22]) and ended > 0 then
     local latency, tokens = tonumber(ARGV[21]), math.max(tonumber(ARGV[26]), 0) + 1
     if short < 0 then short, size = latency, tokens end
     -- short: the moving latency of about the last ten answers (the round trip); size: their
-    -- moving output tokens; their ratio, the pace, compares answers of any length; low: the
-    -- pace's least value in this minute and the one before (then it is forgotten, so a workload
-    -- whose answers slow down is learned again). A least value that crept up with the pace it
-    -- is compared with would let a queue on the server grow.
+    -- moving output tokens; short / size: the pace. low and fast: the least pace and latency
+    -- of this minute, low_before and fast_before of the one before (then they are forgotten,
+    -- so a workload whose answers slow down is learned again). A least value that crept up
+    -- with what it is compared with would let a queue on the server grow.
     short = short + 0.1 * (latency - short)
     size = size + 0.1 * (tokens - size)
     local pace = short / size
-    if low < 0 then low = pace end
-    if now - low_since > 60e6 then low_before, low, low_since = low, pace, now end
-    low = math.min(low, pace)
-    local least = low_before > 0 and math.min(low, low_before) or low
-    if pace > 1.3 * least then decrease = 0.8 end
+    if low < 0 then low, fast = pace, short end
+    if now - low_since > 60e6 then
+      low_before, fast_before, low, fast, low_since = low, fast, pace, short, now
+    end
+    low, fast = math.min(low, pace), math.min(fast, short)
+    local least_pace = low_before > 0 and math.min(low, low_before) or low
+    local least_latency = fast_before > 0 and math.min(fast, fast_before) or fast
+    if pace > 1.3 * least_pace and short > 1.3 * least_latency then decrease = 0.8 end
   end
   if decrease < 1 then
     if now - dec > rtt then
@@ -130,7 +136,7 @@ if adaptive(ARGV[22]) and ended > 0 then
   end
   redis.call('HSET', state, 'cw', fmt(window), 'ss', slow_start and '1' or '0', 'lb', fmt(low),
              'ls', fmt(short), 'dec', fmt(dec), 'pb', fmt(low_before), 'bt', fmt(low_since),
-             'lk', fmt(size))
+             'lk', fmt(size), 'ma', fmt(fast), 'mb', fmt(fast_before))
 end
 
 local mean, variance = '', ''

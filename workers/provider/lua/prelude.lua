@@ -10,8 +10,9 @@
 --                         usage counters, one per tenth of the period; with adaptive concurrency,
 --                         cw the window (calls in flight allowed), ss '0' once slow start ended,
 --                         ls the short moving latency, lk the moving output tokens + 1 (their
---                         ratio is the pace), lb the pace's least in the minute begun at bt and
---                         pb in the minute before, dec (µs of the last decrease)
+--                         ratio is the pace), lb and ma the least pace and latency in the minute
+--                         begun at bt, pb and mb in the minute before, dec (µs of the last
+--                         decrease)
 --   {scope}:slots  zset   in-flight slots scored by their expiry (µs)
 --   {scope}:out    hash   <key>|m, <key>|v, <key>|n: moving mean and variance of output sizes
 --   {scope}:admissions zset  the last two periods' admissions scored by their time (µs), each
