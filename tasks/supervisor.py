@@ -50,11 +50,11 @@ class Layout:
                 f"threads pool")
 
 
-def default_layout(settings: Settings) -> Layout:
-    """Processes: DOCQ_WORKER_CONCURRENCY, else one per core. Batches per process:
-    DOCQ_WORKER_BATCHES, else enough that the in-flight cap stays full while half of the open
-    batches wait for their last calls."""
-    processes = settings.worker_concurrency or os.cpu_count() or 1
+def default_layout(settings: Settings, processes: int | None = None) -> Layout:
+    """Processes: `processes` (`docq worker -c N`), else DOCQ_WORKER_CONCURRENCY, else one per
+    core. Batches per process: DOCQ_WORKER_BATCHES, else enough that the in-flight cap stays
+    full while half of the open batches wait for their last calls."""
+    processes = processes or settings.worker_concurrency or os.cpu_count() or 1
     if settings.worker_batches:
         return Layout(processes, settings.worker_batches)
     inflight = min(settings.llm_max_inflight, settings.worker_inflight * processes)

@@ -317,13 +317,9 @@ def worker(
 
     settings = runtime().settings
     if pool is None:
-        from dataclasses import replace
-
         logging.basicConfig(level=logging.INFO,
                             format="[%(asctime)s: %(levelname)s/docq worker] %(message)s")
-        layout = default_layout(settings)
-        if concurrency:
-            layout = replace(layout, processes=concurrency)
+        layout = default_layout(settings, processes=concurrency)
         raise typer.Exit(Supervisor(layout, name=name, extra=ctx.args,
                                     max_memory_mb=settings.worker_max_memory_mb).run())
     if pool not in ("prefork", "threads"):

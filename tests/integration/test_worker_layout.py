@@ -22,6 +22,8 @@ def test_the_default_layout_holds_twice_the_in_flight_cap_in_open_batches() -> N
     assert default_layout(settings) == Layout(processes=2, batches=11)
     assert default_layout(Settings(worker_concurrency=3, worker_batches=5)) == Layout(3, 5)
     assert default_layout(Settings(llm_max_inflight=8, worker_concurrency=2)).batches == 4
+    # `docq worker -c 1` holds the whole cap in its one process
+    assert default_layout(settings, processes=1) == Layout(processes=1, batches=21)
 
 
 def test_a_killed_worker_process_is_replaced_and_the_job_completes(
