@@ -16,7 +16,10 @@ Figures per run, from the simulator's own per-second counts of what it admitted:
 - job share: the time the whole job's charge allows (its charge beyond the first full bucket,
   at the limit's rate) against the time it took;
 - 429 share, time to the first result after submit() returned, and the time the last 5% of
-  chunks took.
+  chunks took;
+- reserve err (docqueue): the largest gap between what a call reserved (docqueue's count of its
+  prompt + max_tokens) and what the provider charged (its own count of the prompt, reported
+  as usage.prompt_tokens, + max_tokens), as a share of the charge.
 Prints a table and writes benchmarks/results/limit.json.
 """
 
@@ -168,10 +171,12 @@ def run_docqueue(sc: Scenario, docs: list[tuple[str, str]], args: argparse.Names
             if timer:
                 timer.cancel()
             with runtime().sessions() as s:
-                rows = s.execute(select(Result.updated_at, Result.latency_ms)
+                rows = s.execute(select(Result.updated_at, Result.latency_ms, Result.tokens_in)
                                  .where(Result.job_id == handle.id)).all()
             done_at = sorted(r.updated_at.timestamp() for r in rows)
             latencies = [r.latency_ms for r in rows if r.latency_ms is not None]
+            # The prompt tokens the provider counted: what each call's reservation should be
+            charged_prompts = [r.tokens_in for r in rows if r.tokens_in]
             stats = sim.stats()
     finally:
         sampler.done.set()
@@ -181,7 +186,8 @@ def run_docqueue(sc: Scenario, docs: list[tuple[str, str]], args: argparse.Names
         admin.flushdb()
         admin.close()
     return {"who": "docqueue", "status": status, "returned": returned, "done_at": done_at,
-            "stats": stats, "inflight": sampler.samples, "latencies_ms": latencies}
+            "stats": stats, "inflight": sampler.samples, "latencies_ms": latencies,
+            "charged_prompts": charged_prompts}
 
 
 def run_the_peer(sc: Scenario, docs: list[tuple[str, str]], charge: int) -> dict[str, Any]:
@@ -236,11 +242,17 @@ def figures(sc: Scenario, run: dict[str, Any], charge: int) -> dict[str, Any]:
         allowed = max(0.0, amount - sc.limit) / (sc.limit / 60)
         job_share = allowed / max(1e-9, done[-1] - run["returned"])
     tail = done[-1] - done[int(0.95 * (total - 1))] if total else None
+    # Reservation error: docqueue reserves its own count of the prompt + max_tokens; the
+    # provider charges its count + max_tokens. The largest gap of any call, as a share.
+    prompts = run.get("charged_prompts") or []
+    reserve_error = (max(abs((charge - MAX_TOKENS) - p) for p in prompts) / charge
+                     if prompts else None)
     return {
         "scenario": sc.name, "who": run["who"], "status": run["status"], "chunks": total,
         "share": None if share is None else round(share, 4), "target": sc.target,
         "job_share": None if job_share is None else round(job_share, 4),
         "rate_limited_share": round(limited / max(1, requests), 5), "requests": requests,
+        "reservation_error": None if reserve_error is None else round(reserve_error, 4),
         "first_result_s": round(done[0] - run["returned"], 2) if done else None,
         "tail_5pct_s": None if tail is None else round(tail, 2),
         "wall_s": round(done[-1] - run["returned"], 1) if done else None,
@@ -256,7 +268,8 @@ def figures(sc: Scenario, run: dict[str, Any], charge: int) -> dict[str, Any]:
 
 COLUMNS = [("scenario", "scenario"), ("who", "who"), ("share", "share of limit"),
            ("target", "target"), ("job_share", "job share"),
-           ("rate_limited_share", "429 share"), ("first_result_s", "1st result s"),
+           ("rate_limited_share", "429 share"), ("reservation_error", "reserve err"),
+           ("first_result_s", "1st result s"),
            ("tail_5pct_s", "last 5% s"), ("wall_s", "wall s"), ("chunks_per_s", "chunks/s"),
            ("peak_in_flight", "peak in flight"), ("p50_latency_ms", "p50 ms"),
            ("status", "job")]
