@@ -86,11 +86,12 @@ tighten(T, tonumber(ARGV[16]), seen_t)
 
 -- Adaptive concurrency, for endpoints that publish no limits: the window of calls in flight
 -- doubles per round trip until the first sign of overload (slow start), then grows by one per
--- round trip; an overload (429, 5xx, timeout) halves it, and a moving latency and a moving pace
--- (latency per output token) both rising to 1.3 times their least values lately (a server
--- queueing or saturated) take a fifth off; one decrease per round trip. Either alone misleads:
--- where latency grows with the answer's length, a run of long answers looks like a queue; where
--- it does not, a run of short ones does.
+-- round trip; an overload (429, 5xx, timeout) halves it, and a moving latency rising to 1.5
+-- times its least value lately together with a moving pace (latency per output token) rising to
+-- 1.3 times its own (a server queueing or saturated) take a fifth off; one decrease per round
+-- trip. Either alone misleads: where latency grows with the answer's length, a run of long
+-- answers looks like a queue; where it does not, a run of short ones does. The latency's wider
+-- margin keeps a stall of the client's own (its CPU, a pause) from passing for a queue.
 local ended = tonumber(ARGV[20])
 if adaptive(ARGV[22]) and ended > 0 then
   local floor, cap = tonumber(ARGV[23]), tonumber(ARGV[25])
@@ -122,7 +123,7 @@ if adaptive(ARGV[22]) and ended > 0 then
     low, fast = math.min(low, pace), math.min(fast, short)
     local least_pace = low_before > 0 and math.min(low, low_before) or low
     local least_latency = fast_before > 0 and math.min(fast, fast_before) or fast
-    if pace > 1.3 * least_pace and short > 1.3 * least_latency then decrease = 0.8 end
+    if pace > 1.3 * least_pace and short > 1.5 * least_latency then decrease = 0.8 end
   end
   if decrease < 1 then
     if now - dec > rtt then
