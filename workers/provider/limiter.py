@@ -170,7 +170,6 @@ class Limiter:
         self._held: set[str] = set()
         self._keeper: asyncio.Task[None] | None = None
         self._gate = asyncio.Lock()  # one waiter per process polls Redis; the rest queue here
-        self._freed = asyncio.Event()  # set when this process frees a slot: its waiter looks
         self._free_at = 0.0  # loop time when the last reply expected room for a call again
         self._claimant = os.urandom(8).hex()  # this process's name on a claim
         self._outputs: dict[str, tuple[float, float] | None] = {}  # key: (mean, variance)
@@ -231,18 +230,11 @@ class Limiter:
             if status == "wait":
                 delay = seconds
                 continue
-            # Every slot is taken: any call may finish at any moment, so look again soon, and
-            # at once when a call of this process ends.
+            # Every slot is taken: any call may finish at any moment, so look again soon.
             if left <= 0:
                 raise LimiterBusy(min(seconds, POLL_CAP_S), "in-flight")
-            pause = min(slot_pause, left, seconds) * random.uniform(0.5, 1.0)
+            delay = min(slot_pause, left, seconds) * random.uniform(0.5, 1.0)
             slot_pause = min(2 * slot_pause, POLL_CAP_S)
-            self._freed.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(pause):
-                    await self._freed.wait()
-                slot_pause = SLOT_POLL_FIRST_S
-            delay = 0.0
 
     async def _attempt(
         self, tokens: int, slot_id: str, left_s: float
@@ -414,8 +406,6 @@ class Limiter:
                 outcome, _us(latency_s), *self._adaptive, output_size,
             ],
         )
-        if ticket is not None:
-            self._freed.set()
         if output is not None:
             self._remember_output(output[0], (float(_text(reply[0])), float(_text(reply[1]))))
 
