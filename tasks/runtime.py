@@ -147,10 +147,12 @@ class Runtime:
         # Imported here: langchain-openai and the SDK cost a producer or a `docq status` over a
         # second and ~50 MiB, and only a worker calls the model.
         from workers.provider.client import EndpointConfig, OpenAICompatibleLLM
+        from workers.provider.lean import LeanLLM
 
         s = self.settings
         base_url = resolve_endpoint(s)
-        llm = MeteredLLM(OpenAICompatibleLLM(EndpointConfig(
+        client = LeanLLM if s.llm_client == "lean" else OpenAICompatibleLLM
+        llm = MeteredLLM(client(EndpointConfig(
             base_url=base_url, model=s.model_name, mode=s.mode,
             api_key=s.llm_api_key.get_secret_value() if s.llm_api_key else None,
             timeout_s=s.llm_timeout_s, temperature=s.llm_temperature,

@@ -19,19 +19,29 @@ import pytest
 
 from workers.errors import EndpointUnreachableError, RetryableLLMError
 from workers.pipelines import Prompt
-from workers.provider.client import EndpointConfig, OpenAICompatibleLLM
+from workers.provider.client import LLM, EndpointConfig, OpenAICompatibleLLM
+from workers.provider.lean import LeanLLM
+
+Client = Callable[[EndpointConfig], LLM]
 
 
-def _complete(base_url: str, timeout_s: float = 5.0) -> BaseException:
-    return _timed_complete(base_url, timeout_s)[0]
+@pytest.fixture(params=[OpenAICompatibleLLM, LeanLLM], ids=["langchain", "lean"])
+def client(request: pytest.FixtureRequest) -> Client:
+    """Both model clients (DOCQ_LLM_CLIENT): each must name every failure the same way."""
+    return request.param  # type: ignore[no-any-return]
 
 
-def _timed_complete(base_url: str, timeout_s: float) -> tuple[BaseException, float]:
+def _complete(client: Client, base_url: str, timeout_s: float = 5.0) -> BaseException:
+    return _timed_complete(client, base_url, timeout_s)[0]
+
+
+def _timed_complete(client: Client, base_url: str,
+                    timeout_s: float) -> tuple[BaseException, float]:
     """The error one call raised, and how long the call took (the client's build not counted:
     on a loaded machine building it takes longer than the timeouts under test)."""
 
     async def call() -> tuple[BaseException, float]:
-        llm = OpenAICompatibleLLM(EndpointConfig(
+        llm = client(EndpointConfig(
             base_url=base_url, model="m", mode="completion", api_key="sk-test-secret-123",
             timeout_s=timeout_s, temperature=0.0, max_connections=2))
         started = time.monotonic()
@@ -84,7 +94,7 @@ def _read_request(conn: socket.socket) -> None:
         data += chunk
 
 
-def test_a_refused_connection_is_named_as_such_and_is_not_an_attempt() -> None:
+def test_a_refused_connection_is_named_as_such_and_is_not_an_attempt(client: Client) -> None:
     # Given a port where nothing listens
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
@@ -92,7 +102,7 @@ def test_a_refused_connection_is_named_as_such_and_is_not_an_attempt() -> None:
     probe.close()
     url = f"http://127.0.0.1:{port}/v1"
     # When a call is made there
-    exc, took = _timed_complete(url, timeout_s=60)
+    exc, took = _timed_complete(client, url, timeout_s=60)
     # Then it fails at once, as "unreachable", and says "connection refused", not "timeout"
     assert took < 5
     assert isinstance(exc, EndpointUnreachableError)
@@ -100,7 +110,7 @@ def test_a_refused_connection_is_named_as_such_and_is_not_an_attempt() -> None:
     assert exc.code == "connection_refused"
 
 
-def test_a_response_cut_mid_body_is_a_reset_and_counts_as_an_attempt() -> None:
+def test_a_response_cut_mid_body_is_a_reset_and_counts_as_an_attempt(client: Client) -> None:
     def cut(conn: socket.socket) -> None:
         _read_request(conn)
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
@@ -108,44 +118,45 @@ def test_a_response_cut_mid_body_is_a_reset_and_counts_as_an_attempt() -> None:
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
 
     with _server(cut) as url:
-        exc = _complete(url)
+        exc = _complete(client, url)
     assert type(exc) is RetryableLLMError
     assert exc.code == "connection_reset"
     assert str(exc) == f"the connection to {url} was closed before the response was complete"
 
 
-def test_a_server_that_never_answers_times_out_naming_the_limit() -> None:
+def test_a_server_that_never_answers_times_out_naming_the_limit(client: Client) -> None:
     def silent(conn: socket.socket) -> None:
         _read_request(conn)
         time.sleep(6.0)
 
     with _server(silent) as url:
-        exc, took = _timed_complete(url, timeout_s=0.5)
+        exc, took = _timed_complete(client, url, timeout_s=0.5)
     assert type(exc) is RetryableLLMError
     assert exc.code == "timeout"
     assert str(exc) == f"the model at {url} did not answer within 0.5 s (DOCQ_LLM_TIMEOUT_S)"
     assert 0.4 < took < 5.0  # the client's limit, not the server hanging up after 6 s
 
 
-def test_an_unknown_host_is_named_and_is_not_an_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unknown_host_is_named_and_is_not_an_attempt(
+        client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
     # Given a resolver that knows no such host (the real one would ask a name server)
     def no_such_host(host: str, *args: object, **kwargs: object) -> object:
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
     url = "http://llm.example.invalid:8000/v1"
-    exc = _complete(url)
+    exc = _complete(client, url)
     assert isinstance(exc, EndpointUnreachableError)
     assert exc.code == "dns_failure"
     assert str(exc) == (f"could not connect to {url} (cannot resolve host llm.example.invalid: "
                         "Name or service not known)")
 
 
-def test_no_transport_error_carries_the_api_key() -> None:
+def test_no_transport_error_carries_the_api_key(client: Client) -> None:
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
-    exc = _complete(f"http://127.0.0.1:{port}/v1")
+    exc = _complete(client, f"http://127.0.0.1:{port}/v1")
     assert "sk-test-secret-123" not in str(exc)
     assert "sk-test-secret-123" not in repr(exc)

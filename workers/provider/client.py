@@ -133,33 +133,11 @@ class OpenAICompatibleLLM:
         except (openai.APITimeoutError, openai.APIConnectionError) as exc:
             raise transport_error(exc, self._cfg.base_url, self._cfg.timeout_s,
                                   self._cfg.api_key) from None
-        except (
-            openai.APIResponseValidationError,
-            json.JSONDecodeError,
-            KeyError,
-            TypeError,
-            AttributeError,
-            IndexError,
-        ) as exc:
-            # A 200 whose body is not a completion: a broken proxy or server. Worth a retry.
-            raise RetryableLLMError(
-                f"malformed response from the model server ({type(exc).__name__})",
-                code="malformed_response",
-            ) from None
+        except (openai.APIResponseValidationError, *MALFORMED) as exc:
+            raise malformed(exc) from None
         finally:
             _headers.reset(token)
-        if finish == "content_filter":
-            raise PermanentLLMError(
-                "the provider's content filter blocked this chunk", code="content_filter"
-            )
-        return Completion(
-            text=text,
-            finish_reason=finish,
-            tokens_in=tin,
-            tokens_out=tout,
-            latency_ms=(time.perf_counter() - started) * 1000,
-            headers=holder,
-        )
+        return completed(text, finish, tin, tout, started, holder)
 
     async def _call_chat(self, prompt: Prompt, max_tokens: int,
                          tier: dict[str, Any]) -> tuple[str, str | None, int, int]:
@@ -192,6 +170,34 @@ class OpenAICompatibleLLM:
             int(usage.get("prompt_tokens", 0)),
             int(usage.get("completion_tokens", 0)),
         )
+
+
+# What reading a 200 whose body is not a completion raises.
+MALFORMED = (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError,
+             IndexError)
+
+
+def malformed(exc: BaseException) -> RetryableLLMError:
+    """A 200 whose body is not a completion: a broken proxy or server. Worth a retry."""
+    what = "not JSON" if isinstance(exc, json.JSONDecodeError | UnicodeDecodeError) else (
+        "JSON without a completion in it")
+    return RetryableLLMError(f"malformed response from the model server ({what})",
+                             code="malformed_response")
+
+
+def completed(text: str, finish: str | None, tokens_in: int, tokens_out: int, started: float,
+              headers: Mapping[str, str]) -> Completion:
+    """The call's Completion (`started` from time.perf_counter()); a filtered answer is an error.
+
+    Raises:
+        PermanentLLMError: the provider's content filter cut the answer.
+    """
+    if finish == "content_filter":
+        raise PermanentLLMError(
+            "the provider's content filter blocked this chunk", code="content_filter"
+        )
+    return Completion(text=text, finish_reason=finish, tokens_in=tokens_in, tokens_out=tokens_out,
+                      latency_ms=(time.perf_counter() - started) * 1000, headers=headers)
 
 
 def to_messages(messages: list[dict[str, str]]) -> list[BaseMessage]:
@@ -272,11 +278,17 @@ def transport_error(
 def classify_status_error(
     exc: openai.APIStatusError, api_key: str | None
 ) -> RetryableLLMError | PermanentLLMError:
-    status = exc.status_code
-    body = exc.body if isinstance(exc.body, dict) else {}
+    return classify_status(exc.status_code, exc.body, exc.response.headers, exc.message, api_key)
+
+
+def classify_status(
+    status: int, body: object, headers: Mapping[str, str], fallback: str, api_key: str | None
+) -> RetryableLLMError | PermanentLLMError:
+    """The error an HTTP status and its body (OpenAI's error shape, or anything) stand for."""
+    body = body if isinstance(body, dict) else {}
     err = body.get("error", body) if isinstance(body.get("error", body), dict) else {}
     code = err.get("code") or err.get("type")
-    message = scrub(str(err.get("message") or exc.message), api_key)
+    message = scrub(str(err.get("message") or fallback), api_key)
     text = f"HTTP {status}" + (f" {code}" if code else "") + f": {message}"
     if status == 429 and (code == FLEX_UNAVAILABLE or "resource unavailable" in message.lower()):
         # The flex tier has no capacity now: not our rate, and not charged. A wait, not an
@@ -284,10 +296,10 @@ def classify_status_error(
         return FlexUnavailableError(text, http_status=status, code=FLEX_UNAVAILABLE)
     if status == 429 and code != "insufficient_quota":
         return RateLimitedError(
-            text, http_status=status, code=code, retry_after_s=retry_after_s(exc.response.headers)
+            text, http_status=status, code=code, retry_after_s=retry_after_s(headers)
         )
     if status in RETRYABLE_STATUSES and code not in PERMANENT_CODES:
         return RetryableLLMError(
-            text, http_status=status, code=code, retry_after_s=retry_after_s(exc.response.headers)
+            text, http_status=status, code=code, retry_after_s=retry_after_s(headers)
         )
     return PermanentLLMError(text, http_status=status, code=code)

@@ -1,0 +1,120 @@
+"""The lean model client: one OpenAI-compatible HTTP request over aiohttp, nothing between.
+
+Opt-in (`DOCQ_LLM_CLIENT=lean`) for endpoints fast enough that the worker's own CPU decides the
+pace: langchain-openai and the OpenAI SDK cost about 1.7 ms of CPU a call more than the request
+itself (benchmarks/bench_overhead.py). It sends the same request body (chat or completions), and
+gives the batch processor the same Completion, the same response headers and the same errors,
+worded the same, as `OpenAICompatibleLLM`: the two share their classifiers in client.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import aiohttp
+
+from workers.errors import PermanentLLMError, RetryableLLMError
+from workers.pipelines import Prompt
+from workers.provider.client import (
+    MALFORMED,
+    Completion,
+    EndpointConfig,
+    classify_status,
+    completed,
+    malformed,
+    transport_error,
+)
+
+
+class LeanLLM:
+    """Calls any OpenAI-compatible endpoint in chat or completion mode; no retries of its own."""
+
+    def __init__(self, cfg: EndpointConfig) -> None:
+        self._cfg = cfg
+        base = cfg.base_url.rstrip("/")
+        self._urls = {"chat": f"{base}/chat/completions", "completion": f"{base}/completions"}
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json",
+                         "User-Agent": "docqueue"}
+        if cfg.api_key:
+            self._headers["Authorization"] = f"Bearer {cfg.api_key}"
+        self._timeout = aiohttp.ClientTimeout(total=cfg.timeout_s,
+                                              connect=min(10.0, cfg.timeout_s))
+        self._session: aiohttp.ClientSession | None = None  # made in the loop that uses it
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self._cfg.max_connections, ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout,
+                                                  headers=self._headers)
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def complete(self, prompt: Prompt, *, max_tokens: int,
+                       service_tier: str | None = None) -> Completion:
+        """Make one call, at the provider's `service_tier` if one is given.
+
+        Raises:
+            RetryableLLMError: a transient failure (RateLimitedError for 429).
+            PermanentLLMError: a failure retrying cannot fix.
+        """
+        chat = prompt.messages is not None
+        body = self.body(prompt, max_tokens, service_tier)
+        started = time.perf_counter()
+        try:
+            async with self._open().post(self._urls["chat" if chat else "completion"],
+                                         data=json.dumps(body)) as response:
+                raw = await response.read()
+                status = response.status
+                headers = {k.lower(): v for k, v in response.headers.items()}
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise transport_error(exc, self._cfg.base_url, self._cfg.timeout_s,
+                                  self._cfg.api_key) from None
+        if status >= 400:
+            raise self._status_error(status, raw, headers)
+        try:
+            answer = json.loads(raw)
+            choice = answer["choices"][0]
+            text = choice["message"]["content"] if chat else choice["text"]
+            usage = answer.get("usage") or {}
+            tokens_in = int(usage.get("prompt_tokens") or 0)
+            tokens_out = int(usage.get("completion_tokens") or 0)
+            finish = choice.get("finish_reason")
+        except MALFORMED as exc:
+            raise malformed(exc) from None
+        if text is not None and not isinstance(text, str):
+            raise malformed(TypeError())
+        return completed(text or "", finish, tokens_in, tokens_out, started, headers)
+
+    def body(self, prompt: Prompt, max_tokens: int, service_tier: str | None) -> dict[str, Any]:
+        """The request body, as langchain-openai builds it for the same call (its defaults
+        included: a server may read them, and the simulator's answers depend on them)."""
+        body: dict[str, Any] = {"model": self._cfg.model, "temperature": self._cfg.temperature}
+        if prompt.messages is not None:
+            body |= {"stream": False, "messages": prompt.messages, **(prompt.params or {}),
+                     "max_completion_tokens": max_tokens}
+            if prompt.response_format:
+                body["response_format"] = prompt.response_format
+        else:
+            body |= {"prompt": [prompt.text], "n": 1, "top_p": 1, "frequency_penalty": 0,
+                     "presence_penalty": 0, **(prompt.params or {}), "max_tokens": max_tokens}
+        if prompt.stop:
+            body["stop"] = prompt.stop
+        if service_tier:
+            body["service_tier"] = service_tier
+        return body
+
+    def _status_error(self, status: int, raw: bytes,
+                      headers: dict[str, str]) -> RetryableLLMError | PermanentLLMError:
+        text = raw.decode("utf-8", "replace")
+        try:
+            parsed: object = json.loads(text)
+        except ValueError:
+            parsed = None
+        # The SDK's words when the body is not OpenAI's error shape.
+        fallback = f"Error code: {status} - {text[:500]}"
+        return classify_status(status, parsed, headers, fallback, self._cfg.api_key)
