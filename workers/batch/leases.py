@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NotRequired, TypedDict
 
-from sqlalchemy import Table, and_, exists, func, or_, select, update
+from sqlalchemy import Boolean, Table, and_, bindparam, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from models import (
@@ -147,6 +147,54 @@ def _is_final(version: str) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class _ClaimStatements:
+    take: Any
+    counts: Any
+    holders: Any
+    items: Any
+
+
+@functools.cache
+def _claim_statements() -> _ClaimStatements:
+    """`claim`'s statements, built once: building them anew (an alias of `results`, the
+    clauses, their cache keys) cost more of a worker's CPU than running them, 4-5 ms a batch
+    (benchmarks/bench_limit.py zero-latency, py-spy). Every value is a parameter, named
+    b_ and the value (not a column's name: an UPDATE reserves those)."""
+    chunks: Table = Chunk.__table__  # type: ignore[assignment]
+    results: Table = Result.__table__  # type: ignore[assignment]
+    c = chunks.c
+    # Its own alias: the items query also reads results, and must not correlate this one away.
+    final = results.alias("final")
+    unfinished_only = ~exists().where(final.c.chunk_id == c.id,
+                                      final.c.pipeline_version == bindparam("b_version"),
+                                      final.c.status.in_(FINAL_RESULT_STATES))
+    unfinished = and_(c.job_id == bindparam("b_job_id"), c.batch_seq == bindparam("b_seq"),
+                      unfinished_only)
+    owner: Any = bindparam("b_owner")
+    free = or_(c.lease_owner.is_(None), c.lease_owner == owner,
+               c.lease_owner.in_(bindparam("b_dead", expanding=True)),
+               and_(bindparam("b_expiry_counts", type_=Boolean), c.lease_expires_at < bindparam("b_t")))
+    take = (update(chunks).where(unfinished, free)
+            .values(lease_owner=owner, lease_expires_at=bindparam("b_until")).returning(c.id))
+    counts = select(func.count(), func.count().filter(c.lease_owner != owner)).where(unfinished)
+    holders = (select(c.lease_owner).distinct()
+               .where(unfinished, c.lease_owner.is_not(None), c.lease_owner != owner))
+    # The earlier attempt, if any, read per chunk through the (chunk_id, version) key: an
+    # outer join let the planner hash the whole results table for 25 chunks.
+    earlier = and_(results.c.chunk_id == c.id, results.c.pipeline_version == bindparam("b_version"))
+    items = (
+        select(c.id, c.document_id, c.text, c.token_count,
+               select(results.c.attempts).where(earlier).scalar_subquery(),
+               select(results.c.not_before).where(earlier).scalar_subquery(), c.level)
+        # A chunk another delivery finished while this claim waited on its row lock passed
+        # the claim's older snapshot of results; this statement's newer one leaves it out.
+        .where(c.id.in_(bindparam("b_ids", expanding=True)), unfinished_only)
+        .order_by(c.document_id, c.seq)
+    )
+    return _ClaimStatements(take, counts, holders, items)
+
+
 def claim(
     session: Session,
     info: BatchInfo,
@@ -162,50 +210,21 @@ def claim(
     with `expiry_counts` (the owners' liveness cannot be read), it has expired.
     """
     plan_for_now(session)
+    sql = _claim_statements()
     t = now()
-    in_batch = and_(Chunk.job_id == info.job_id, Chunk.batch_seq == info.seq)
-    unfinished = and_(in_batch, ~_is_final(info.pipeline_version))
-    free = [Chunk.lease_owner.is_(None), Chunk.lease_owner == owner]
-    if dead:
-        free.append(Chunk.lease_owner.in_(list(dead)))
-    if expiry_counts:
-        free.append(Chunk.lease_expires_at < t)
-    claimed_ids = session.scalars(
-        update(Chunk)
-        .where(unfinished, or_(*free))
-        .values(lease_owner=owner, lease_expires_at=t + timedelta(seconds=lease_s))
-        .returning(Chunk.id)
-    ).all()
-    counts = session.execute(
-        select(func.count(), func.count().filter(Chunk.lease_owner != owner)).where(unfinished)
-    ).one()
+    batch = {"b_job_id": info.job_id, "b_seq": info.seq, "b_version": info.pipeline_version,
+             "b_owner": owner}
+    claimed_ids = session.scalars(sql.take, batch | {
+        "b_dead": list(dead), "b_expiry_counts": expiry_counts, "b_t": t,
+        "b_until": t + timedelta(seconds=lease_s)}).all()
+    counts = session.execute(sql.counts, batch).one()
     holders: frozenset[str] = frozenset()
     if counts[1]:
-        holders = frozenset(session.scalars(
-            select(Chunk.lease_owner).distinct()
-            .where(unfinished, Chunk.lease_owner.is_not(None), Chunk.lease_owner != owner)
-        ))
+        holders = frozenset(session.scalars(sql.holders, batch))
     items: list[WorkItem] = []
     if claimed_ids:
-        # The earlier attempt, if any, read per chunk through the (chunk_id, version) key: an
-        # outer join let the planner hash the whole results table for 25 chunks.
-        earlier = and_(Result.chunk_id == Chunk.id,
-                       Result.pipeline_version == info.pipeline_version)
-        rows = session.execute(
-            select(
-                Chunk.id,
-                Chunk.document_id,
-                Chunk.text,
-                Chunk.token_count,
-                select(Result.attempts).where(earlier).scalar_subquery(),
-                select(Result.not_before).where(earlier).scalar_subquery(),
-                Chunk.level,
-            )
-            # A chunk another delivery finished while this claim waited on its row lock passed
-            # the claim's older snapshot of results; this statement's newer one leaves it out.
-            .where(Chunk.id.in_(claimed_ids), ~_is_final(info.pipeline_version))
-            .order_by(Chunk.document_id, Chunk.seq)
-        )
+        rows = session.execute(sql.items, {"b_version": info.pipeline_version,
+                                           "b_ids": list(claimed_ids)})
         items = [WorkItem(r[0], r[1], r[2], r[3], r[4] or 0, as_utc(r[5]), r[6]) for r in rows]
     return Claim(items=items, unfinished=int(counts[0]), held_elsewhere=int(counts[1]),
                  holders=holders)
@@ -277,15 +296,24 @@ def record(
 
 def _held(session: Session, chunk_ids: list[int], owner: str) -> set[int]:
     """Which of the chunks `owner` leases, locked against claims until the transaction ends."""
-    mine = and_(Chunk.id.in_(chunk_ids), Chunk.lease_owner == owner)
     if session.get_bind().dialect.name == "sqlite":
+        mine = and_(Chunk.id.in_(chunk_ids), Chunk.lease_owner == owner)
         # pysqlite opens the transaction at the first write, so a SELECT would run outside it;
         # a write that changes nothing takes the database's one write lock here instead.
         return set(session.scalars(
             update(Chunk).where(mine).values(lease_owner=Chunk.lease_owner).returning(Chunk.id)
         ))
     # Row locks in id order (two deliveries never hold each other's chunks, but a closer may).
-    return set(session.scalars(select(Chunk.id).where(mine).order_by(Chunk.id).with_for_update()))
+    return set(session.scalars(_held_statement(), {"ids": chunk_ids, "owner": owner}))
+
+
+@functools.cache
+def _held_statement() -> Any:
+    """`_held`'s locking read, built once (it runs with every flush of results)."""
+    c = Chunk.__table__.c
+    return (select(c.id).where(c.id.in_(bindparam("ids", expanding=True)),
+                               c.lease_owner == bindparam("owner"))
+            .order_by(c.id).with_for_update())
 
 
 @functools.cache
