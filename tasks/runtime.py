@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from tasks.limits import limiter_for
 from workers.batch.liveness import Heartbeat
 from workers.batch.metering import MeteredLLM
 from workers.batch.processing import Services
+from workers.provider.limiter import Limiter
 from workers.errors import WorkerError
 from workers.settings import Settings, masked_url
 
@@ -163,17 +165,37 @@ class Runtime:
         # (from_pool: closing the client closes the pool too.)
         redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
             resolve_broker(s), max_connections=REDIS_CONNECTIONS, timeout=10, socket_timeout=10,
-            socket_connect_timeout=5))
+            socket_connect_timeout=5, driver_info=None))
         limiter = limiter_for(s, redis, base_url)
+        await self._open_ahead(redis, limiter)
         self._redis = redis
         # The heartbeat's own connection: it must not wait behind the calls for one of the pool.
         # Its timeouts stay well inside a heartbeat TTL, so a lost Redis shows as a lapse.
         beat_timeout_s = max(1.0, s.heartbeat_ttl_s / 4)
         self._beat_redis = aioredis.Redis.from_url(
-            resolve_broker(s), socket_timeout=beat_timeout_s, socket_connect_timeout=beat_timeout_s)
+            resolve_broker(s), socket_timeout=beat_timeout_s, socket_connect_timeout=beat_timeout_s,
+            driver_info=None)
+        await self._beat_redis.ping()
         heartbeat = Heartbeat(self._beat_redis, s.heartbeat_s, s.heartbeat_ttl_s)
         return Services(self.sessions, s, llm, limiter, asyncio.Semaphore(s.worker_inflight),
                         redis=redis, endpoint=base_url, heartbeat=heartbeat)
+
+    async def _open_ahead(self, redis: Any, limiter: Limiter | None) -> None:
+        """Open the connections a job's first calls will need, now rather than on its first
+        batches: they all start at once, and each new Redis connection or store connection they
+        opened (with the limiter's scripts loaded on first use) delayed the first result."""
+        if limiter is not None:
+            await limiter.load_scripts()
+        await asyncio.gather(*(redis.ping() for _ in range(REDIS_CONNECTIONS)))
+
+        def connect() -> None:
+            with self.sessions() as session:
+                session.connection()
+                time.sleep(0.05)  # held a moment, so the others open connections of their own
+
+        pool = self.sessions.kw["bind"].pool
+        size = pool.size() if hasattr(pool, "size") else 1  # the connections it keeps open
+        await asyncio.gather(*(asyncio.to_thread(connect) for _ in range(size)))
 
     def close(self) -> None:
         """Close what this process opened; after fork, only forget the parent's connections."""

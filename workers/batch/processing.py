@@ -80,6 +80,9 @@ class Services:
     heartbeat: Heartbeat | None = None  # None (a REPL, a unit test): leases expire, nothing else
     pipelines: dict[tuple[str, str], Pipeline] = field(default_factory=dict)
     endpoint_down: EndpointDown = field(default_factory=EndpointDown)
+    # A delivery's first claim runs alone in its process: when a job starts, every open batch
+    # claims at once, and the first calls waited for all of those claims to share the CPU.
+    starting: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def pipeline(self, info: BatchInfo) -> Pipeline:
         key = (info.pipeline, info.pipeline_version)
@@ -209,7 +212,8 @@ async def _run_batch(svc: Services, batch_id: int, owner: str, budget_s: float) 
             return info, None
         return info, claim_now(session, info)
 
-    info, claim = await svc.db(begin)
+    async with svc.starting:
+        info, claim = await svc.db(begin)
     if info is None:
         return Outcome("missing", reason=f"batch {batch_id} is not in the store")
     if stop := _not_to_work(cfg, info):

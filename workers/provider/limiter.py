@@ -178,6 +178,13 @@ class Limiter:
     def __repr__(self) -> str:
         return f"Limiter(scope={self.scope!r}, limits={self.limits!r})"
 
+    async def load_scripts(self) -> None:
+        """Load the Lua scripts into Redis now: a first use by many calls at once would have
+        each of them find the script missing and load it."""
+        for script in (self._acquire_lua, self._finish_lua, self._cool_down_lua,
+                       self._snapshot_lua, self._keep_alive_lua):
+            await self._redis.script_load(script.script)
+
     async def acquire(
         self, tokens: int, *, max_wait_s: float, slot_wait_s: float | None = None
     ) -> Ticket:
