@@ -13,13 +13,19 @@ Figures per run, from the simulator's own per-second counts of what it admitted:
   WARMUP_S and the last EDGE_S seconds of admissions left out) against its limit; for the
   latency-bound scenarios, the mean number of calls in flight over the same part against the
   cap; for the self-hosted server, answers per second against its best (saturation / latency);
+  at zero latency, where 6,000 calls never empty the first minute's bucket, the whole job's
+  chunks per second against the limit's per second (the worker's own speed is what is measured);
 - job share: the time the whole job's charge allows (its charge beyond the first full bucket,
   at the limit's rate) against the time it took;
 - 429 share, time to the first result after submit() returned, and the time the last 5% of
   chunks took;
 - reserve err (docqueue): the largest gap between what a call reserved (docqueue's count of its
   prompt + max_tokens) and what the provider charged (its own count of the prompt, reported
-  as usage.prompt_tokens, + max_tokens), as a share of the charge.
+  as usage.prompt_tokens, + max_tokens), as a share of the charge;
+- CPU per chunk, from submit() to the job's end: the client's (docqueue's worker processes, or
+  the peer's process) and everything's (with the simulator, Redis, PostgreSQL and submit; the
+  JSON has each part).
+zero-latency-lean runs docqueue with DOCQ_LLM_CLIENT=lean (no peer run: the peer is the same).
 Prints a table and writes benchmarks/results/limit.json.
 """
 
@@ -39,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the project, not this folder, comes first
 
@@ -46,9 +54,11 @@ from sqlalchemy import select
 
 from benchmarks.harness import (
     DEFAULT_PG_URL,
+    CpuMeter,
     check_redis,
     one_chunk_corpus,
     results_store,
+    servers,
     table,
     write_json,
 )
@@ -69,7 +79,9 @@ class Scenario:
     name: str
     sim: tuple[str, ...]
     docs: int
-    measure: str  # "tokens", "requests", "inflight" or "throughput" (answers per second)
+    # "tokens", "requests", "inflight", "throughput" (answers per second) or "rate" (the whole
+    # job's chunks per second against the limit's: a job that never empties the first bucket)
+    measure: str
     limit: float  # of the measured dimension
     target: float
     env: dict[str, str] = field(default_factory=dict)
@@ -78,6 +90,7 @@ class Scenario:
     cap: int = 256
     change_at_s: float | None = None  # the provider lowers its limits this long after submit
     change_to: dict[str, int] = field(default_factory=dict)
+    peer: bool = True  # run the peer too (not for a second docqueue setting of a scenario)
 
 
 SCENARIOS = [
@@ -99,9 +112,12 @@ SCENARIOS = [
              peer_rpm=100000, peer_tpm=60000, change_at_s=40, change_to={"tpm": 30000}),
     Scenario("self-hosted", ("--slots", "64", "--saturation", "32", "--latency-ms", "200",
                              "--ms-per-token", "10"), 4000, "throughput", 2400, 0.9),
-    Scenario("zero-latency", ("--rpm", "30000", "--tpm", "100000000"), 6000, "requests",
+    Scenario("zero-latency", ("--rpm", "30000", "--tpm", "100000000"), 6000, "rate",
              30000, 0.95, env={"DOCQ_LLM_RPM": "30000", "DOCQ_LLM_TPM": "100000000"},
              peer_rpm=30000, peer_tpm=100000000),
+    Scenario("zero-latency-lean", ("--rpm", "30000", "--tpm", "100000000"), 6000, "rate",
+             30000, 0.95, env={"DOCQ_LLM_RPM": "30000", "DOCQ_LLM_TPM": "100000000",
+                               "DOCQ_LLM_CLIENT": "lean"}, peer=False),
 ]
 
 
@@ -163,11 +179,20 @@ def run_docqueue(sc: Scenario, docs: list[tuple[str, str]], args: argparse.Names
             worker = WorkerProcess(env, workdir / f"{sc.name}-worker.log", name=f"b{sc.name}",
                                    concurrency=os.cpu_count() or 1, pool="default")
             worker.wait_ready()
+            main = psutil.Process(worker.proc.pid)
+            meter = CpuMeter({
+                "workers": lambda: [main, *main.children(recursive=True)],
+                "simulator": lambda: [psutil.Process(sim.pid)],
+                "redis": lambda: servers("redis-server"), "postgres": lambda: servers("postgres"),
+                "submit": lambda: [psutil.Process()],
+            })
+            meter.start()
             sampler.start()
             timer = lower_limits(sim, sc.change_at_s, sc.change_to) if sc.change_at_s else None
             handle = submit(docs, "summarize", name=f"bench-{sc.name}")
             returned = time.time()
             status = handle.wait(timeout=1800)["status"]
+            cpu = meter.stop()
             if timer:
                 timer.cancel()
             with runtime().sessions() as s:
@@ -187,7 +212,7 @@ def run_docqueue(sc: Scenario, docs: list[tuple[str, str]], args: argparse.Names
         admin.close()
     return {"who": "docqueue", "status": status, "returned": returned, "done_at": done_at,
             "stats": stats, "inflight": sampler.samples, "latencies_ms": latencies,
-            "charged_prompts": charged_prompts}
+            "charged_prompts": charged_prompts, "cpu_s": cpu}
 
 
 def run_the_peer(sc: Scenario, docs: list[tuple[str, str]], charge: int) -> dict[str, Any]:
@@ -199,9 +224,13 @@ def run_the_peer(sc: Scenario, docs: list[tuple[str, str]], charge: int) -> dict
     try:
         sampler.start()
         timer = lower_limits(sim, sc.change_at_s, sc.change_to) if sc.change_at_s else None
+        meter = CpuMeter({"peer": lambda: [psutil.Process()],
+                          "simulator": lambda: [psutil.Process(sim.pid)]})
+        meter.start()
         started = time.time()
         run = asyncio.run(run_peer(sim.url, "docq-sim", requests, rpm=sc.peer_rpm,
                                    tpm=sc.peer_tpm, max_inflight=sc.cap))
+        cpu = meter.stop()
         if timer:
             timer.cancel()
         stats = sim.stats()
@@ -210,7 +239,7 @@ def run_the_peer(sc: Scenario, docs: list[tuple[str, str]], charge: int) -> dict
         sim.stop()
     return {"who": "peer", "status": "succeeded", "returned": started,
             "done_at": sorted(run.done_at), "stats": stats, "inflight": sampler.samples,
-            "latencies_ms": run.latencies_ms}
+            "latencies_ms": run.latencies_ms, "cpu_s": cpu}
 
 
 def figures(sc: Scenario, run: dict[str, Any], charge: int) -> dict[str, Any]:
@@ -227,6 +256,9 @@ def figures(sc: Scenario, run: dict[str, Any], charge: int) -> dict[str, Any]:
     if sc.measure == "inflight":
         level = [n for t, n in run["inflight"] if first + WARMUP_S <= t <= last - EDGE_S]
         share = statistics.fmean(level) / sc.limit if level else None
+    elif sc.measure == "rate":
+        done = run["done_at"]
+        share = len(done) / max(1e-9, done[-1] - run["returned"]) * 60 / sc.limit
     elif len(window) < 10:
         share = None
     else:
@@ -242,6 +274,7 @@ def figures(sc: Scenario, run: dict[str, Any], charge: int) -> dict[str, Any]:
         allowed = max(0.0, amount - sc.limit) / (sc.limit / 60)
         job_share = allowed / max(1e-9, done[-1] - run["returned"])
     tail = done[-1] - done[int(0.95 * (total - 1))] if total else None
+    per_chunk = {k: round(v * 1000 / max(1, total), 3) for k, v in run["cpu_s"].items()}
     # Reservation error: docqueue reserves its own count of the prompt + max_tokens; the
     # provider charges its count + max_tokens. The largest gap of any call, as a share.
     prompts = run.get("charged_prompts") or []
@@ -258,6 +291,10 @@ def figures(sc: Scenario, run: dict[str, Any], charge: int) -> dict[str, Any]:
         "wall_s": round(done[-1] - run["returned"], 1) if done else None,
         "chunks_per_s": round(total / max(1e-9, done[-1] - run["returned"]), 1) if done else None,
         "peak_in_flight": stats["peak_in_flight"],
+        # CPU of each part (workers, simulator, Redis, PostgreSQL, submit; the peer) per chunk
+        "cpu_ms_per_chunk": per_chunk,
+        "client_cpu_ms": per_chunk.get("workers", per_chunk.get("peer")),
+        "cpu_ms": round(sum(per_chunk.values()), 3),
         "p50_latency_ms": (round(statistics.median(run["latencies_ms"]))
                            if run["latencies_ms"] else None),
         # Calls admitted in each second from submit(), for reading where time went.
@@ -272,6 +309,7 @@ COLUMNS = [("scenario", "scenario"), ("who", "who"), ("share", "share of limit")
            ("first_result_s", "1st result s"),
            ("tail_5pct_s", "last 5% s"), ("wall_s", "wall s"), ("chunks_per_s", "chunks/s"),
            ("peak_in_flight", "peak in flight"), ("p50_latency_ms", "p50 ms"),
+           ("client_cpu_ms", "client cpu ms/chunk"), ("cpu_ms", "all cpu ms/chunk"),
            ("status", "job")]
 
 
@@ -295,7 +333,7 @@ def main() -> None:
             run = run_docqueue(sc, docs, args, Path(tmp))
         rows.append(figures(sc, run, charge) | {"load": load})
         print(table(rows[-1:], COLUMNS), file=sys.stderr)
-        if not args.no_peer:
+        if sc.peer and not args.no_peer:
             run = run_the_peer(sc, docs, charge)
             rows.append(figures(sc, run, charge) | {"load": os.getloadavg()[0]})
             print(table(rows[-1:], COLUMNS), file=sys.stderr)

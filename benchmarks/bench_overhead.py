@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,10 @@ from benchmarks.harness import (
     DEFAULT_PG_URL,
     RESULTS_DIR,
     WORDS,
+    CpuMeter,
     check_redis,
     results_store,
+    servers,
     start_worker,
     table,
     wait_for_job,
@@ -172,43 +174,6 @@ def run_ceiling(sim: SimulatorProcess, n: int, seed: int) -> dict[str, Any]:
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-class CpuMeter:
-    """CPU seconds used by each part of the system between start() and stop().
-
-    A part is a function listing its processes, asked again at stop(): server backends and
-    pool processes that start during the run count from zero.
-    """
-
-    def __init__(self, parts: dict[str, Callable[[], list[psutil.Process]]]) -> None:
-        self.parts = parts
-        self.before: dict[str, dict[int, float]] = {}
-
-    @staticmethod
-    def _cpu(procs: list[psutil.Process]) -> dict[int, float]:
-        out = {}
-        for p in procs:
-            try:
-                t = p.cpu_times()
-                out[p.pid] = t.user + t.system
-            except psutil.NoSuchProcess:
-                pass
-        return out
-
-    def start(self) -> None:
-        self.before = {name: self._cpu(list_procs()) for name, list_procs in self.parts.items()}
-
-    def stop(self) -> dict[str, float]:
-        used = {}
-        for name, list_procs in self.parts.items():
-            after, before = self._cpu(list_procs()), self.before[name]
-            used[name] = sum(t - before.get(pid, 0.0) for pid, t in after.items())
-        return used
-
-
-def _servers(name: str) -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith(name)]
-
-
 def run_docqueue(args: argparse.Namespace, sim: SimulatorProcess, workdir: Path, seed: int,
                  tag: str) -> dict[str, Any]:
     from tasks import submit
@@ -239,7 +204,7 @@ def run_docqueue(args: argparse.Namespace, sim: SimulatorProcess, workdir: Path,
                 "workers": lambda: [*mains, *(c for m in mains for c in m.children(True))],
                 "worker main": lambda: mains,
                 "simulator": lambda: [psutil.Process(sim.pid)],
-                "redis": lambda: _servers("redis-server"), "postgres": lambda: _servers("postgres"),
+                "redis": lambda: servers("redis-server"), "postgres": lambda: servers("postgres"),
                 "submit+poll": lambda: [psutil.Process()],
             })
             profilers = _start_profilers(children or mains, tag) if args.profile else []

@@ -14,7 +14,7 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,44 @@ from workers.tokens import count_tokens
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 DEFAULT_PG_URL = os.environ.get("DOCQ_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+class CpuMeter:
+    """CPU seconds used by each part of the system between start() and stop().
+
+    A part is a function listing its processes, asked again at stop(): server backends and
+    pool processes that start during the run count from zero.
+    """
+
+    def __init__(self, parts: dict[str, Callable[[], list[psutil.Process]]]) -> None:
+        self.parts = parts
+        self.before: dict[str, dict[int, float]] = {}
+
+    @staticmethod
+    def _cpu(procs: list[psutil.Process]) -> dict[int, float]:
+        out = {}
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                out[p.pid] = t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    def start(self) -> None:
+        self.before = {name: self._cpu(list_procs()) for name, list_procs in self.parts.items()}
+
+    def stop(self) -> dict[str, float]:
+        used = {}
+        for name, list_procs in self.parts.items():
+            after, before = self._cpu(list_procs()), self.before[name]
+            used[name] = sum(t - before.get(pid, 0.0) for pid, t in after.items())
+        return used
+
+
+def servers(name: str) -> list[psutil.Process]:
+    """The running processes whose name starts with `name` (a server's backends)."""
+    return [p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith(name)]
 
 
 def start_worker(env: dict[str, str], log: Path, name: str, concurrency: int,
