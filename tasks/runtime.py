@@ -28,8 +28,8 @@ from tasks.limits import limiter_for
 from workers.batch.liveness import Heartbeat
 from workers.batch.metering import MeteredLLM
 from workers.batch.processing import Services
-from workers.provider.limiter import Limiter
 from workers.errors import WorkerError
+from workers.provider.limiter import Limiter
 from workers.settings import Settings, masked_url
 
 T = TypeVar("T")
