@@ -1,6 +1,6 @@
 """Run at the provider's limit by default: docqueue's default `docq worker` beside a peer.
 
-    python benchmarks/bench_limit.py [--only tpm,rpm,...] [--redis-url URL] [--sqlite]
+    python benchmarks/bench_limit.py [--only tpm,rpm,...] [--env DOCQ_X=V] [--no-peer]
 
 Each scenario starts the provider simulator, runs one job through the default `docq worker`
 (no flags: one process per core, many batches each), then the same requests through the peer
@@ -171,6 +171,7 @@ def run_docqueue(sc: Scenario, docs: list[tuple[str, str]], args: argparse.Names
                 "DOCQ_LLM_MODE": "chat", "DOCQ_HOME": str(workdir / "home"),
                 "DOCQ_LLM_MAX_TOKENS": str(MAX_TOKENS), "DOCQ_CHUNK_OVERLAP_TOKENS": "0",
                 "DOCQ_LLM_MAX_INFLIGHT": str(sc.cap), **sc.env,
+                **dict(kv.split("=", 1) for kv in args.env),
             }
             for key in ("DOCQ_LLM_RPM", "DOCQ_LLM_TPM"):
                 os.environ.pop(key, None)
@@ -210,7 +211,8 @@ def run_docqueue(sc: Scenario, docs: list[tuple[str, str]], args: argparse.Names
         sim.stop()
         admin.flushdb()
         admin.close()
-    return {"who": "docqueue", "status": status, "returned": returned, "done_at": done_at,
+    who = "docqueue lean" if env.get("DOCQ_LLM_CLIENT") == "lean" else "docqueue"
+    return {"who": who, "status": status, "returned": returned, "done_at": done_at,
             "stats": stats, "inflight": sampler.samples, "latencies_ms": latencies,
             "charged_prompts": charged_prompts, "cpu_s": cpu}
 
@@ -320,6 +322,8 @@ def main() -> None:
     parser.add_argument("--pg-url", default=DEFAULT_PG_URL)
     parser.add_argument("--sqlite", action="store_true")
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--env", action="append", default=[], metavar="DOCQ_X=V",
+                        help="a setting for docqueue's workers in every scenario (repeatable)")
     args = parser.parse_args()
     wanted = args.only.split(",")
     rows: list[dict[str, Any]] = []
