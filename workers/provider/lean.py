@@ -56,12 +56,7 @@ class LeanLLM:
 
     async def complete(self, prompt: Prompt, *, max_tokens: int,
                        service_tier: str | None = None) -> Completion:
-        """Make one call, at the provider's `service_tier` if one is given.
-
-        Raises:
-            RetryableLLMError: a transient failure (RateLimitedError for 429).
-            PermanentLLMError: a failure retrying cannot fix.
-        """
+        """As `OpenAICompatibleLLM.complete`: one call, the same Completion, the same errors."""
         chat = prompt.messages is not None
         body = self.body(prompt, max_tokens, service_tier)
         started = time.perf_counter()
