@@ -99,7 +99,7 @@ def _warm_up() -> None:
 
     count_tokens("warm up")
     try:
-        runtime().services()
+        runtime().open_ahead()
     # The first task reports the same problem, with its batch id.
     except Exception as exc:  # noqa: BLE001
         logging.getLogger(__name__).warning("worker start: %s: %s", type(exc).__name__, exc)

@@ -29,7 +29,6 @@ from workers.batch.liveness import Heartbeat
 from workers.batch.metering import MeteredLLM
 from workers.batch.processing import Services
 from workers.errors import WorkerError
-from workers.provider.limiter import Limiter
 from workers.settings import Settings, masked_url
 
 T = TypeVar("T")
@@ -167,7 +166,6 @@ class Runtime:
             resolve_broker(s), max_connections=REDIS_CONNECTIONS, timeout=10, socket_timeout=10,
             socket_connect_timeout=5, driver_info=None))
         limiter = limiter_for(s, redis, base_url)
-        await self._open_ahead(redis, limiter)
         self._redis = redis
         # The heartbeat's own connection: it must not wait behind the calls for one of the pool.
         # Its timeouts stay well inside a heartbeat TTL, so a lost Redis shows as a lapse.
@@ -175,18 +173,24 @@ class Runtime:
         self._beat_redis = aioredis.Redis.from_url(
             resolve_broker(s), socket_timeout=beat_timeout_s, socket_connect_timeout=beat_timeout_s,
             driver_info=None)
-        await self._beat_redis.ping()
         heartbeat = Heartbeat(self._beat_redis, s.heartbeat_s, s.heartbeat_ttl_s)
         return Services(self.sessions, s, llm, limiter, asyncio.Semaphore(s.worker_inflight),
                         redis=redis, endpoint=base_url, heartbeat=heartbeat)
 
-    async def _open_ahead(self, redis: Any, limiter: Limiter | None) -> None:
-        """Open the connections a job's first calls will need, now rather than on its first
-        batches: they all start at once, and each new Redis connection or store connection they
-        opened (with the limiter's scripts loaded on first use) delayed the first result."""
-        if limiter is not None:
-            await limiter.load_scripts()
-        await asyncio.gather(*(redis.ping() for _ in range(REDIS_CONNECTIONS)))
+    def open_ahead(self) -> None:
+        """Build the services and open the connections a job's first calls will need, now
+        rather than on its first batches: those all start at once, and each Redis or store
+        connection they opened (and the limiter's scripts, loaded on first use) delayed the
+        first result by a second or more. Called at worker start; raises what it met."""
+        svc = self.services()
+        self.run(self._open_ahead(svc))
+
+    async def _open_ahead(self, svc: Services) -> None:
+        if svc.limiter is not None:
+            await svc.limiter.load_scripts()
+        await asyncio.gather(*(svc.redis.ping() for _ in range(REDIS_CONNECTIONS)))
+        if self._beat_redis is not None:
+            await self._beat_redis.ping()
 
         def connect() -> None:
             with self.sessions() as session:
