@@ -138,8 +138,9 @@ class Settings(BaseSettings):
     )
     llm_client: Literal["langchain", "lean"] = Field(
         default="langchain", description="langchain: langchain-openai and the OpenAI SDK. lean: "
-        "one aiohttp request per call, the same body, errors, usage and headers, about 1.7 ms "
-        "of CPU a call less; for endpoints fast enough that the worker's CPU sets the pace.")
+        "one aiohttp request per call, the same body, errors, usage and headers, 6-8 ms of a "
+        "worker's CPU a call less (benchmarks/bench_limit.py); for endpoints fast enough that "
+        "the worker's CPU sets the pace.")
     llm_timeout_s: float = Field(default=60.0, gt=0)
     llm_max_tokens: int = Field(default=256, gt=0)
     llm_temperature: float = 0.0
