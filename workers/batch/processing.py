@@ -490,7 +490,7 @@ async def _limited_call(svc: Services, info: BatchInfo, prompt: Prompt, max_toke
     ticket = await lim.acquire(prompt_tokens(prompt) + expected,
                                max_wait_s=svc.settings.limiter_max_wait_s,
                                slot_wait_s=slot_wait_s)
-    if ticket.waited and await interrupted():
+    if await interrupted():
         await lim.release(ticket, refund=True)  # nothing was sent
         raise _Interrupted
     try:

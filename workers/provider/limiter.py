@@ -36,7 +36,7 @@ import os
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
@@ -106,7 +106,6 @@ class Ticket:
     token_mark: float
     requests_admitted: float
     tokens_admitted: float
-    waited: bool = False  # admitted after waiting its turn (the caller may look again)
 
     @property
     def admitted_at_s(self) -> float:
@@ -216,10 +215,9 @@ class Limiter:
         except TimeoutError:
             raise LimiterBusy(max(self._free_at - loop.time(), 0.0), "queue") from None
         try:
-            ticket = await self._wait_turn(tokens, slot_id, deadline, max_wait_s)
+            return await self._wait_turn(tokens, slot_id, deadline, max_wait_s)
         finally:
             self._gate.release()
-        return replace(ticket, waited=True)
 
     async def _wait_turn(
         self, tokens: int, slot_id: str, deadline: float, max_wait_s: float
