@@ -28,11 +28,12 @@ def top_once(env: dict[str, str]) -> str:
 def test_top_shows_the_running_job_and_the_limiter_then_nothing_running(
     simulator: Any, docq_env: Any, workers: Any
 ) -> None:
-    # Given a slow simulator with a request limit and a worker on a job of 20 chunks
+    # Given a slow simulator with a request limit and a worker on a job of 60 chunks (at two
+    # calls of 0.4 s at a time, 12 s: `docq top` takes seconds to start on a loaded machine)
     sim = simulator("--latency-ms", "400", "--seed", "3")
     env = docq_env(sim.url, llm_rpm=600, worker_inflight=2)
     workers(env, concurrency=1)
-    handle = submit(corpus(20), "summarize", cache="off")
+    handle = submit(corpus(60), "summarize", cache="off")
     deadline = time.monotonic() + 60
     while handle.status()["chunks_done"] == 0 and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -42,7 +43,7 @@ def test_top_shows_the_running_job_and_the_limiter_then_nothing_running(
 
     # Then the job's row and the limiter's lines are there
     row = next(line for line in frame.splitlines() if f"│ {handle.id} " in line)
-    assert "summarize" in row and "/20 " in row and "%" in row
+    assert "summarize" in row and "/60 " in row and "%" in row
     assert "1 running job" in frame
     assert "requests/min: used" in frame and "of 600 (configured)" in frame
     assert "in flight:" in frame and "of 256" in frame
