@@ -81,7 +81,9 @@ def _quiet_http_logs(**_: Any) -> None:
 def _fresh_runtime(**_: Any) -> None:
     # Pool children must not share the parent's connections.
     reset_runtime()
-    _warm_up()
+    # Not the connections ahead: a prefork child must report up within Celery's
+    # worker_proc_alive_timeout (4 s by default); its start is kept as short as before.
+    _warm_up(open_ahead=False)
 
 
 @worker_ready.connect
@@ -92,14 +94,18 @@ def _warm_up_threads(sender: Any, **_: Any) -> None:
         _warm_up()
 
 
-def _warm_up() -> None:
+def _warm_up(*, open_ahead: bool = True) -> None:
     """Load the tokenizer and build the clients now, not on the first batch: the first result
-    of a job should not wait for them. A failure here only defers it to the first task."""
+    of a job should not wait for them (with `open_ahead`, nor for the first connections). A
+    failure here only defers it to the first task."""
     from workers.tokens import count_tokens
 
     count_tokens("warm up")
     try:
-        runtime().open_ahead()
+        if open_ahead:
+            runtime().open_ahead()
+        else:
+            runtime().services()
     # The first task reports the same problem, with its batch id.
     except Exception as exc:  # noqa: BLE001
         logging.getLogger(__name__).warning("worker start: %s: %s", type(exc).__name__, exc)
