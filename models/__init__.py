@@ -1,6 +1,7 @@
 """SQLAlchemy tables of the results store, the session factory and migrations."""
 
 from models.db import (
+    end_if_left_idle,
     make_engine,
     make_sessionmaker,
     plan_for_now,
@@ -48,6 +49,7 @@ __all__ = [
     "Result",
     "ResultStatus",
     "StoreIdentity",
+    "end_if_left_idle",
     "make_engine",
     "make_sessionmaker",
     "plan_for_now",

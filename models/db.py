@@ -43,6 +43,23 @@ def plan_for_now(session: Session) -> None:
         session.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
 
 
+def end_if_left_idle(session: Session, seconds: float) -> None:
+    """Have PostgreSQL end this transaction if its client leaves it idle for `seconds`.
+
+    A worker frozen mid-transaction (SIGSTOP, a paused VM, a swap storm) keeps the row locks
+    it took: the batch row its delivery counted, the chunks it leased. Everyone who needs
+    those rows next waits for it, the rescuer sending the frozen worker's batches again
+    included, for as long as the freeze lasts. The server ends such a session after
+    `seconds` (idle_in_transaction_session_timeout, for this transaction only); its locks go
+    and the frozen worker finds the transaction gone, rolled back, when it runs again.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(_IDLE_LIMIT, {"ms": str(max(1, round(seconds * 1000)))})
+
+
+_IDLE_LIMIT = text("SELECT set_config('idle_in_transaction_session_timeout', :ms, true)")
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")  # readers never block the one writer

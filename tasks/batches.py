@@ -42,7 +42,8 @@ def process_batch(self: Task, batch_id: int, store: str | None = None) -> dict[s
     owner = f"{os.getpid()}:{uuid.uuid4().hex[:20]}"
     budget_s = s.task_soft_time_limit_s - s.llm_timeout_s - 15
     try:
-        outcome = rt.run(run_batch(rt.services(), batch_id, owner, budget_s))
+        message = reservation_tag(self.request.id, self.request.retries)
+        outcome = rt.run(run_batch(rt.services(), batch_id, owner, budget_s, message))
     except Retry:
         raise
     except Exception as exc:  # the boundary: a chord header must not fail

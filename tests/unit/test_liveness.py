@@ -5,15 +5,18 @@ default; the same statements run on PostgreSQL in tests/integration/test_crash_s
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import Batch, Chunk, Document, Job, Result, make_sessionmaker
+from workers import keys
 from workers.batch import leases, liveness
 from workers.batch.liveness import Heartbeat, trusted
 from workers.settings import Settings
@@ -164,3 +167,45 @@ def test_a_delivery_writes_only_the_rows_of_chunks_it_still_holds(batch: Any) ->
     # and a closer (no owner) still writes
     with sessions.begin() as s:
         assert leases.record(s, "v1", [_row(3)]) == []
+
+
+# -- the rescuer's registries (real Redis) --------------------------------------------------------
+
+
+def _registered(redis_url: str, client: Any) -> None:
+    """A frozen worker w0's delivery of batch 7 (message m-0:0), its reservation of that
+    message, and a live worker w1's reservation of another message of batch 7."""
+    async def register() -> None:
+        aclient = aioredis.Redis.from_url(redis_url)
+        await Heartbeat(aclient, every_s=2, ttl_s=10).register("p:1", 7, "m-0:0")
+        await aclient.aclose()
+
+    asyncio.run(register())
+    liveness.reserve(client, "m-0:0", 7, "w0@h")
+    liveness.reserve(client, "m-1:0", 7, "w1@h")
+    client.set(keys.worker_alive("w1@h"), 1)
+    client.set(keys.LIVENESS_SINCE, repr(time.time() - 60))  # heartbeats began long ago
+
+
+@pytest.mark.parametrize("found_first", ["delivery", "reservation"])
+def test_a_message_found_dead_as_delivery_and_reservation_is_rescued_once(
+    redis_url: str, redis_client: Any, found_first: str
+) -> None:
+    # Given w0's delivery and its reservation of one message, and w1's of another message
+    _registered(redis_url, redis_client)
+    # When one of w0's two heartbeats expires first and a rescuer sends what it finds dead
+    if found_first == "delivery":
+        redis_client.delete(keys.delivery_alive("p:1"))
+        redis_client.set(keys.worker_alive("w0@h"), 1)
+        first = liveness.dead_deliveries(redis_client, 10)
+    else:
+        first = liveness.dead_reservations(redis_client, 10)
+        redis_client.set(keys.delivery_alive("p:1"), 1)
+    assert [(d.batch_id, d.message) for d in first] == [(7, "m-0:0")]
+    liveness.rescued(redis_client, first)
+    # and then the other heartbeat expires too
+    redis_client.delete(keys.delivery_alive("p:1"), keys.worker_alive("w0@h"))
+    # Then nothing of w0's message is left to rescue, and w1's reservation stands
+    assert liveness.dead_deliveries(redis_client, 10) == []
+    assert liveness.dead_reservations(redis_client, 10) == []
+    assert redis_client.hkeys(keys.RESERVED) == [b"m-1:0"]

@@ -2,7 +2,8 @@
 
 A delivery (one run of one batch, the owner of its chunk leases) registers before it claims
 anything: its heartbeat key (`keys.delivery_alive`, TTL `heartbeat_ttl_s`) and an entry in the
-registry of deliveries (`keys.DELIVERIES`: owner -> batch id). Its process's event loop
+registry of deliveries (`keys.DELIVERIES`: owner -> "batch id, message"; the message is its task
+message's reservation tag, below). Its process's event loop
 refreshes the keys of all its deliveries every `heartbeat_s`, and a delivery that ends deletes
 both. So, for any lease owner:
 
@@ -22,7 +23,9 @@ A message a worker has received but not started yet (its pool process still star
 between two batches) has no delivery: the worker's main process records it in
 `keys.RESERVED` with its hostname and keeps a heartbeat of its own (`keys.worker_alive`); the
 task removes the entry when it ends, so no moment from receipt to end goes unvouched. A reservation whose worker's heartbeat is gone is
-rescued like a dead delivery.
+rescued like a dead delivery. A killed or frozen worker's batch is found dead twice, as a
+delivery and as a reservation, up to a heartbeat apart (the two heartbeats are refreshed by
+different loops): the entries name the same message, and the first rescue forgets both.
 
 Liveness is the event loop's, not a thread's: a loop that cannot run a heartbeat cannot run its
 calls either, and a process that cannot reach Redis cannot take part in the limiter; both look
@@ -53,6 +56,7 @@ class Delivery:
 
     owner: str
     batch_id: int
+    message: str = ""  # the reservation tag of its task message; "" when unknown
 
 
 def trusted(since: bytes | str | None, now_s: float, ttl_s: float) -> bool:
@@ -93,12 +97,13 @@ class Heartbeat:
     def owners(self) -> list[str]:
         return list(self._beats)
 
-    async def register(self, owner: str, batch_id: int) -> None:
-        """Make `owner` alive before it claims a lease; raises if Redis cannot be reached."""
+    async def register(self, owner: str, batch_id: int, message: str = "") -> None:
+        """Make `owner` alive before it claims a lease; raises if Redis cannot be reached.
+        `message`: the reservation tag of the task message it runs, if any."""
         t0 = time.monotonic()
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(keys.delivery_alive(owner), os.getpid(), ex=_whole_s(self.ttl_s))
-        pipe.hset(keys.DELIVERIES, owner, batch_id)
+        pipe.hset(keys.DELIVERIES, owner, f"{batch_id} {message}".rstrip())
         pipe.set(keys.LIVENESS_SINCE, repr(time.time()), nx=True)
         await pipe.execute()
         self._beats[owner] = _Beat(batch_id, t0)
@@ -205,8 +210,9 @@ def dead_deliveries(client: Any, ttl_s: float) -> list[Delivery]:
                                      strict=True):
         if alive:
             continue
+        batch, _, message = value.decode().partition(" ")
         try:
-            dead.append(Delivery(owner, int(value)))
+            dead.append(Delivery(owner, int(batch), message))
         except ValueError:  # not ours to read: drop it, so it is not looked at every time
             client.hdel(keys.DELIVERIES, owner)
     return dead
@@ -224,13 +230,19 @@ def take_rescue(client: Any, delivery: Delivery) -> bool:
 
 
 def rescued(client: Any, deliveries: Collection[Delivery]) -> None:
-    """The batches are sent again: forget the dead entries (either registry)."""
+    """The batches are sent again: forget the dead entries (either registry), and the other
+    entry of each one's message (a dead delivery's reservation, a dead reservation's delivery),
+    so that a message found dead twice is sent again once."""
     owners = [d.owner for d in deliveries]
-    if owners:
-        pipe = client.pipeline(transaction=False)
-        pipe.hdel(keys.DELIVERIES, *owners)
-        pipe.hdel(keys.RESERVED, *owners)
-        pipe.execute()
+    if not owners:
+        return
+    messages = {d.message for d in deliveries if d.message}
+    twins = [owner.decode() for owner, value in client.hgetall(keys.DELIVERIES).items()
+             if value.decode().partition(" ")[2] in messages] if messages else []
+    pipe = client.pipeline(transaction=False)
+    pipe.hdel(keys.DELIVERIES, *owners, *twins)
+    pipe.hdel(keys.RESERVED, *owners, *messages)
+    pipe.execute()
 
 
 def beat_worker(client: Any, hostname: str, ttl_s: float) -> None:
@@ -267,7 +279,7 @@ def dead_reservations(client: Any, ttl_s: float) -> list[Delivery]:
     if present is None:
         return []
     alive = {h for h, up in zip(hosts, present, strict=True) if up}
-    return [Delivery(tag, batch) for tag, batch, host in entries if host not in alive]
+    return [Delivery(tag, batch, tag) for tag, batch, host in entries if host not in alive]
 
 
 def _heartbeats(client: Any, heartbeat_keys: list[str], ttl_s: float) -> list[int] | None:

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import JobStatus, ResultStatus
+from models import JobStatus, ResultStatus, end_if_left_idle
 from workers import metrics
 from workers.batch import cache, leases
 from workers.batch.cache import CachePolicy
@@ -95,9 +95,19 @@ class Services:
 
         def run() -> Any:
             with self.sessions.begin() as session:
+                # A delivery's transactions are a few statements with nothing in between; one
+                # idle for a heartbeat's TTL is a frozen process's, whose locks would hold up
+                # the deliveries taking its batch over.
+                end_if_left_idle(session, self.settings.heartbeat_ttl_s)
                 return fn(session)
 
         return await asyncio.to_thread(run)
+
+
+def _store_unreachable(exc: DBAPIError) -> bool:
+    """The store could not be reached or dropped the connection (a restart, or a transaction
+    it ended after this process was frozen in it): the same write may succeed again."""
+    return isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated
 
 
 class _Writer:
@@ -140,7 +150,9 @@ class _Writer:
                 try:
                     dropped = await self.svc.db(
                         functools.partial(self._write, rows=rows, entries=entries))
-                except (OperationalError, InterfaceError) as exc:
+                except DBAPIError as exc:
+                    if not _store_unreachable(exc):
+                        raise
                     self.rows[:0], self.cache[:0] = rows, entries  # keep them, in order
                     left = give_up - time.monotonic()
                     if left <= 0:
@@ -180,13 +192,15 @@ class _Writer:
                        len(rows), tokens)
 
 
-async def run_batch(svc: Services, batch_id: int, owner: str, budget_s: float) -> Outcome:
-    """Work on a batch until every chunk has a final result, or say when to come back."""
+async def run_batch(svc: Services, batch_id: int, owner: str, budget_s: float,
+                    message: str = "") -> Outcome:
+    """Work on a batch until every chunk has a final result, or say when to come back.
+    `message`: the reservation tag of the task message (workers/batch/liveness.py)."""
     heartbeat = svc.heartbeat
     if heartbeat is None:
         return await _run_batch(svc, batch_id, owner, budget_s)
     # Alive before the first lease is taken, and dead (its leases free) as soon as it returns.
-    await heartbeat.register(owner, batch_id)
+    await heartbeat.register(owner, batch_id, message)
     try:
         return await _run_batch(svc, batch_id, owner, budget_s)
     finally:
