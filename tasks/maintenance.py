@@ -247,12 +247,13 @@ def _start_rss_reports(sender: Any, **_: Any) -> None:
 class _Rescuer:
     """In a worker's main process: vouch for its received messages, and rescue dead peers'."""
 
-    def __init__(self, hostname: str) -> None:
-        self.hostname = hostname
+    def __init__(self, hostname: str, batches: int) -> None:
+        self.hostname, self.batches = hostname, batches
 
     def tick(self) -> None:
         try:
-            beat_worker(broker_redis(), self.hostname, runtime().settings.heartbeat_ttl_s)
+            beat_worker(broker_redis(), self.hostname, runtime().settings.heartbeat_ttl_s,
+                        self.batches)
             rescue()
         except Exception as exc:  # noqa: BLE001 - the next tick tries again; the worker goes on
             logger.warning("worker %s: heartbeat or rescue failed: %s: %s", self.hostname,
@@ -263,7 +264,7 @@ class _Rescuer:
 def _start_rescues(sender: Any, **_: Any) -> None:
     # On the main process's timer, like the memory reports: a worker is its own rescuer, so a
     # `docq worker` without `docq beat` still recovers a dead peer's batches in seconds.
-    rescuer = _Rescuer(sender.hostname)
+    rescuer = _Rescuer(sender.hostname, int(sender.concurrency or 1))
     rescuer.tick()
     sender.timer.call_repeatedly(runtime().settings.heartbeat_s, rescuer.tick)
 

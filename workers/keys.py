@@ -44,6 +44,7 @@ DELIVERIES = f"{PREFIX}:deliveries"  # hash: lease owner -> "batch id, message t
 LIVENESS_SINCE = f"{PREFIX}:liveness:since"  # when the heartbeats began (after a Redis loss)
 ABANDONED_BATCHES = f"{PREFIX}:batches:abandoned"  # set: batches a worker gave up on
 RECONCILE_LOCK = f"{PREFIX}:reconcile:lock"  # one reconciler at a time
+WORKER_SLOTS = f"{PREFIX}:workers:slots"  # hash: worker hostname -> batches it runs at once
 WORKERS_RSS = f"{PREFIX}:workers:rss"  # hash: each worker process's memory report
 
 

@@ -209,3 +209,18 @@ def test_a_message_found_dead_as_delivery_and_reservation_is_rescued_once(
     assert liveness.dead_deliveries(redis_client, 10) == []
     assert liveness.dead_reservations(redis_client, 10) == []
     assert redis_client.hkeys(keys.RESERVED) == [b"m-1:0"]
+
+
+def test_the_batches_run_at_once_are_counted_over_the_workers_up_only(redis_client: Any) -> None:
+    # Given two workers up, each saying how many batches it runs at once
+    liveness.beat_worker(redis_client, "w0@h", 10, 4)
+    liveness.beat_worker(redis_client, "w1@h", 10, 11)
+    assert liveness.batch_slots(redis_client) == 15
+    # When one of them has stopped (its heartbeat gone) and the producer counts
+    redis_client.delete(keys.worker_alive("w1@h"))
+    # Then only the worker up counts, and the other is forgotten
+    assert liveness.batch_slots(redis_client) == 4
+    assert redis_client.hkeys(keys.WORKER_SLOTS) == [b"w0@h"]
+    # and with nobody up, nothing is
+    redis_client.delete(keys.worker_alive("w0@h"))
+    assert liveness.batch_slots(redis_client) == 0

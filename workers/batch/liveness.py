@@ -245,12 +245,34 @@ def rescued(client: Any, deliveries: Collection[Delivery]) -> None:
     pipe.execute()
 
 
-def beat_worker(client: Any, hostname: str, ttl_s: float) -> None:
-    """A worker's main process vouches for the messages it received and has not started."""
+def beat_worker(client: Any, hostname: str, ttl_s: float, batches: int) -> None:
+    """A worker's main process vouches for the messages it received and has not started, and
+    says how many batches it runs at once (`batch_slots`)."""
     pipe = client.pipeline(transaction=False)
     pipe.set(keys.worker_alive(hostname), os.getpid(), ex=_whole_s(ttl_s))
     pipe.set(keys.LIVENESS_SINCE, repr(time.time()), nx=True)
+    pipe.hset(keys.WORKER_SLOTS, hostname, batches)
     pipe.execute()
+
+
+def batch_slots(client: Any) -> int:
+    """How many batches the workers up now run at once, all together (0: none is up).
+
+    A worker that stopped leaves its entry behind; it no longer counts once its heartbeat has
+    gone, and is forgotten here."""
+    slots: Mapping[bytes, bytes] = client.hgetall(keys.WORKER_SLOTS)
+    if not slots:
+        return 0
+    hosts = list(slots)
+    pipe = client.pipeline(transaction=False)
+    for host in hosts:
+        pipe.exists(keys.worker_alive(host.decode()))
+    present = pipe.execute()
+    gone = [h for h, up in zip(hosts, present, strict=True) if not up]
+    if gone:
+        client.hdel(keys.WORKER_SLOTS, *gone)
+    return sum(int(slots[h]) for h, up in zip(hosts, present, strict=True)
+               if up and slots[h].isdigit())
 
 
 def reserve(client: Any, tag: str, batch_id: int, hostname: str) -> None:
