@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from sqlalchemy import and_, func, select
 
 from models import (
@@ -20,10 +21,13 @@ from models import (
     Lane,
     Result,
 )
+from tasks.celery import broker_redis
 from tasks.failures import explain, service_errors
 from tasks.publish import check_broker, forget_chord_results, publish
 from tasks.runtime import runtime
+from tasks.supervisor import default_layout
 from workers.batch.cache import POLICIES as CACHE_POLICIES
+from workers.batch.liveness import batch_slots
 from workers.errors import (
     BrokerUnavailableError,
     InputError,
@@ -130,7 +134,7 @@ def submit(
                                 lane=lane,
                                 fallback_below=fallback_below if batch_fallback else None,
                                 service_tier=service_tier).id
-        report = ingest(rt.sessions, rt.settings, job_id, documents)
+        report = ingest(rt.sessions, rt.settings, job_id, documents, _batch_slots(rt.settings))
         if not report.documents_accepted:
             with rt.sessions.begin() as session:
                 discard_job(session, job_id)
@@ -148,6 +152,19 @@ def submit(
                                    job_id=job_id) from exc
     forget_chord_results()
     return JobHandle(job_id, report)
+
+
+def _batch_slots(settings: Settings) -> int:
+    """Batches the workers up now run at once, which sizes a job's last batches; with none up
+    (workers started after the submit), what a `docq worker` of this machine would run."""
+    try:
+        slots = batch_slots(broker_redis())
+    except redis.RedisError:  # the broker was just reached: a hiccup; size for the default
+        slots = 0
+    if slots:
+        return slots
+    layout = default_layout(settings)
+    return layout.processes * layout.batches
 
 
 def _check_broker_first(settings: Settings) -> None:

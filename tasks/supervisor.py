@@ -53,12 +53,16 @@ class Layout:
 def default_layout(settings: Settings, processes: int | None = None) -> Layout:
     """Processes: `processes` (`docq worker -c N`), else DOCQ_WORKER_CONCURRENCY, else one per
     core. Batches per process: DOCQ_WORKER_BATCHES, else enough that the in-flight cap stays
-    full while half of the open batches wait for their last calls."""
+    full while half of the open batches wait for their last calls and, when batch sizes vary
+    (`BatchSizes`), while every open batch is one of a job's last, smallest ones: each of those
+    then runs in one round of calls, and a thread holds its batch until the last call ends."""
     processes = processes or settings.worker_concurrency or os.cpu_count() or 1
     if settings.worker_batches:
         return Layout(processes, settings.worker_batches)
     inflight = min(settings.llm_max_inflight, settings.worker_inflight * processes)
     per_process = 2 * inflight / (processes * settings.batch_max_chunks)
+    if settings.batch_min_chunks < settings.batch_max_chunks:
+        per_process = max(per_process, inflight / (processes * settings.batch_min_chunks))
     return Layout(processes, max(MIN_BATCHES, math.ceil(per_process)))
 
 

@@ -161,7 +161,12 @@ class Settings(BaseSettings):
         default=None, gt=0, description="Unset: as large as the context window allows after "
         "the pipeline's prompt and output cap (workers/jobs/sizing.py).")
     chunk_overlap_tokens: int = Field(default=40, ge=0)
-    batch_max_chunks: int = Field(default=25, gt=0)
+    batch_max_chunks: int = Field(
+        default=100, gt=0, description="Chunks per batch in the middle of a job "
+        "(workers/ingest/batching.py, BatchSizes).")
+    batch_min_chunks: int = Field(
+        default=16, gt=0, description="Chunks in a job's first batch and, at least, in each of "
+        "its last ones; at or above DOCQ_BATCH_MAX_CHUNKS every batch is that size.")
     batch_max_tokens: int = Field(default=20_000, gt=0)
     max_document_bytes: int = Field(default=20_000_000, gt=0)
     max_attempts: int = Field(default=5, gt=0, description="Model calls per chunk at most.")

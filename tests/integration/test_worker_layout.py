@@ -17,8 +17,14 @@ from workers.settings import Settings
 pytestmark = pytest.mark.integration
 
 
-def test_the_default_layout_holds_twice_the_in_flight_cap_in_open_batches() -> None:
-    settings = Settings(llm_max_inflight=256, batch_max_chunks=25, worker_concurrency=2)
+def test_the_default_layout_holds_the_in_flight_cap_in_the_smallest_open_batches() -> None:
+    # Batches of 16 to 100 chunks: the cap of 256 in 16-chunk batches, 8 per process
+    assert default_layout(Settings(llm_max_inflight=256, worker_concurrency=2)) == Layout(2, 8)
+    assert default_layout(Settings(llm_max_inflight=256, batch_min_chunks=8,
+                                   worker_concurrency=2)) == Layout(2, 16)
+    # Batches of 25 chunks each: twice the cap in open batches
+    settings = Settings(llm_max_inflight=256, batch_max_chunks=25, batch_min_chunks=25,
+                        worker_concurrency=2)
     assert default_layout(settings) == Layout(processes=2, batches=11)
     assert default_layout(Settings(worker_concurrency=3, worker_batches=5)) == Layout(3, 5)
     assert default_layout(Settings(llm_max_inflight=8, worker_concurrency=2)).batches == 4

@@ -7,11 +7,14 @@ that are a single stream of items. Either way only the open batch is held in mem
 
 A batch never holds more than `max_items` items, and never more than `max_tokens` tokens unless
 it is a single item that is over the budget on its own: that item gets a batch of its own.
+`max_items` may change between batches: `BatchSizes` says how many chunks each batch of a job
+takes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -60,6 +63,42 @@ class Batcher(Generic[T]):
             return None
         batch, self._items, self._total = self._items, [], 0
         return batch
+
+
+@dataclass(frozen=True)
+class BatchSizes:
+    """How many chunks each batch of a job takes, from where it sits in the job.
+
+    A batch costs the same to deliver whatever its size (its message, its claim, its story),
+    so batches hold `most` chunks in the middle of a job. The first ones are smaller, doubling
+    from `least`: the first claims are quick and every process has work at once. Over the
+    job's last chunks, once the producer knows how many are left, a batch takes a `slots`th of
+    what remains, down to `least` (guided self-scheduling; `slots`: batches the workers present
+    run at once): the open batches end about together, no worker keeps a straggler, and what
+    the open batches hold stays about all that remains (a thread holds its batch until the
+    batch's last call ends, so smaller shares would leave in-flight slots empty before the
+    end).
+    `least >= most` gives every batch `most` chunks.
+    """
+
+    most: int
+    least: int
+    slots: int
+
+    @property
+    def tail(self) -> int:
+        """Chunks from the end over which batches shrink below `most`: the producer keeps this
+        many unnumbered until it knows where the job ends."""
+        return self.slots * self.most if self.least < self.most else 0
+
+    def size(self, index: int, remaining: int | None = None) -> int:
+        """Chunks for the job's batch number `index` (from 0), with `remaining` chunks left to
+        place counting this batch's (None: not known yet, the job goes on past the tail)."""
+        least = min(self.least, self.most)
+        size = min(self.most, least << min(index, 32))
+        if remaining is not None:
+            size = min(size, max(least, -(-remaining // self.slots)))
+        return size
 
 
 def batched(

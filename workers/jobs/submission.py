@@ -18,7 +18,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import Batch, Chunk, Document, DocumentStatus, Job, JobStatus
-from workers.ingest.batching import Batcher
+from workers.ingest.batching import Batcher, BatchSizes
 from workers.ingest.chunking import Chunker, ChunkSpan
 from workers.ingest.sources import SourceDocument, iter_documents
 from workers.jobs import sizing
@@ -99,22 +99,40 @@ def create_job(
 
 
 class _BatchAssigner:
-    """Numbers the batches `Batcher` forms from the chunks' token counts as the producer reads
-    them, and keeps each closed batch's size for its row."""
+    """Numbers the batches `Batcher` forms from the chunks' token counts as the producer places
+    them, each opened with its size from `BatchSizes`, and keeps each closed batch's size for
+    its row."""
 
-    def __init__(self, max_chunks: int, max_tokens: int) -> None:
-        self._batcher: Batcher[int] = Batcher(max_items=max_chunks, max_tokens=max_tokens,
+    def __init__(self, sizes: BatchSizes, max_tokens: int) -> None:
+        self.sizes = sizes
+        self._batcher: Batcher[int] = Batcher(max_items=sizes.size(0), max_tokens=max_tokens,
                                               tokens=int)
         self.seq = 0  # the open batch's number; batches count from 1
         self._closed: list[dict[str, int]] = []
 
-    def place(self, tokens: int) -> int:
-        """Return the batch seq for a chunk of `tokens` tokens."""
+    def place(self, tokens: int, remaining: int | None) -> int:
+        """Return the batch seq for a chunk of `tokens` tokens, with `remaining` chunks left to
+        place counting this one (None: the job's end is not in sight yet)."""
         if (closed := self._batcher.add(tokens)) is not None:
             self._keep(closed)
         if self._batcher.pending == 1:  # this chunk opened a batch
+            self._batcher.max_items = self.sizes.size(self.seq, remaining)
             self.seq += 1
         return self.seq
+
+    def place_documents(self, docs: list[tuple[SourceDocument, list[ChunkSpan]]], *,
+                        last: bool) -> list[tuple[SourceDocument, list[Any]]]:
+        """The documents with each chunk's batch seq; `last`: these chunks end the job."""
+        remaining = sum(len(spans) for _, spans in docs) if last else None
+        placed = []
+        for doc, spans in docs:
+            seqs = []
+            for span in spans:
+                seqs.append((self.place(span.token_count, remaining), span))
+                if remaining is not None:
+                    remaining -= 1
+            placed.append((doc, seqs))
+        return placed
 
     def _keep(self, batch: list[int]) -> None:
         self._closed.append({"seq": self.seq, "chunk_count": len(batch), "token_count": sum(batch)})
@@ -126,6 +144,20 @@ class _BatchAssigner:
     def take_closed(self) -> list[dict[str, int]]:
         out, self._closed = self._closed, []
         return out
+
+
+def _split_tail(docs: list[tuple[SourceDocument, list[ChunkSpan]]], chunks: int
+                ) -> tuple[list[tuple[SourceDocument, list[ChunkSpan]]],
+                           list[tuple[SourceDocument, list[ChunkSpan]]]]:
+    """(head, tail): the tail is the fewest last documents holding at least `chunks` chunks;
+    none when all of them hold fewer (documents that were turned away hold none)."""
+    held, cut = 0, len(docs)
+    while cut > 0 and held < chunks:
+        cut -= 1
+        held += len(docs[cut][1])
+    if held < chunks:
+        return docs, []
+    return docs[:cut], docs[cut:]
 
 
 class _Writer:
@@ -168,15 +200,22 @@ def ingest(
     settings: Settings,
     job_id: int,
     documents: Iterable[SourceDocument],
+    slots: int = 1,
 ) -> SubmitReport:
-    """Write documents, chunks and batches for a pending job, committing every few thousand."""
+    """Write documents, chunks and batches for a pending job, committing every few thousand.
+
+    `slots`: how many batches the workers run at once, which sizes the job's last batches
+    (`BatchSizes`). The last `BatchSizes.tail` chunks are numbered once the corpus has ended.
+    """
     report = SubmitReport(job_id=job_id)
     pipeline = _pipeline(sessions, job_id)
     split = _whole
     if pipeline.chunked:
         split = Chunker(sizing.chunk_tokens(settings, pipeline), settings.chunk_overlap_tokens).split
-    assigner = _BatchAssigner(settings.batch_max_chunks, settings.batch_max_tokens)
-    pending_docs: list[tuple[SourceDocument, list[Any]]] = []
+    sizes = BatchSizes(most=settings.batch_max_chunks, least=settings.batch_min_chunks,
+                       slots=max(1, slots))
+    assigner = _BatchAssigner(sizes, settings.batch_max_tokens)
+    pending_docs: list[tuple[SourceDocument, list[ChunkSpan]]] = []
     pending_chunks = 0
     writer = _Writer(sessions, job_id)
     try:
@@ -190,17 +229,19 @@ def ingest(
                 continue
             assert doc.text is not None
             spans = split(doc.text)
-            placed = [(assigner.place(s.token_count), s) for s in spans]
             report.documents_accepted += 1
             report.chunks += len(spans)
             report.tokens += sum(s.token_count for s in spans)
-            pending_docs.append((doc, placed))
+            pending_docs.append((doc, spans))
             pending_chunks += len(spans)
-            if pending_chunks >= FLUSH_CHUNKS or len(pending_docs) >= FLUSH_CHUNKS:
-                writer.write(pending_docs, assigner.take_closed())
-                pending_docs, pending_chunks = [], 0
+            if (pending_chunks >= FLUSH_CHUNKS + sizes.tail
+                    or len(pending_docs) >= FLUSH_CHUNKS + sizes.tail):
+                ready, pending_docs = _split_tail(pending_docs, sizes.tail)
+                pending_chunks = sum(len(spans) for _, spans in pending_docs)
+                writer.write(assigner.place_documents(ready, last=False), assigner.take_closed())
+        placed = assigner.place_documents(pending_docs, last=True)
         assigner.finish()
-        writer.write(pending_docs, assigner.take_closed())
+        writer.write(placed, assigner.take_closed())
         writer.wait()
     finally:
         writer.close()
