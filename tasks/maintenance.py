@@ -264,7 +264,8 @@ class _Rescuer:
 def _start_rescues(sender: Any, **_: Any) -> None:
     # On the main process's timer, like the memory reports: a worker is its own rescuer, so a
     # `docq worker` without `docq beat` still recovers a dead peer's batches in seconds.
-    rescuer = _Rescuer(sender.hostname, int(sender.concurrency or 1))
+    # The sender is the worker's consumer; its controller knows the pool's size
+    rescuer = _Rescuer(sender.hostname, int(sender.controller.concurrency or 1))
     rescuer.tick()
     sender.timer.call_repeatedly(runtime().settings.heartbeat_s, rescuer.tick)
 

@@ -11,7 +11,9 @@ import psutil
 import pytest
 
 from tasks import submit
+from tasks.celery import broker_redis
 from tasks.supervisor import Layout, default_layout
+from workers.batch.liveness import batch_slots
 from workers.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -41,6 +43,12 @@ def test_a_killed_worker_process_is_replaced_and_the_job_completes(
     w = workers(env, concurrency=2)
     first = set(w.children())
     assert len(first) == 2
+    # (each process's heartbeat says how many batches it runs at once, 2 x 64 in all: what a
+    # job's last batches are sized by)
+    deadline = time.monotonic() + 30
+    while batch_slots(broker_redis()) != 128 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert batch_slots(broker_redis()) == 128
     docs = [(f"note-{i}", " ".join(["the harbour at dawn, boats and nets."] * 12))
             for i in range(16)]
     handle = submit(docs, "summarize")
@@ -62,3 +70,4 @@ def test_a_killed_worker_process_is_replaced_and_the_job_completes(
     assert final["status"] == "succeeded", final
     assert final["chunks_by_state"] == {"ok": final["chunks_total"]}, final
     assert "ended with SIGKILL; starting another" in w.log()
+    assert batch_slots(broker_redis()) == 128  # the replacement counted once
