@@ -15,6 +15,7 @@ COPY pyproject.toml README.md ./
 COPY models models
 COPY workers workers
 COPY tasks tasks
+COPY docqueue docqueue
 # tzdata: schedule time zones must resolve even where the image has no system zone files.
 RUN pip install ".${EXTRAS:+[$EXTRAS]}" tzdata
 

@@ -67,7 +67,7 @@ flush
 docq db upgrade
 start simulator "$PY" -m workers.simulator --host 127.0.0.1 --port "$SIM_PORT" --seed 1 --latency-ms 50 \
   --fail-rate 0.25
-start worker "$PY" -m celery -A tasks worker --pool=prefork --concurrency=2 --loglevel=INFO \
+start worker "$PY" -m celery -A docqueue.tasks worker --pool=prefork --concurrency=2 --loglevel=INFO \
   --without-gossip --without-mingle --events --hostname=check@%h
 start flower "$PY" -c 'from tasks.cli import main; main()' flower --port "$FLOWER_PORT"
 wait_for "the simulator" 30 "$PY" -c "import urllib.request; urllib.request.urlopen('$DOCQ_LLM_BASE_URL/models', timeout=2)"
@@ -76,7 +76,7 @@ wait_for "Flower" 30 "$PY" -c "import urllib.request; urllib.request.urlopen('ht
 sleep 1
 
 echo "== a small job"
-JOB=$(docq submit examples/corpus --name browser-check --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["job_id"])')
+JOB=$(docq submit workers/local/corpus --name browser-check --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["job_id"])')
 "$PY" -c "from tasks.progress import watch; import sys; sys.exit(watch($JOB, interval_s=0.5)['status'] not in ('succeeded', 'partial'))"
 
 echo "== Flower without credentials"

@@ -37,7 +37,7 @@ from benchmarks.harness import (
     wait_for_job,
     write_json,
 )
-from workers.simulator.process import SimulatorProcess
+from docqueue.workers.simulator.process import SimulatorProcess
 
 PRICES = {"docq-sim": {"input_per_mtok": 2.0, "output_per_mtok": 8.0}}
 COLUMNS = (("lane", "lane"), ("chunks", "chunks"), ("wall_s", "submit to merged s"),
@@ -53,10 +53,10 @@ def corpus(n: int) -> list[tuple[str, str]]:
 def run_lane(args: argparse.Namespace, workdir: Path, lane: str) -> dict[str, Any]:
     from sqlalchemy import func, select
 
-    from models import ProviderBatch
-    from tasks import submit
-    from tasks.api import job_status
-    from tasks.runtime import reset_runtime, runtime
+    from docqueue.models import ProviderBatch
+    from docqueue.tasks import submit
+    from docqueue.tasks.api import job_status
+    from docqueue.tasks.runtime import reset_runtime, runtime
 
     admin = check_redis(args.redis_url)
     sim = SimulatorProcess("--seed", "1", "--batch-turnaround-s", str(args.turnaround_s),

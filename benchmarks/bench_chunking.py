@@ -28,8 +28,8 @@ import psutil
 import tiktoken
 from langchain_text_splitters import RecursiveCharacterTextSplitter
 
-from workers.ingest.chunking import Chunker
-from workers.tokens import ENCODING_NAME, count_tokens, encoding
+from docqueue.workers.ingest.chunking import Chunker
+from docqueue.workers.tokens import ENCODING_NAME, count_tokens, encoding
 
 RESULTS = Path(__file__).resolve().parent / "results" / "chunking.json"
 COMMON_WORDS = (

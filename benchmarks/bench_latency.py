@@ -8,7 +8,7 @@ the benchmark reads the simulator's count of requests in flight every 100 ms. Th
 is the time between 10% and 90% of the calls answered; the target is a mean in flight of at
 least 90% of the cap there, so throughput is cap / latency.
 
-Each --layout is one `celery -A tasks worker` process, POOL:CONCURRENCY. The default runs
+Each --layout is one `celery -A docqueue.tasks worker` process, POOL:CONCURRENCY. The default runs
 `threads:16` (one process running 16 batches of 25 chunks at once on one event loop: the
 latency-bound layout, `docq worker --pool threads -c 16`) and, for comparison, `prefork:2`
 (`docq worker`'s default: two processes, one batch each).
@@ -42,7 +42,7 @@ from benchmarks.harness import (
     wait_for_job,
     write_json,
 )
-from workers.simulator.process import SimulatorProcess
+from docqueue.workers.simulator.process import SimulatorProcess
 
 TARGET_SHARE = 0.9
 SAMPLE_S = 0.1
@@ -70,8 +70,8 @@ def steady(samples: list[tuple[float, int, int]], total: int) -> list[tuple[floa
 
 
 def run(args: argparse.Namespace, workdir: Path, layout: str) -> dict[str, Any]:
-    from tasks import submit
-    from tasks.runtime import reset_runtime
+    from docqueue.tasks import submit
+    from docqueue.tasks.runtime import reset_runtime
 
     admin = check_redis(args.redis_url)
     sim = SimulatorProcess("--latency-ms", str(args.latency_ms), "--seed", "7").start()

@@ -50,6 +50,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the project, not this folder, comes first
 
+import contextlib
+
 from sqlalchemy import select
 
 from benchmarks.harness import (
@@ -63,10 +65,10 @@ from benchmarks.harness import (
     write_json,
 )
 from benchmarks.peer import run_peer
-from models import Result
-from tasks.worker_process import WorkerProcess
-from workers.pipelines import build_pipeline
-from workers.simulator.process import SimulatorProcess
+from docqueue.models import Result
+from docqueue.tasks.worker_process import WorkerProcess
+from docqueue.workers.pipelines import build_pipeline
+from docqueue.workers.simulator.process import SimulatorProcess
 
 MAX_TOKENS = 100
 DOC_TOKENS = 190
@@ -136,10 +138,8 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self.done.wait(SAMPLE_S):
-            try:
+            with contextlib.suppress(OSError):
                 self.samples.append((time.time(), int(self.sim.stats()["in_flight"])))
-            except OSError:
-                pass
 
 
 def lower_limits(sim: SimulatorProcess, after_s: float, values: dict[str, int]) -> threading.Timer:
@@ -156,8 +156,8 @@ def lower_limits(sim: SimulatorProcess, after_s: float, values: dict[str, int]) 
 
 def run_docqueue(sc: Scenario, docs: list[tuple[str, str]], args: argparse.Namespace,
                  workdir: Path) -> dict[str, Any]:
-    from tasks import submit
-    from tasks.runtime import reset_runtime, runtime
+    from docqueue.tasks import submit
+    from docqueue.tasks.runtime import reset_runtime, runtime
 
     admin = check_redis(args.redis_url)
     sim = SimulatorProcess(*sc.sim, "--seed", "7").start()
@@ -252,7 +252,7 @@ def figures(sc: Scenario, run: dict[str, Any], charge: int) -> dict[str, Any]:
     start = first + WARMUP_S
     if sc.change_at_s is not None:  # the new limit, from 60 s after the change
         start = int(run["returned"] + sc.change_at_s + 60)
-    window = [t for t in range(start, last - EDGE_S + 1)]
+    window = list(range(start, last - EDGE_S + 1))
     key = {"tokens": "admitted_tokens", "requests": "admitted", "throughput": "ok"}.get(
         sc.measure)
     if sc.measure == "inflight":

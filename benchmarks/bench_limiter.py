@@ -29,7 +29,7 @@ from typing import Any
 import redis
 from redis.asyncio import Redis
 
-from workers.provider.limiter import Limiter, Limits
+from docqueue.workers.provider.limiter import Limiter, Limits
 
 RESULTS = Path(__file__).resolve().parent / "results" / "limiter.json"
 COROUTINES = 32

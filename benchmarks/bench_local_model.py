@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import RESULTS_DIR, machine
-from workers.local.model import default_cache_dir, ensure_model
+from docqueue.workers.local.model import default_cache_dir, ensure_model
 
 # Run by the interpreter under test: it needs llama_cpp only.
 _CHILD = r"""

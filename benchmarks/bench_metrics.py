@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the project root first (see bench_store.py)
 
 from benchmarks.harness import table, write_json
-from tasks.exporter import use_files
-from workers import metrics
+from docqueue.tasks.exporter import use_files
+from docqueue.workers import metrics
 
 
 def per_call_us(calls: int, model: str) -> float:

@@ -4,7 +4,7 @@
 
 The provider simulator answers at once (no latency, no limits). The corpus is --chunks documents
 of about 200 tokens, one chunk each, summarized in chat mode. Two worker processes (one
-`celery -A tasks worker --concurrency 2`, prefork) do the work; the results store is a fresh
+`celery -A docqueue.tasks worker --concurrency 2`, prefork) do the work; the results store is a fresh
 PostgreSQL schema in database `test`, the broker Redis DB 13.
 
 Beside each docqueue run, on the same simulator, a minimal asyncio client (aiohttp, 256 requests
@@ -53,8 +53,8 @@ from benchmarks.harness import (
     wait_for_job,
     write_json,
 )
-from workers.pipelines import build_pipeline
-from workers.simulator.process import SimulatorProcess
+from docqueue.workers.pipelines import build_pipeline
+from docqueue.workers.simulator.process import SimulatorProcess
 
 MAX_TOKENS = 256  # docqueue's default DOCQ_LLM_MAX_TOKENS; the simulator answers ~60 tokens
 CEILING_INFLIGHT = 256
@@ -116,7 +116,7 @@ async def _stack(url: str, n: int, stack: str) -> dict[str, Any]:
     import aiohttp
     import httpx
 
-    from workers.provider.client import EndpointConfig, OpenAICompatibleLLM
+    from docqueue.workers.provider.client import EndpointConfig, OpenAICompatibleLLM
 
     pipe = build_pipeline("summarize", {})
     prompts = [pipe.render(text, "chat") for _, text in corpus(n, 5)]
@@ -176,8 +176,8 @@ def run_ceiling(sim: SimulatorProcess, n: int, seed: int) -> dict[str, Any]:
 
 def run_docqueue(args: argparse.Namespace, sim: SimulatorProcess, workdir: Path, seed: int,
                  tag: str) -> dict[str, Any]:
-    from tasks import submit
-    from tasks.runtime import reset_runtime
+    from docqueue.tasks import submit
+    from docqueue.tasks.runtime import reset_runtime
 
     admin = check_redis(args.redis_url)
     with results_store(args.pg_url, False, workdir) as db_url:

@@ -118,9 +118,9 @@ def child(spec_json: str) -> None:
 
     import importlib
 
-    from tasks import api
+    from docqueue.tasks import api
 
-    for module in ("tasks.batches", "tasks.jobs"):  # loaded by publish anyway: in the baseline
+    for module in ("docqueue.tasks.batches", "docqueue.tasks.jobs"):  # loaded by publish anyway: in the baseline
         importlib.import_module(module)
 
     event("imported")

@@ -3,7 +3,7 @@
     python benchmarks/bench_ratelimit.py [--minutes 4] [--sqlite]
 
 The provider simulator runs at --rpm 1200 --tpm 120000 --latency-ms 100; two
-`celery -A tasks worker` processes with 2 children each (4 processes) share one limiter in
+`celery -A docqueue.tasks worker` processes with 2 children each (4 processes) share one limiter in
 Redis DB 14; the results store is a fresh PostgreSQL schema in database `test` on
 127.0.0.1:5432 (dropped afterwards), or a SQLite file with --sqlite. The corpus is one chunk per
 document, every chunk the same size, so each call costs the same: the provider charges
@@ -46,9 +46,9 @@ from benchmarks.harness import (
     write_json,
 )
 from benchmarks.harness import table as render_table
-from models import Result
-from tasks.worker_process import WorkerProcess
-from workers.simulator.process import SimulatorProcess
+from docqueue.models import Result
+from docqueue.tasks.worker_process import WorkerProcess
+from docqueue.workers.simulator.process import SimulatorProcess
 
 RPM, TPM, LATENCY_MS = 1200, 120_000, 100
 CHUNK_TOKENS, MAX_TOKENS = 150, 100
@@ -64,11 +64,11 @@ def corpus(n: int, seed: int) -> tuple[list[tuple[str, str]], int]:
 
 def run(name: str, limits_known: bool, args: argparse.Namespace, workdir: Path,
         docs: list[tuple[str, str]], charge: int) -> dict[str, Any]:
-    from models import FINAL_JOB_STATES as TERMINAL
-    from tasks import submit
-    from tasks.api import job_status
-    from tasks.limits import limiter_status
-    from tasks.runtime import reset_runtime, runtime
+    from docqueue.models import FINAL_JOB_STATES as TERMINAL
+    from docqueue.tasks import submit
+    from docqueue.tasks.api import job_status
+    from docqueue.tasks.limits import limiter_status
+    from docqueue.tasks.runtime import reset_runtime, runtime
 
     admin = check_redis(args.redis_url)
     sim = SimulatorProcess("--rpm", str(RPM), "--tpm", str(TPM), "--latency-ms",
@@ -129,7 +129,7 @@ def run(name: str, limits_known: bool, args: argparse.Namespace, workdir: Path,
 
 
 def _first_row_at(job_id: int) -> float | None:
-    from tasks.runtime import runtime
+    from docqueue.tasks.runtime import runtime
 
     with runtime().sessions() as s:
         first = s.scalar(select(func.min(Result.updated_at)).where(Result.job_id == job_id))

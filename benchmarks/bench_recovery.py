@@ -48,8 +48,8 @@ from benchmarks.harness import (
     wait_for_job,
     write_json,
 )
-from tasks.worker_process import WorkerProcess
-from workers.simulator.process import SimulatorProcess
+from docqueue.tasks.worker_process import WorkerProcess
+from docqueue.workers.simulator.process import SimulatorProcess
 
 TARGET_FACTOR, TARGET_EXTRA_S = 1.5, 30.0
 
@@ -85,8 +85,8 @@ def _leased_by(pids: list[int], job_id: int) -> dict[int, str]:
     """Chunks without a final result leased by a delivery in one of `pids`: id -> text."""
     from sqlalchemy import or_, select
 
-    from models import FINAL_RESULT_STATES, Chunk, Result
-    from tasks.runtime import runtime
+    from docqueue.models import FINAL_RESULT_STATES, Chunk, Result
+    from docqueue.tasks.runtime import runtime
 
     if not pids:
         return {}
@@ -100,14 +100,14 @@ def _leased_by(pids: list[int], job_id: int) -> dict[int, str]:
 
 
 def _unfinished(job_id: int) -> int:
-    from tasks import JobHandle
+    from docqueue.tasks import JobHandle
 
     st = JobHandle(job_id).status()
     return int(st["chunks_total"]) - int(st["chunks_done"])
 
 
 def _prompt(text: str) -> str:
-    from workers.pipelines import build_pipeline
+    from docqueue.workers.pipelines import build_pipeline
 
     messages = build_pipeline("summarize", {}).render(text, "chat").messages
     assert messages is not None
@@ -117,9 +117,9 @@ def _prompt(text: str) -> str:
 def run_job(args: argparse.Namespace, workdir: Path, kill: bool, seed: int) -> dict[str, Any]:
     from sqlalchemy import func, select
 
-    from models import Result
-    from tasks import submit
-    from tasks.runtime import reset_runtime, runtime
+    from docqueue.models import Result
+    from docqueue.tasks import submit
+    from docqueue.tasks.runtime import reset_runtime, runtime
 
     admin = check_redis(args.redis_url)
     sim = SimulatorProcess("--latency-ms", "100", "--jitter-ms", "600", "--fail-rate",

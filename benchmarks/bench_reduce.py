@@ -44,7 +44,7 @@ from benchmarks.harness import (
     wait_for_job,
     write_json,
 )
-from workers.simulator.process import SimulatorProcess
+from docqueue.workers.simulator.process import SimulatorProcess
 
 LENGTHS = ((0.6, 50, 400), (0.3, 400, 1_500), (0.1, 1_500, 6_000))  # share, words from, to
 ROWS: tuple[tuple[str, dict[str, str]], ...] = (
@@ -59,7 +59,7 @@ def corpus(n: int, seed: int) -> Iterator[tuple[str, str]]:
     rng = random.Random(seed)
     for i in range(n):
         pick = rng.random()
-        for share, low, high in LENGTHS:
+        for share, low, high in LENGTHS:  # noqa: B007 - read after the loop breaks
             if pick < share:
                 break
             pick -= share
@@ -74,9 +74,9 @@ def run_row(args: argparse.Namespace, sim: SimulatorProcess, workdir: Path, name
             overrides: dict[str, str]) -> dict[str, Any]:
     from sqlalchemy import func, select
 
-    from models import Chunk, Result
-    from tasks import submit
-    from tasks.runtime import reset_runtime, runtime
+    from docqueue.models import Chunk, Result
+    from docqueue.tasks import submit
+    from docqueue.tasks.runtime import reset_runtime, runtime
 
     admin = check_redis(args.redis_url)
     with results_store(args.pg_url, False, workdir) as db_url:

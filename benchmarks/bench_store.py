@@ -51,13 +51,13 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import DEFAULT_PG_URL, WORDS, machine, results_store, write_json
 from benchmarks.harness import table as render_table
-from models import Chunk, Document, DocumentStatus, Job, JobStatus, make_sessionmaker
-from workers.batch import leases
-from workers.ingest.sources import SourceDocument
-from workers.jobs.merging import merge_job
-from workers.jobs.submission import create_job, ingest, mark_submitted
-from workers.pipelines import build_pipeline
-from workers.settings import Settings
+from docqueue.models import Chunk, Document, DocumentStatus, Job, JobStatus, make_sessionmaker
+from docqueue.workers.batch import leases
+from docqueue.workers.ingest.sources import SourceDocument
+from docqueue.workers.jobs.merging import merge_job
+from docqueue.workers.jobs.submission import create_job, ingest, mark_submitted
+from docqueue.workers.pipelines import build_pipeline
+from docqueue.workers.settings import Settings
 
 ROWS_PER_S_TARGET, MERGE_S_TARGET = 5_000.0, 30.0
 PARAGRAPH_WORDS = 280  # a paragraph and the overlap fit in one 400-token chunk, two do not

@@ -24,11 +24,11 @@ import psutil
 import redis
 from sqlalchemy import create_engine, text
 
-from models import upgrade
-from tasks.worker_process import WorkerProcess
-from workers.batch.processing import prompt_tokens
-from workers.pipelines import build_pipeline
-from workers.tokens import count_tokens
+from docqueue.models import upgrade
+from docqueue.tasks.worker_process import WorkerProcess
+from docqueue.workers.batch.processing import prompt_tokens
+from docqueue.workers.pipelines import build_pipeline
+from docqueue.workers.tokens import count_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -158,9 +158,9 @@ def wait_for_job(job_id: int, timeout_s: float, log: Path, poll_s: float = 0.1) 
     """
     from sqlalchemy import select
 
-    from models import FINAL_JOB_STATES as TERMINAL
-    from models import Job
-    from tasks.runtime import runtime
+    from docqueue.models import FINAL_JOB_STATES as TERMINAL
+    from docqueue.models import Job
+    from docqueue.tasks.runtime import runtime
 
     deadline = time.monotonic() + timeout_s
     while True:

@@ -1,6 +1,6 @@
 """SQLAlchemy tables of the results store, the session factory and migrations."""
 
-from models.db import (
+from docqueue.models.db import (
     end_if_left_idle,
     make_engine,
     make_sessionmaker,
@@ -9,7 +9,7 @@ from models.db import (
     upgrade,
     upsert_statement,
 )
-from models.tables import (
+from docqueue.models.tables import (
     FINAL_JOB_STATES,
     FINAL_RESULT_STATES,
     Base,

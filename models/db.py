@@ -113,7 +113,7 @@ class MissingIdentityError(LookupError):
 
 def store_id(session: Session) -> str:
     """This store's identity (a uuid made by its first migration)."""
-    from models.tables import StoreIdentity
+    from docqueue.models.tables import StoreIdentity
 
     value = session.scalar(select(StoreIdentity.id).limit(1))
     if value is None:

@@ -11,7 +11,7 @@ from typing import Any
 import redis
 from sqlalchemy import and_, func, select
 
-from models import (
+from docqueue.models import (
     FINAL_JOB_STATES,
     Chunk,
     Document,
@@ -21,14 +21,14 @@ from models import (
     Lane,
     Result,
 )
-from tasks.celery import broker_redis
-from tasks.failures import explain, service_errors
-from tasks.publish import check_broker, forget_chord_results, publish
-from tasks.runtime import runtime
-from tasks.supervisor import default_layout
-from workers.batch.cache import POLICIES as CACHE_POLICIES
-from workers.batch.liveness import batch_slots
-from workers.errors import (
+from docqueue.tasks.celery import broker_redis
+from docqueue.tasks.failures import explain, service_errors
+from docqueue.tasks.publish import check_broker, forget_chord_results, publish
+from docqueue.tasks.runtime import runtime
+from docqueue.tasks.supervisor import default_layout
+from docqueue.workers.batch.cache import POLICIES as CACHE_POLICIES
+from docqueue.workers.batch.liveness import batch_slots
+from docqueue.workers.errors import (
     BrokerUnavailableError,
     InputError,
     JobNotFoundError,
@@ -36,9 +36,9 @@ from workers.errors import (
     NothingToSubmitError,
     WorkerError,
 )
-from workers.ingest.sources import SourceDocument
-from workers.jobs.lane import provider_batches
-from workers.jobs.submission import (
+from docqueue.workers.ingest.sources import SourceDocument
+from docqueue.workers.jobs.lane import provider_batches
+from docqueue.workers.jobs.submission import (
     SubmitReport,
     create_job,
     discard_job,
@@ -46,10 +46,10 @@ from workers.jobs.submission import (
     mark_submitted,
     read_sources,
 )
-from workers.pipelines import build_pipeline
-from workers.pipelines.openai_batch import PIPELINE_NAME as OPENAI_BATCH
-from workers.pipelines.openai_batch import read_batch_file, write_batch_results
-from workers.settings import Settings
+from docqueue.workers.pipelines import build_pipeline
+from docqueue.workers.pipelines.openai_batch import PIPELINE_NAME as OPENAI_BATCH
+from docqueue.workers.pipelines.openai_batch import read_batch_file, write_batch_results
+from docqueue.workers.settings import Settings
 
 LANES = tuple(Lane)
 SERVICE_TIERS = ("auto", "default", "flex")

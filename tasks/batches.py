@@ -15,10 +15,10 @@ from typing import Any, NoReturn
 from celery import Task
 from celery.exceptions import Retry
 
-from tasks.celery import app, broker_redis
-from tasks.runtime import WrongStoreError, runtime
-from workers.batch.processing import run_batch
-from workers.provider.retry import backoff_s
+from docqueue.tasks.celery import app, broker_redis
+from docqueue.tasks.runtime import WrongStoreError, runtime
+from docqueue.workers.batch.processing import run_batch
+from docqueue.workers.provider.retry import backoff_s
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +73,14 @@ def process_batch(self: Task, batch_id: int, store: str | None = None) -> dict[s
 def _story(batch_id: int, state: str) -> dict[str, Any]:
     """What the batch came to, for Flower (workers/batch/story.py); a chord header must not
     raise, so a store that cannot say gives the bare batch id."""
-    from workers.batch.story import batch_story
+    from docqueue.workers.batch.story import batch_story
 
     if state != "done":
         return {"batch_id": batch_id}
     try:
         with runtime().sessions() as session:
             return batch_story(session, batch_id) or {"batch_id": batch_id}
-    except Exception as exc:  # noqa: BLE001 - the result only tells; the rows are written
+    except Exception as exc:
         logger.warning("batch %s: cannot read its story: %s: %s", batch_id, type(exc).__name__,
                        exc)
         return {"batch_id": batch_id}
@@ -93,7 +93,7 @@ def _advance(batch_id: int, store: str | None) -> None:
     Before the task returns, so a worker killed here has its message delivered again and this
     runs again; what still slips (the store or Redis down just now) the job's merge makes up.
     """
-    from workers.jobs.merging import after_batch
+    from docqueue.workers.jobs.merging import after_batch
 
     try:
         with runtime().sessions.begin() as session:
@@ -131,17 +131,17 @@ def reservation_tag(task_id: str, retries: int | None) -> str:
 
 
 def _unreserve(task: Task) -> None:
-    from workers.batch.liveness import unreserve
+    from docqueue.workers.batch.liveness import unreserve
 
     try:
         unreserve(broker_redis(), reservation_tag(task.request.id, task.request.retries))
-    except Exception as exc:  # noqa: BLE001 - a stale reservation of a live worker is inert
+    except Exception as exc:
         logger.warning("batch %s: cannot clear its reservation: %s", task.request.args, exc)
 
 
 def _mark_abandoned(batch_id: int) -> None:
     """Tell the reconciler this batch has no message left, so it is sent again."""
-    from workers.jobs.reconcile import mark_abandoned
+    from docqueue.workers.jobs.reconcile import mark_abandoned
 
     try:
         mark_abandoned(broker_redis(), batch_id)

@@ -20,12 +20,12 @@ from celery.beat import BeatLazyFunc
 from celery.schedules import BaseSchedule, schedstate
 from redis.exceptions import LockError
 
-from tasks.celery import app
-from tasks.runtime import resolve_broker, runtime
-from workers import keys
-from workers.clock import as_utc
-from workers.errors import JobNotPublishedError
-from workers.jobs.schedules import (
+from docqueue.tasks.celery import app
+from docqueue.tasks.runtime import resolve_broker, runtime
+from docqueue.workers import keys
+from docqueue.workers.clock import as_utc
+from docqueue.workers.errors import JobNotPublishedError
+from docqueue.workers.jobs.schedules import (
     Cron,
     RunCounts,
     Schedule,
@@ -39,8 +39,8 @@ from workers.jobs.schedules import (
     load_schedules,
     settle_runs,
 )
-from workers.jobs.submission import read_sources
-from workers.settings import Settings
+from docqueue.workers.jobs.submission import read_sources
+from docqueue.workers.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def run_schedule(name: str, window_start: str) -> dict[str, Any]:
 def _run_locked(
     settings: Settings, run_id: int, name: str, window: datetime, heartbeat: Any
 ) -> dict[str, Any]:
-    from tasks.api import submit
+    from docqueue.tasks.api import submit
 
     rt = runtime()
     iso = window.isoformat()
@@ -179,7 +179,7 @@ def _run_locked(
 
 
 def _end(run_id: int, name: str, window: str, status: str, reason: str) -> dict[str, Any]:
-    from models.tables import RunStatus
+    from docqueue.models.tables import RunStatus
 
     with runtime().sessions.begin() as session:
         end_run(session, run_id, RunStatus(status), reason)

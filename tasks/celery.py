@@ -9,9 +9,9 @@ from celery import Celery
 from celery.signals import after_setup_logger, worker_process_init, worker_ready
 from kombu.entity import Exchange, Queue
 
-from tasks.runtime import max_memory_kib, reset_runtime, resolve_broker, runtime
+from docqueue.tasks.runtime import max_memory_kib, reset_runtime, resolve_broker, runtime
 
-app = Celery("docqueue", include=["tasks.batches", "tasks.jobs", "tasks.beat", "tasks.lane"])
+app = Celery("docqueue", include=["docqueue.tasks.batches", "docqueue.tasks.jobs", "docqueue.tasks.beat", "docqueue.tasks.lane"])
 
 # Batches sent again (a dead delivery's, a lost message's) go to a queue of their own that every
 # worker also consumes: they do not wait behind the rest of a deep queue. Kombu polls a worker's
@@ -58,7 +58,7 @@ def _configure(sender: Celery, **_: Any) -> None:
         # the visibility timeout. A plain SIGTERM (warm) lets them finish, within their time limit.
         worker_soft_shutdown_timeout=s.worker_soft_shutdown_s,
         worker_enable_soft_shutdown_on_idle=True,  # retries waiting out a countdown go back too
-        imports=("tasks.maintenance", "tasks.exporter"),  # reconcile, memory reports, /metrics
+        imports=("docqueue.tasks.maintenance", "docqueue.tasks.exporter"),  # reconcile, memory reports, /metrics
         task_default_queue=DEFAULT_QUEUE,
         task_queues=_queues(),
     )
@@ -98,7 +98,7 @@ def _warm_up(*, open_ahead: bool = True) -> None:
     """Load the tokenizer and build the clients now, not on the first batch: the first result
     of a job should not wait for them (with `open_ahead`, nor for the first connections). A
     failure here only defers it to the first task."""
-    from workers.tokens import count_tokens
+    from docqueue.workers.tokens import count_tokens
 
     count_tokens("warm up")
     try:
@@ -107,5 +107,5 @@ def _warm_up(*, open_ahead: bool = True) -> None:
         else:
             runtime().services()
     # The first task reports the same problem, with its batch id.
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         logging.getLogger(__name__).warning("worker start: %s: %s", type(exc).__name__, exc)

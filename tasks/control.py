@@ -9,14 +9,14 @@ from typing import Any
 import redis
 from sqlalchemy import select
 
-from models import Job, Lane
-from tasks.publish import forget_chord_results, publish
-from tasks.runtime import resolve_broker, runtime
-from workers import keys
-from workers.batch.guard import StopReason
-from workers.jobs import control
-from workers.jobs.submission import read_sources
-from workers.pipelines import build_pipeline
+from docqueue.models import Job, Lane
+from docqueue.tasks.publish import forget_chord_results, publish
+from docqueue.tasks.runtime import resolve_broker, runtime
+from docqueue.workers import keys
+from docqueue.workers.batch.guard import StopReason
+from docqueue.workers.jobs import control
+from docqueue.workers.jobs.submission import read_sources
+from docqueue.workers.pipelines import build_pipeline
 
 
 def _redis() -> redis.Redis:

@@ -1,7 +1,7 @@
 """`docq demo`: the bundled corpus through the whole pipeline on one machine, nothing to set up.
 
 It starts what is missing (the embedded Redis, the local model, one worker), submits
-`examples/corpus`, shows progress and a table of results, and stops what it started. A second
+the bundled corpus (`workers/local/corpus`), shows progress and a table of results, and stops what it started. A second
 run finds the first run's job for the same corpus in the store and shows it at once.
 """
 
@@ -19,14 +19,15 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 
-from models import Document, Job, JobStatus, upgrade
-from tasks.runtime import reset_runtime, runtime
-from workers.ingest.sources import iter_documents
+from docqueue.models import Document, Job, JobStatus, upgrade
+from docqueue.tasks.runtime import reset_runtime, runtime
+from docqueue.workers.ingest.sources import iter_documents
+from docqueue.workers.local import DEMO_CORPUS
 
 if TYPE_CHECKING:
-    from workers.local.model import LocalModelServer
+    from docqueue.workers.local.model import LocalModelServer
 
-CORPUS = Path(__file__).resolve().parents[1] / "examples" / "corpus"
+CORPUS = DEMO_CORPUS
 DEMO_NAME = "docq demo"
 WORKER_READY_S = 120
 STALL_S = 120.0  # no chunk finished for this long: the demo stops and says so
@@ -34,7 +35,7 @@ STALL_S = 120.0  # no chunk finished for this long: the demo stops and says so
 
 def run_demo(console: Console, corpus: Path = CORPUS, fresh: bool = False) -> dict[str, Any]:
     """Run (or show again) the demo job; returns its final status."""
-    from tasks.api import JobHandle, submit
+    from docqueue.tasks.api import JobHandle, submit
 
     if not corpus.is_dir():
         raise RuntimeError(f"the demo corpus {corpus} is missing: run the demo from a checkout "
@@ -90,13 +91,13 @@ def _services(console: Console) -> Iterator[tuple[dict[str, str], ModelSuperviso
     supervisor = None
     with contextlib.ExitStack() as stack:
         if not settings.broker_url:
-            from workers.local.embedded_redis import EmbeddedRedis
+            from docqueue.workers.local.embedded_redis import EmbeddedRedis
 
             redis = stack.enter_context(EmbeddedRedis(settings.home))
             env["DOCQ_BROKER_URL"] = redis.url
             console.print(f"embedded Redis at {redis.url}")
         if not settings.llm_base_url:
-            from workers.local.model import LocalModelServer
+            from docqueue.workers.local.model import LocalModelServer
 
             console.print("starting the local model (Gemma 3 270M)...")
             model = LocalModelServer(settings.home).start()
@@ -151,12 +152,12 @@ class ModelSupervisor:
             LocalModelError: the server died and was not (or could not be) restarted.
         """
         if self.failure is not None:
-            from workers.local.model import LocalModelError
+            from docqueue.workers.local.model import LocalModelError
 
             raise LocalModelError(self.failure)
 
     def _watch(self) -> None:
-        from workers.local.model import LocalModelServer
+        from docqueue.workers.local.model import LocalModelServer
 
         while not self._stop.wait(self.POLL_S):
             report = self.server.exit_report()
@@ -177,7 +178,7 @@ class ModelSupervisor:
             self.server.stop()
             try:
                 self.server = LocalModelServer(home, port=port).start()
-            except Exception as exc:  # noqa: BLE001 (any failure to restart ends the demo)
+            except Exception as exc:
                 self.failure = f"{headline}; restarting it failed: {exc}"
                 return
             self.console.print(f"the local model is back at {self.server.url}")
@@ -185,7 +186,7 @@ class ModelSupervisor:
 
 @contextlib.contextmanager
 def _worker(console: Console, env: dict[str, str]) -> Iterator[None]:
-    from tasks.worker_process import WorkerProcess
+    from docqueue.tasks.worker_process import WorkerProcess
 
     worker = WorkerProcess(env, runtime().settings.home / "demo-worker.log", name="demo",
                            concurrency=1)
@@ -215,7 +216,7 @@ def _progress(console: Console, supervisor: ModelSupervisor | None) -> Any:
 
 
 def _show(console: Console, job_id: int, final: dict[str, Any]) -> None:
-    from tasks.api import document_results
+    from docqueue.tasks.api import document_results
 
     table = Table(title=f"job {job_id}: {final['status']}", show_lines=False)
     for col in ("document", "status", "summary", "tokens in", "tokens out"):

@@ -32,10 +32,10 @@ from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from tasks.celery import DEFAULT_QUEUE, RESCUE_QUEUE
-from tasks.runtime import runtime
-from workers.metrics import endpoint_label
-from workers.settings import Settings
+from docqueue.tasks.celery import DEFAULT_QUEUE, RESCUE_QUEUE
+from docqueue.tasks.runtime import runtime
+from docqueue.workers.metrics import endpoint_label
+from docqueue.workers.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class StateCollector(Collector):
                 continue
             try:
                 families = list(read())
-            except Exception as exc:  # noqa: BLE001 - one source down must not fail the scrape
+            except Exception as exc:
                 logger.warning("metrics: cannot read %s: %s: %s", source, type(exc).__name__,
                                exc)
                 up.add_metric([source], 0)
@@ -97,7 +97,7 @@ class StateCollector(Collector):
     def _queues(self) -> Iterator[GaugeMetricFamily]:
         import redis
 
-        from tasks.limits import running_broker
+        from docqueue.tasks.limits import running_broker
 
         url = running_broker(self.settings)
         if url is None:
@@ -111,7 +111,7 @@ class StateCollector(Collector):
         yield depth
 
     def _limiter(self) -> Iterator[GaugeMetricFamily]:
-        from tasks.limits import limiter_status
+        from docqueue.tasks.limits import limiter_status
 
         d = limiter_status(self.settings)
         if not d.get("available"):
@@ -137,7 +137,7 @@ class StateCollector(Collector):
                     "worker; 0 when none.", scope, float(d["cool_down_s"] or 0))
 
     def _jobs(self) -> Iterator[GaugeMetricFamily]:
-        from tasks.api import running_jobs
+        from docqueue.tasks.api import running_jobs
 
         chunks = GaugeMetricFamily(
             "docq_job_chunks", "Chunks of a running job by state (ok, error, ..., retrying, "

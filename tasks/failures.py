@@ -24,15 +24,15 @@ import kombu.exceptions
 import redis.exceptions
 import sqlalchemy.exc
 
-from models.db import MissingIdentityError
-from workers.errors import (
+from docqueue.models.db import MissingIdentityError
+from docqueue.workers.errors import (
     BrokerUnavailableError,
     InputError,
     StoreNotMigratedError,
     StoreUnavailableError,
     WorkerError,
 )
-from workers.settings import Settings, masked_url
+from docqueue.workers.settings import Settings, masked_url
 
 MAX_DETAIL_CHARS = 200  # the driver's own words, cut: one line, not a page
 

@@ -20,8 +20,8 @@ from typing import Any
 
 from celery.events.state import Task
 
-from workers.errors import InputError
-from workers.settings import Settings
+from docqueue.workers.errors import InputError
+from docqueue.workers.settings import Settings
 
 MAX_FIELD_CHARS = 200
 MAX_RESULT_CHARS = 2048  # a batch's story (tasks/batches.py): counts, then failure reasons
@@ -106,7 +106,7 @@ def run_flower(
     credentials = basic_auth(settings, address, insecure_local)
     from flower.options import options
 
-    from tasks.celery import app
+    from docqueue.tasks.celery import app
 
     # Set before Flower parses its arguments: a value here is not on any command line.
     options.basic_auth = [credentials] if credentials else []

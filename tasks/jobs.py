@@ -8,12 +8,12 @@ from celery import Task
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.exc import OperationalError
 
-from models import JobStatus, store_id
-from tasks.batches import refuse_wrong_store, send_batches
-from tasks.celery import app, broker_redis
-from tasks.runtime import WrongStoreError, runtime
-from workers.jobs.merging import merge_job as merge
-from workers.jobs.reconcile import forget_published
+from docqueue.models import JobStatus, store_id
+from docqueue.tasks.batches import refuse_wrong_store, send_batches
+from docqueue.tasks.celery import app, broker_redis
+from docqueue.tasks.runtime import WrongStoreError, runtime
+from docqueue.workers.jobs.merging import merge_job as merge
+from docqueue.workers.jobs.reconcile import forget_published
 
 UNTIL_FINAL_MAX_S = 30.0  # the longest a finished job waits for its merge after a rescue
 

@@ -9,6 +9,7 @@ ledger in the store does not hold, and the next tick finds the same work again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -17,14 +18,14 @@ from typing import Any
 
 from redis.exceptions import LockError, RedisError
 
-from models import store_id
-from tasks.celery import app, broker_redis
-from tasks.jobs import merge_job
-from tasks.publish import publish
-from tasks.runtime import resolve_endpoint, runtime
-from workers import keys
-from workers.jobs.lane import Advance, advance, lane_jobs
-from workers.settings import Settings
+from docqueue.models import store_id
+from docqueue.tasks.celery import app, broker_redis
+from docqueue.tasks.jobs import merge_job
+from docqueue.tasks.publish import publish
+from docqueue.tasks.runtime import resolve_endpoint, runtime
+from docqueue.workers import keys
+from docqueue.workers.jobs.lane import Advance, advance, lane_jobs
+from docqueue.workers.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -112,15 +113,14 @@ def _job_lock(job_id: int) -> Iterator[bool]:
     finally:
         stop.set()
         renewer.join()
-        try:
+        # It expired (or Redis was flushed): nothing to release.
+        with contextlib.suppress(LockError, RedisError):
             lock.release()
-        except (LockError, RedisError):  # it expired (or Redis was flushed): nothing to release
-            pass
 
 
 def advance_now(job_id: int) -> Advance:
     """One `advance` of the job in this process (the task, and `docq resume`)."""
-    from workers.provider.batch_api import OpenAIBatchApi, RequestBodies
+    from docqueue.workers.provider.batch_api import OpenAIBatchApi, RequestBodies
 
     rt = runtime()
     base_url = resolve_endpoint(rt.settings)

@@ -14,8 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from workers.provider.limiter import Limiter, Limits, scope_for
-from workers.settings import Settings
+from docqueue.workers.provider.limiter import Limiter, Limits, scope_for
+from docqueue.workers.settings import Settings
 
 READ_TIMEOUT_S = 5.0
 
@@ -132,7 +132,7 @@ def _scrub(text: str, url: str) -> str:
 def _endpoint(settings: Settings) -> str | None:
     if settings.llm_base_url:
         return settings.llm_base_url
-    from workers.local.model import LocalModelServer
+    from docqueue.workers.local.model import LocalModelServer
 
     return LocalModelServer(settings.home).running_url()
 
@@ -141,6 +141,6 @@ def running_broker(settings: Settings) -> str | None:
     """The Redis URL of the broker if it can be used now: the embedded one only if running."""
     if settings.broker_url:
         return settings.broker_url
-    from workers.local.embedded_redis import EmbeddedRedis
+    from docqueue.workers.local.embedded_redis import EmbeddedRedis
 
     return EmbeddedRedis(settings.home).running_url()

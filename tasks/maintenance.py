@@ -30,13 +30,13 @@ import psutil
 import redis
 from celery.signals import task_received, worker_process_init, worker_ready, worker_shutdown
 
-from tasks.batches import reservation_tag
-from tasks.celery import app, broker_redis
-from tasks.jobs import merge_job
-from tasks.publish import publish
-from tasks.runtime import resolve_broker, runtime
-from workers import keys
-from workers.batch.liveness import (
+from docqueue.tasks.batches import reservation_tag
+from docqueue.tasks.celery import app, broker_redis
+from docqueue.tasks.jobs import merge_job
+from docqueue.tasks.publish import publish
+from docqueue.tasks.runtime import resolve_broker, runtime
+from docqueue.workers import keys
+from docqueue.workers.batch.liveness import (
     beat_worker,
     dead_deliveries,
     dead_reservations,
@@ -44,7 +44,7 @@ from workers.batch.liveness import (
     reserve,
     take_rescue,
 )
-from workers.jobs.reconcile import (
+from docqueue.workers.jobs.reconcile import (
     abandoned_batches,
     forget_abandoned,
     mark_published,
@@ -53,7 +53,7 @@ from workers.jobs.reconcile import (
     published,
     rescue_targets,
 )
-from workers.settings import Settings
+from docqueue.workers.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ class _Rescuer:
             beat_worker(broker_redis(), self.hostname, runtime().settings.heartbeat_ttl_s,
                         self.batches)
             rescue()
-        except Exception as exc:  # noqa: BLE001 - the next tick tries again; the worker goes on
+        except Exception as exc:
             logger.warning("worker %s: heartbeat or rescue failed: %s: %s", self.hostname,
                            type(exc).__name__, exc)
 

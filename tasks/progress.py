@@ -16,7 +16,7 @@ from typing import IO, Any, Self
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
-from tasks.api import JobHandle
+from docqueue.tasks.api import JobHandle
 
 RATE_WINDOW_S = 60.0
 PLAIN_EVERY_S = 5.0  # a plain line at most this often while the counts move

@@ -17,14 +17,14 @@ from celery import Signature, Task, uuid
 from kombu.entity import Queue
 from sqlalchemy import select, update
 
-from models import Batch, Job, store_id
-from tasks.batches import process_batch
-from tasks.celery import RESCUE_QUEUE, app, broker_redis
-from tasks.jobs import merge_job
-from tasks.runtime import resolve_broker, runtime
-from workers.jobs.reconcile import mark_published
-from workers.jobs.submission import batch_ids
-from workers.settings import Settings
+from docqueue.models import Batch, Job, store_id
+from docqueue.tasks.batches import process_batch
+from docqueue.tasks.celery import RESCUE_QUEUE, app, broker_redis
+from docqueue.tasks.jobs import merge_job
+from docqueue.tasks.runtime import resolve_broker, runtime
+from docqueue.workers.jobs.reconcile import mark_published
+from docqueue.workers.jobs.submission import batch_ids
+from docqueue.workers.settings import Settings
 
 BROKER_CHECK_TIMEOUT_S = 5.0
 

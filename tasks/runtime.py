@@ -23,13 +23,13 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import make_sessionmaker, store_id
-from tasks.limits import limiter_for
-from workers.batch.liveness import Heartbeat
-from workers.batch.metering import MeteredLLM
-from workers.batch.processing import Services
-from workers.errors import WorkerError
-from workers.settings import Settings, masked_url
+from docqueue.models import make_sessionmaker, store_id
+from docqueue.tasks.limits import limiter_for
+from docqueue.workers.batch.liveness import Heartbeat
+from docqueue.workers.batch.metering import MeteredLLM
+from docqueue.workers.batch.processing import Services
+from docqueue.workers.errors import WorkerError
+from docqueue.workers.settings import Settings, masked_url
 
 T = TypeVar("T")
 
@@ -47,7 +47,7 @@ def resolve_broker(settings: Settings) -> str:
     """The Redis URL: DOCQ_BROKER_URL, or the embedded server under DOCQ_HOME (started once)."""
     if settings.broker_url:
         return settings.broker_url
-    from workers.local.embedded_redis import EmbeddedRedis
+    from docqueue.workers.local.embedded_redis import EmbeddedRedis
 
     return EmbeddedRedis(settings.home).start().url
 
@@ -62,7 +62,7 @@ def resolve_endpoint(settings: Settings) -> str:
     """The model's base URL: DOCQ_LLM_BASE_URL, or the local model server if one is running."""
     if settings.llm_base_url:
         return settings.llm_base_url
-    from workers.local.model import LocalModelServer
+    from docqueue.workers.local.model import LocalModelServer
 
     url = LocalModelServer(settings.home).running_url()
     if url is None:
@@ -147,8 +147,8 @@ class Runtime:
     async def _build_services(self) -> Services:
         # Imported here: langchain-openai and the SDK cost a producer or a `docq status` over a
         # second and ~50 MiB, and only a worker calls the model.
-        from workers.provider.client import EndpointConfig, OpenAICompatibleLLM
-        from workers.provider.lean import LeanLLM
+        from docqueue.workers.provider.client import EndpointConfig, OpenAICompatibleLLM
+        from docqueue.workers.provider.lean import LeanLLM
 
         s = self.settings
         base_url = resolve_endpoint(s)

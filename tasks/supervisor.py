@@ -30,7 +30,7 @@ from types import FrameType
 
 import psutil
 
-from workers.settings import Settings
+from docqueue.workers.settings import Settings
 
 logger = logging.getLogger("docq.worker")
 
@@ -78,7 +78,7 @@ class Supervisor:
         self.stopping = 0  # signals received
 
     def argv(self, index: int) -> list[str]:
-        return [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool=threads",
+        return [sys.executable, "-m", "celery", "-A", "docqueue.tasks", "worker", "--pool=threads",
                 f"--concurrency={self.layout.batches}", f"--hostname={self.name}{index}@%h",
                 "--events", "--loglevel=INFO", "--without-gossip", *self.extra]
 

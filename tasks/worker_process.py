@@ -1,7 +1,7 @@
 """A worker child process with its log in a file: the demo, the integration tests and the
 benchmarks all start their workers with it. `pool="default"` starts `docq worker` as a user
 would (a process per `concurrency`, each running many batches: tasks/supervisor.py); prefork and
-threads start one plain `celery -A tasks worker` of that pool.
+threads start one plain `celery -A docqueue.tasks worker` of that pool.
 
 The environment given is laid over this process's own, so DOCQ_* settings reach the worker.
 """
@@ -48,10 +48,10 @@ class WorkerProcess:
         self._log = log_path.open("wb")
         self.ready_lines = concurrency if pool == "default" else 1
         if pool == "default":
-            argv = [sys.executable, "-m", "tasks.cli", "worker", f"--concurrency={concurrency}",
+            argv = [sys.executable, "-m", "docqueue.tasks.cli", "worker", f"--concurrency={concurrency}",
                     f"--name={name}", "--without-mingle", *extra]
         else:
-            argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", f"--pool={pool}",
+            argv = [sys.executable, "-m", "celery", "-A", "docqueue.tasks", "worker", f"--pool={pool}",
                     f"--concurrency={concurrency}", "--loglevel=INFO", "--without-gossip",
                     "--without-mingle", f"--hostname={name}@%h", *extra]
             if events:

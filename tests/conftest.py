@@ -16,7 +16,7 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import make_sessionmaker, upgrade
+from docqueue.models import make_sessionmaker, upgrade
 
 pytest_plugins = ["tests.plugins.simulator"]
 

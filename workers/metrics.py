@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Histogram
 
-from workers.errors import (
+from docqueue.workers.errors import (
     EndpointUnreachableError,
     LLMErrorMixin,
     PermanentError,

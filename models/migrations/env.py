@@ -2,8 +2,8 @@
 
 from alembic import context
 
-from models.db import make_engine
-from models.tables import Base
+from docqueue.models.db import make_engine
+from docqueue.models.tables import Base
 
 url: str = context.config.attributes.get("url") or context.config.get_main_option("sqlalchemy.url", "")
 engine = make_engine(url)

@@ -20,8 +20,8 @@ import typer
 from pydantic import ValidationError
 from typer.exceptions import Abort, TyperException
 
-from tasks.cli import jobs, operate, recover, top  # noqa: F401  (they register their commands)
-from tasks.cli.app import (
+from docqueue.tasks.cli import jobs, operate, recover, top  # noqa: F401  (they register their commands)
+from docqueue.tasks.cli.app import (
     EXIT_INTERNAL,
     EXIT_JOB_FAILED,
     EXIT_NOT_SENT,
@@ -29,8 +29,8 @@ from tasks.cli.app import (
     EXIT_USAGE,
     cli,
 )
-from workers.errors import JobNotPublishedError, ServiceUnavailableError, WorkerError
-from workers.settings import Settings
+from docqueue.workers.errors import JobNotPublishedError, ServiceUnavailableError, WorkerError
+from docqueue.workers.settings import Settings
 
 __all__ = ["cli", "main"]
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     except Abort:
         typer.echo("error: interrupted", err=True)
         code = 130
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one line and a status
+    except Exception as exc:
         code, line = _failure(exc)
         _report(line, exc, debug=debug)
         if code == EXIT_INTERNAL and not debug:
@@ -73,8 +73,8 @@ def _split(args: list[str]) -> tuple[list[str], list[str], list[str]]:
 
 def _failure(exc: Exception) -> tuple[int, str]:
     """The exit status and the line for an exception a command let out."""
-    from tasks.failures import explain
-    from workers.local.embedded_redis import EmbeddedServiceError
+    from docqueue.tasks.failures import explain
+    from docqueue.workers.local.embedded_redis import EmbeddedServiceError
 
     if isinstance(exc, ValidationError):
         return EXIT_USAGE, _settings_line(exc)
@@ -96,7 +96,7 @@ def _failure(exc: Exception) -> tuple[int, str]:
 
 
 def _report(line: str, exc: BaseException, *, debug: bool) -> None:
-    from tasks.failures import scrub
+    from docqueue.tasks.failures import scrub
 
     settings = _settings()
     if debug:
@@ -134,6 +134,6 @@ def _settings() -> Settings | None:
     if not _cached:
         try:
             _cached.append(Settings())
-        except Exception:  # noqa: BLE001 - an invalid setting is reported on its own
+        except Exception:
             _cached.append(None)
     return _cached[0]

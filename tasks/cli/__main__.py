@@ -1,5 +1,5 @@
 """`python -m tasks.cli`: the `docq` command without its console script."""
 
-from tasks.cli import main
+from docqueue.tasks.cli import main
 
 main()

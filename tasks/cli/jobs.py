@@ -13,7 +13,7 @@ from typing import Annotated, Any, TextIO
 
 import typer
 
-from tasks.cli.app import JsonFlag, cli, db_cli, exit_for, fail
+from docqueue.tasks.cli.app import JsonFlag, cli, db_cli, exit_for, fail
 
 
 def _read_option_file(path: Path | None, what: str) -> str | None:
@@ -62,7 +62,7 @@ def submit(
     as_json: JsonFlag = False,
 ) -> None:
     """Record documents as a job and queue its batches."""
-    from tasks.api import submit as do_submit
+    from docqueue.tasks.api import submit as do_submit
 
     schema_obj = None
     if (schema_text := _read_option_file(schema, "schema")) is not None:
@@ -94,7 +94,7 @@ def submit(
         for item in report["rejected"]:
             typer.echo(f"  rejected {item['id']}: {item['error']}")
     if wait:
-        from tasks.progress import watch
+        from docqueue.tasks.progress import watch
 
         final = handle.wait() if as_json else watch(handle.id)
         if as_json:
@@ -107,7 +107,7 @@ def submit(
 
 def _print_estimate(paths: list[str], pipeline: str, options: dict[str, Any],
                     as_json: bool) -> None:
-    from tasks.control import estimate
+    from docqueue.tasks.control import estimate
 
     est = estimate(paths, pipeline, **options)
     if as_json:
@@ -140,7 +140,7 @@ def _progress_line() -> Any:
 def _summary(st: dict[str, Any]) -> str:
     """`job 7 partial: 160 ok, 3 failed; tokens in 51,200, out 9,600; cost $0.0123`, and the
     reason on a second line when the job has one."""
-    from tasks.progress import chunks_in_words
+    from docqueue.tasks.progress import chunks_in_words
 
     cost = "unknown" if st["cost"] is None else f"${st['cost']:.4f}"
     rejected = st.get("documents_rejected") or 0
@@ -167,10 +167,10 @@ def status(
     as_json: JsonFlag = False,
 ) -> None:
     """Show a job's state, progress, tokens and cost, and the rate limiter's state."""
-    from tasks.api import job_status
+    from docqueue.tasks.api import job_status
 
     if watch and not as_json:
-        from tasks.progress import watch as watch_job
+        from docqueue.tasks.progress import watch as watch_job
 
         st = watch_job(job)
     else:
@@ -183,13 +183,13 @@ def status(
 
 
 def _echo_limiter() -> None:
-    from tasks.limits import format_limiter_status, limiter_status
-    from tasks.runtime import runtime
+    from docqueue.tasks.limits import format_limiter_status, limiter_status
+    from docqueue.tasks.runtime import runtime
 
     try:
         typer.echo(format_limiter_status(limiter_status(runtime().settings)))
     # A status line must not fail the command: say what is missing.
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         typer.echo(f"rate limiter: unavailable ({type(exc).__name__}: {exc})")
 
 
@@ -206,7 +206,7 @@ def results(
 
     A running job's documents are written as they finish: those still waiting are left out.
     """
-    from tasks.api import chunk_results, document_results, job_status
+    from docqueue.tasks.api import chunk_results, document_results, job_status
 
     if level not in ("document", "chunk"):
         raise fail(f"unknown level {level!r}: choose document or chunk")
@@ -252,7 +252,7 @@ def _write_chunks(rows: Iterable[dict[str, Any]], fmt: str, out: TextIO) -> None
 
 def _write_openai_batch(job: int, prefix: Path | None) -> None:
     """PREFIX.output.jsonl and PREFIX.errors.jsonl, OpenAI's output and error files."""
-    from tasks.api import write_openai_batch
+    from docqueue.tasks.api import write_openai_batch
 
     if prefix is None:
         raise fail("--format openai-batch writes two files: give their prefix with --output "
@@ -269,7 +269,7 @@ def _write_openai_batch(job: int, prefix: Path | None) -> None:
 @cli.command()
 def cancel(job: int) -> None:
     """Cancel a job: queued batches close, running ones stop before their next model call."""
-    from tasks.control import cancel as do_cancel
+    from docqueue.tasks.control import cancel as do_cancel
 
     if do_cancel(job):
         typer.echo(f"job {job} cancelled; its batches stop and the merge records what was done")
@@ -286,8 +286,8 @@ def retry(
     wait: Annotated[bool, typer.Option(help="Wait for the job again.")] = False,
 ) -> None:
     """Run a job's failed chunks again as a new chord, then merge the job again."""
-    from tasks.api import JobHandle
-    from tasks.control import retry as do_retry
+    from docqueue.tasks.api import JobHandle
+    from docqueue.tasks.control import retry as do_retry
 
     n = do_retry(job, include_skipped=include_skipped, budget_tokens=budget_tokens,
                  budget_cost=budget_cost)
@@ -312,8 +312,8 @@ def worker(
     name: Annotated[str, typer.Option(help="Hostname prefix of the worker processes.")] = "docq",
 ) -> None:
     """Run docqueue's worker processes (extra arguments, such as -Q, go to Celery)."""
-    from tasks.runtime import runtime
-    from tasks.supervisor import Supervisor, default_layout
+    from docqueue.tasks.runtime import runtime
+    from docqueue.tasks.supervisor import Supervisor, default_layout
 
     settings = runtime().settings
     if pool is None:
@@ -324,7 +324,7 @@ def worker(
                                     max_memory_mb=settings.worker_max_memory_mb).run())
     if pool not in ("prefork", "threads"):
         raise typer.BadParameter(f"choose prefork or threads, not {pool!r}", param_hint="--pool")
-    from tasks.celery import app
+    from docqueue.tasks.celery import app
 
     n = concurrency or default_layout(settings).processes
     app.worker_main(["worker", f"--concurrency={n}", f"--pool={pool}", "--events",
@@ -335,7 +335,7 @@ def worker(
                                "help_option_names": []})
 def simulate(ctx: typer.Context) -> None:
     """Run the provider simulator (`docq simulate --help` for its options)."""
-    from workers.simulator import main as simulator_main
+    from docqueue.workers.simulator import main as simulator_main
 
     raise typer.Exit(simulator_main(list(ctx.args)))
 
@@ -347,7 +347,7 @@ def demo(
     """Summarize the bundled example corpus with the local model, start to finish."""
     from rich.console import Console
 
-    from tasks.demo import run_demo
+    from docqueue.tasks.demo import run_demo
 
     final = run_demo(Console(), fresh=fresh)
     if (done := exit_for(final["status"])) is not None:
@@ -357,8 +357,8 @@ def demo(
 @db_cli.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the store's tables."""
-    from models import upgrade
-    from tasks.runtime import runtime
+    from docqueue.models import upgrade
+    from docqueue.tasks.runtime import runtime
 
     upgrade(runtime().settings.database_url)
     typer.echo("the results store is up to date")

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tasks.cli.app import EXIT_UNAVAILABLE, JsonFlag, cli, fail
+from docqueue.tasks.cli.app import EXIT_UNAVAILABLE, JsonFlag, cli, fail
 
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -21,12 +21,12 @@ def check() -> None:
     One line each on stdout when it works; an `error:` line on stderr for each that does not,
     and exit status 4.
     """
-    from models import store_id
-    from tasks.failures import broker_name, explain, scrub, store_name
-    from tasks.publish import check_broker
-    from tasks.runtime import resolve_endpoint, runtime
-    from workers.provider.probe import probe_endpoint
-    from workers.settings import masked_url
+    from docqueue.models import store_id
+    from docqueue.tasks.failures import broker_name, explain, scrub, store_name
+    from docqueue.tasks.publish import check_broker
+    from docqueue.tasks.runtime import resolve_endpoint, runtime
+    from docqueue.workers.provider.probe import probe_endpoint
+    from docqueue.workers.settings import masked_url
 
     settings = runtime().settings
     failed = False
@@ -35,7 +35,7 @@ def check() -> None:
         nonlocal failed
         try:
             detail = step()
-        except Exception as exc:  # noqa: BLE001 - each check reports its own failure
+        except Exception as exc:
             failed = True
             mapped = explain(exc, settings)
             typer.echo(scrub(f"error: {mapped or exc}", settings), err=True)
@@ -69,9 +69,14 @@ def check() -> None:
 @cli.command()
 def schedules(as_json: JsonFlag = False) -> None:
     """List the schedules of DOCQ_CONFIG with their last and next runs."""
-    from tasks.beat import config_path
-    from tasks.runtime import runtime
-    from workers.jobs.schedules import ScheduleError, last_runs, load_schedules, missing_source
+    from docqueue.tasks.beat import config_path
+    from docqueue.tasks.runtime import runtime
+    from docqueue.workers.jobs.schedules import (
+        ScheduleError,
+        last_runs,
+        load_schedules,
+        missing_source,
+    )
 
     rt = runtime()
     path = config_path(rt.settings)
@@ -116,7 +121,7 @@ def _schedule_lines(row: dict[str, Any]) -> str:
     if last is None:
         lines.append("  last run: never")
     else:
-        from workers.jobs.schedules import run_state
+        from docqueue.workers.jobs.schedules import run_state
 
         state = run_state(last["status"], last["job_status"])
         job = ""
@@ -137,12 +142,12 @@ def _schedule_lines(row: dict[str, Any]) -> str:
 def beat(ctx: typer.Context) -> None:
     """Run Celery beat: the schedules of DOCQ_CONFIG, the reconciler and the batch lane's poll
     (extra arguments go to Celery beat)."""
-    from tasks.beat import beat_entries, config_path
-    from tasks.celery import app
-    from tasks.lane import poll_entry
-    from tasks.maintenance import reconcile_entry
-    from tasks.runtime import runtime
-    from workers.jobs.schedules import ScheduleError, load_schedules
+    from docqueue.tasks.beat import beat_entries, config_path
+    from docqueue.tasks.celery import app
+    from docqueue.tasks.lane import poll_entry
+    from docqueue.tasks.maintenance import reconcile_entry
+    from docqueue.tasks.runtime import runtime
+    from docqueue.workers.jobs.schedules import ScheduleError, load_schedules
 
     settings = runtime().settings
     path = config_path(settings)
@@ -182,8 +187,8 @@ def flower(
 ) -> None:
     """Run Flower with credentials from DOCQ_FLOWER_USER and DOCQ_FLOWER_PASSWORD (extra
     arguments go to Flower)."""
-    from tasks.flower import FlowerAuthError, run_flower
-    from tasks.runtime import runtime
+    from docqueue.tasks.flower import FlowerAuthError, run_flower
+    from docqueue.tasks.runtime import runtime
 
     settings = runtime().settings
     try:

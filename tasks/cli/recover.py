@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tasks.cli.app import JsonFlag, cli, fail
+from docqueue.tasks.cli.app import JsonFlag, cli, fail
 
 # Celery is imported inside the commands: `docq --help` stays fast and opens nothing.
 
@@ -24,8 +24,8 @@ def resume(
     job whose chunks all have a final result is merged. Without: the reconciler's rules run once
     over every open job (what the beat task does each minute). Running it twice is harmless.
     """
-    from tasks.lane import resume_lane
-    from tasks.maintenance import reconcile
+    from docqueue.tasks.lane import resume_lane
+    from docqueue.tasks.maintenance import reconcile
 
     if job is not None:
         _check_resumable(job)
@@ -43,8 +43,8 @@ def resume(
 
 
 def _check_resumable(job_id: int) -> None:
-    from models import Job, JobStatus
-    from tasks.runtime import runtime
+    from docqueue.models import Job, JobStatus
+    from docqueue.tasks.runtime import runtime
 
     with runtime().sessions() as session:
         job = session.get(Job, job_id)
@@ -83,8 +83,8 @@ def _lane_line(r: dict[str, Any]) -> str:
 @cli.command()
 def workers(as_json: JsonFlag = False) -> None:
     """Show each worker process's memory (RSS) against DOCQ_WORKER_MAX_MEMORY_MB."""
-    from tasks.maintenance import format_worker_memory, worker_memory
-    from tasks.runtime import runtime
+    from docqueue.tasks.maintenance import format_worker_memory, worker_memory
+    from docqueue.tasks.runtime import runtime
 
     rows = worker_memory(runtime().settings)
     typer.echo(json.dumps(rows) if as_json else format_worker_memory(rows))

@@ -16,7 +16,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from tasks.cli.app import cli
+from docqueue.tasks.cli.app import cli
 
 BAR_WIDTH = 12
 PIPE_WIDTH = 120  # a frame written to a pipe or a file: no terminal says how wide
@@ -32,8 +32,8 @@ def top(
     the limits, calls in flight, cool-down). Ctrl-C ends it."""
     from rich.live import Live
 
-    from tasks.progress import Rates
-    from tasks.runtime import runtime
+    from docqueue.tasks.progress import Rates
+    from docqueue.tasks.runtime import runtime
 
     settings = runtime().settings
     rates: dict[int, Rates] = {}
@@ -51,9 +51,9 @@ def top(
 
 def frame(settings: Any, rates: dict[int, Any]) -> Group:
     """One frame: the jobs table and the limiter's lines. `rates` keeps each job's samples."""
-    from tasks.api import running_jobs
-    from tasks.limits import format_limiter_status, limiter_status
-    from tasks.progress import Rates
+    from docqueue.tasks.api import running_jobs
+    from docqueue.tasks.limits import format_limiter_status, limiter_status
+    from docqueue.tasks.progress import Rates
 
     jobs = running_jobs()
     for gone in set(rates) - {j["id"] for j in jobs}:
@@ -65,7 +65,7 @@ def frame(settings: Any, rates: dict[int, Any]) -> Group:
 
 
 def jobs_table(snaps: list[Any], jobs: list[dict[str, Any]]) -> Table | Text:
-    from tasks.progress import cost_text, duration_text, rate_text
+    from docqueue.tasks.progress import cost_text, duration_text, rate_text
 
     if not jobs:
         return Text("no running jobs")

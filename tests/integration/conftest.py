@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from tasks.runtime import reset_runtime
-from tasks.worker_process import WorkerProcess
+from docqueue.tasks.runtime import reset_runtime
+from docqueue.tasks.worker_process import WorkerProcess
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def docq_env(
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         reset_runtime()
-        from tasks.celery import app
+        from docqueue.tasks.celery import app
 
         # The app reads its broker once per process: a test on another Redis DB would publish
         # where none of its workers listen.

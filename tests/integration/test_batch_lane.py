@@ -19,7 +19,7 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from models import (
+from docqueue.models import (
     FINAL_JOB_STATES,
     Chunk,
     LedgerState,
@@ -27,10 +27,10 @@ from models import (
     ProviderBatchChunk,
     Result,
 )
-from tasks import submit
-from tasks.api import job_status
-from tasks.control import cancel
-from tasks.runtime import runtime
+from docqueue.tasks import submit
+from docqueue.tasks.api import job_status
+from docqueue.tasks.control import cancel
+from docqueue.tasks.runtime import runtime
 
 pytestmark = pytest.mark.integration
 
@@ -277,8 +277,8 @@ def provider_batches(sim: Any) -> list[dict[str, Any]]:
 def test_a_crash_after_any_provider_call_is_finished_by_the_next_advance_without_a_duplicate(
     simulator: Any, docq_env: Any, after: str
 ) -> None:
-    from workers.jobs.lane import advance
-    from workers.provider.batch_api import OpenAIBatchApi, RequestBodies
+    from docqueue.workers.jobs.lane import advance
+    from docqueue.workers.provider.batch_api import OpenAIBatchApi, RequestBodies
 
     # Given a batch-lane job of 30 chunks and nothing polling it but this test
     sim = simulator("--seed", "6")
@@ -512,8 +512,8 @@ def test_a_batch_the_provider_fails_counts_an_attempt_for_each_chunk(
 def test_the_lane_lock_is_renewed_while_held_and_freed_after(
     docq_env: Any, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tasks import lane
-    from workers import keys
+    from docqueue.tasks import lane
+    from docqueue.workers import keys
 
     docq_env("http://127.0.0.1:9/v1")
     monkeypatch.setattr(lane, "LOCK_TTL_S", 0.6)
@@ -534,7 +534,7 @@ def test_the_lane_lock_is_renewed_while_held_and_freed_after(
 def test_long_documents_go_through_the_batch_lane_and_are_reduced_online_to_one_answer(
     simulator: Any, docq_env: Any, workers: Any, beat: Any
 ) -> None:
-    from tasks.api import document_results
+    from docqueue.tasks.api import document_results
 
     # Given documents of several chunks each, on the batch lane
     sim = simulator("--seed", "4", "--batch-turnaround-s", "1")

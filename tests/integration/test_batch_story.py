@@ -10,9 +10,9 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from models import Chunk, Result
-from tasks import submit
-from tasks.runtime import runtime
+from docqueue.models import Chunk, Result
+from docqueue.tasks import submit
+from docqueue.tasks.runtime import runtime
 from tests.integration.test_pipeline import corpus
 
 pytestmark = pytest.mark.integration

@@ -15,17 +15,17 @@ from typing import Any
 
 import pytest
 
-from tests.plugins.simulator import SimulatorFactory
-from workers.errors import (
+from docqueue.workers.errors import (
     FlexUnavailableError,
     PermanentLLMError,
     RateLimitedError,
     RetryableLLMError,
 )
-from workers.pipelines import Prompt
-from workers.provider.client import LLM, EndpointConfig, OpenAICompatibleLLM
-from workers.provider.lean import LeanLLM
-from workers.simulator.process import SimulatorProcess
+from docqueue.workers.pipelines import Prompt
+from docqueue.workers.provider.client import LLM, EndpointConfig, OpenAICompatibleLLM
+from docqueue.workers.provider.lean import LeanLLM
+from docqueue.workers.simulator.process import SimulatorProcess
+from tests.plugins.simulator import SimulatorFactory
 
 CLIENTS = {"langchain": OpenAICompatibleLLM, "lean": LeanLLM}
 CHAT = Prompt(messages=[{"role": "system", "content": "Summarize the text."},

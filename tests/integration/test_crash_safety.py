@@ -16,6 +16,7 @@ calls per prompt, and when they started, are counted, not guessed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -33,14 +34,14 @@ import redis
 from sqlalchemy import func, or_, select
 from sqlalchemy.exc import OperationalError
 
-from models import FINAL_JOB_STATES as TERMINAL
-from models import FINAL_RESULT_STATES, Batch, Chunk, Job, Result, upgrade
-from tasks import submit
-from tasks.runtime import runtime
+from docqueue.models import FINAL_JOB_STATES as TERMINAL
+from docqueue.models import FINAL_RESULT_STATES, Batch, Chunk, Job, Result, upgrade
+from docqueue.tasks import submit
+from docqueue.tasks.runtime import runtime
+from docqueue.workers import keys
+from docqueue.workers.jobs.reconcile import open_jobs
+from docqueue.workers.pipelines import build_pipeline
 from tests.conftest import free_port
-from workers import keys
-from workers.jobs.reconcile import open_jobs
-from workers.pipelines import build_pipeline
 
 pytestmark = pytest.mark.integration
 
@@ -291,8 +292,8 @@ def test_a_worker_killed_mid_batch_is_redelivered_and_the_job_completes_once(
 def test_redis_flushed_mid_job_is_finished_by_the_reconciler(
     simulator: Any, docq_env: Any, workers: Any, redis_client: redis.Redis
 ) -> None:
-    from tasks.maintenance import reconcile
-    from workers.jobs.reconcile import marker_key
+    from docqueue.tasks.maintenance import reconcile
+    from docqueue.workers.jobs.reconcile import marker_key
 
     # Given a job in flight, with its publish marker in Redis, and more batches than the
     # worker has open (2 per process), so some wait in the queue
@@ -387,10 +388,8 @@ class PrivatePostgres:
         self._run(str(self.pg_ctl), "-D", str(self.dir / "data"), "-m", mode, "-w", "stop")
 
     def remove(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
             self.stop("immediate")
-        except subprocess.CalledProcessError:
-            pass  # already stopped
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -431,10 +430,10 @@ def test_postgres_restarted_mid_job_loses_no_paid_output(
 def test_the_same_batch_delivered_to_two_worker_processes_calls_the_model_once_per_chunk(
     simulator: Any, docq_env: Any, workers: Any
 ) -> None:
-    from tasks.batches import process_batch
-    from workers.ingest.sources import iter_documents
-    from workers.jobs.submission import create_job, ingest, mark_submitted
-    from workers.pipelines import build_pipeline
+    from docqueue.tasks.batches import process_batch
+    from docqueue.workers.ingest.sources import iter_documents
+    from docqueue.workers.jobs.submission import create_job, ingest, mark_submitted
+    from docqueue.workers.pipelines import build_pipeline
 
     # Given two separate worker processes and a recorded, unpublished job with slow calls
     sim = simulator("--latency-ms", "500", "--seed", "15")
@@ -504,7 +503,7 @@ def test_a_poison_batch_stops_after_max_deliveries_with_its_error_recorded(
 def test_sigterm_lets_running_batches_finish_and_another_worker_takes_the_rest(
     simulator: Any, docq_env: Any, workers: Any
 ) -> None:
-    from tasks.maintenance import worker_memory
+    from docqueue.tasks.maintenance import worker_memory
 
     # Given a worker in the middle of a job of slow calls, reporting its memory
     sim = simulator("--latency-ms", "1000", "--seed", "17")

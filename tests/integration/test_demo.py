@@ -7,6 +7,7 @@ and checks the exit status and the store.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -85,10 +86,8 @@ def user_dir(tmp_path: Path) -> Iterator[Path]:
     for name in ("llm", "redis"):
         state = where / ".docq" / name / "server.json"
         if state.exists():
-            try:
+            with contextlib.suppress(OSError, ValueError, KeyError):
                 os.kill(json.loads(state.read_text())["pid"], signal.SIGKILL)
-            except (OSError, ValueError, KeyError):
-                pass
 
 
 def chunk_states(store: Path) -> dict[str, int]:
@@ -96,7 +95,7 @@ def chunk_states(store: Path) -> dict[str, int]:
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT status, count(*) FROM results GROUP BY status")).all()
     engine.dispose()
-    return {status: n for status, n in rows}
+    return dict(rows)
 
 
 def test_the_demo_runs_from_any_directory_and_survives_its_model_server_being_killed(

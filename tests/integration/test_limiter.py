@@ -19,7 +19,13 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from workers.provider.limiter import Limiter, LimiterBusy, Limits, RequestTooLargeError, Ticket
+from docqueue.workers.provider.limiter import (
+    Limiter,
+    LimiterBusy,
+    Limits,
+    RequestTooLargeError,
+    Ticket,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -352,7 +358,7 @@ def test_a_large_request_is_not_starved_by_a_stream_of_small_ones(redis_url: str
 COOL_DOWN_CHILD = """
 import asyncio, sys
 from redis.asyncio import Redis
-from workers.provider.limiter import Limiter, Limits
+from docqueue.workers.provider.limiter import Limiter, Limits
 
 async def main():
     client = Redis.from_url(sys.argv[1])
@@ -410,7 +416,7 @@ def test_a_cool_down_only_ever_extends(redis_url: str) -> None:
 KILLED_CHILD = """
 import asyncio, os, sys
 from redis.asyncio import Redis
-from workers.provider.limiter import Limiter, Limits
+from docqueue.workers.provider.limiter import Limiter, Limits
 
 async def main():
     client = Redis.from_url(sys.argv[1])
@@ -592,7 +598,7 @@ async def fill(limiter: Limiter) -> list[Ticket]:
         try:
             tickets.append(await limiter.acquire(1, max_wait_s=0))
         except LimiterBusy as exc:
-            assert exc.reason == "in-flight"
+            assert exc.reason == "in-flight"  # noqa: PT017 - a loop, not one expected raise
             return tickets
 
 

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import IN_CI
-from tests.integration.test_localmodel import require_local_extra
-from workers.local.model import (
+from docqueue.workers.local.model import (
     amx_enabled,
     build_features,
     check_llama_cpp,
     cpu_flags,
     unusable_features,
 )
+from tests.conftest import IN_CI
+from tests.integration.test_localmodel import require_local_extra
 
 pytestmark = [pytest.mark.local_model]
 

@@ -15,18 +15,19 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from models import Result
-from tasks import submit
-from tasks.runtime import runtime
+from docqueue.models import Result
+from docqueue.tasks import submit
+from docqueue.tasks.runtime import runtime
+from docqueue.workers.local import DEMO_CORPUS
+from docqueue.workers.local.model import LocalModelServer
+from docqueue.workers.settings import LOCAL_MODEL_NAME
 from tests.integration.test_localmodel import require_local_extra
-from workers.local.model import LocalModelServer
-from workers.settings import LOCAL_MODEL_NAME
 
 pytestmark = [pytest.mark.integration, pytest.mark.local_model]
 
-CORPUS = Path(__file__).resolve().parents[2] / "examples" / "corpus"
+CORPUS = DEMO_CORPUS
 TOPICS = ["sports", "politics", "technology", "cooking", "science", "travel"]
-# Four texts of examples/corpus and the topic a reader gives each.
+# Four texts of the demo corpus and the topic a reader gives each.
 LABELLED = {
     "cup-final-penalties.txt": "sports",
     "election-debate.md": "politics",

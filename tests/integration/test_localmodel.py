@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from langchain_openai import OpenAI
 
+from docqueue.workers.local.model import LocalModelError, LocalModelServer, ensure_model
 from tests.conftest import IN_CI, free_port
-from workers.local.model import LocalModelError, LocalModelServer, ensure_model
 
 pytestmark = pytest.mark.integration
 
@@ -108,7 +108,7 @@ def test_a_missing_local_extra_names_the_install_command(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given an environment without the model package
-    monkeypatch.setattr("workers.local.model.MODEL_PACKAGE", "docq_no_such_model_package")
+    monkeypatch.setattr("docqueue.workers.local.model.MODEL_PACKAGE", "docq_no_such_model_package")
     # When the model is ensured
     with pytest.raises(LocalModelError) as error:
         ensure_model(tmp_path)
@@ -134,7 +134,7 @@ def test_a_missing_llama_cpp_names_the_install_command(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given an environment where llama-cpp-python is not installed
-    monkeypatch.setattr("workers.local.model.importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr("docqueue.workers.local.model.importlib.util.find_spec", lambda name: None)
     # When the local model server starts
     with pytest.raises(LocalModelError) as error:
         LocalModelServer(tmp_path / "home", port=free_port()).start()

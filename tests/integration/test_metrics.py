@@ -18,9 +18,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
-from models import Result
-from tasks import submit
-from tasks.runtime import runtime
+from docqueue.models import Result
+from docqueue.tasks import submit
+from docqueue.tasks.runtime import runtime
 from tests.conftest import free_port
 from tests.integration.test_pipeline import corpus
 

@@ -12,8 +12,8 @@ import jsonschema
 import pytest
 from typer.testing import CliRunner
 
-from tasks.api import JobHandle
-from tasks.cli import cli
+from docqueue.tasks.api import JobHandle
+from docqueue.tasks.cli import cli
 
 pytestmark = pytest.mark.integration
 

@@ -28,16 +28,16 @@ import redis
 from pydantic import SecretStr
 from sqlalchemy import select, text
 
-from models import Document, Job
-from models.tables import ScheduleRun
-from tasks import beat as beat_tasks  # not its task: pytest would configure the app
-from tasks.api import JobHandle, submit
-from tasks.flower import FlowerAuthError, basic_auth
-from tasks.progress import Rates, watch
-from tasks.runtime import runtime
+from docqueue.models import Document, Job
+from docqueue.models.tables import ScheduleRun
+from docqueue.tasks import beat as beat_tasks  # not its task: pytest would configure the app
+from docqueue.tasks.api import JobHandle, submit
+from docqueue.tasks.flower import FlowerAuthError, basic_auth
+from docqueue.tasks.progress import Rates, watch
+from docqueue.tasks.runtime import runtime
+from docqueue.workers import keys
+from docqueue.workers.settings import Settings
 from tests.conftest import free_port
-from workers import keys
-from workers.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -95,7 +95,7 @@ def services(tmp_path: Path) -> Iterator[Callable[..., Service]]:
 def start_worker(services: Callable[..., Service], env: dict[str, str], name: str) -> Service:
     # tasks.beat holds schedules.run; include it whatever the app's own include list says.
     worker = services(name, [
-        sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool=prefork",
+        sys.executable, "-m", "celery", "-A", "docqueue.tasks", "worker", "--pool=prefork",
         "--concurrency=2", "--loglevel=INFO", "--without-gossip", "--without-mingle", "--events",
         "--include=tasks.beat", f"--hostname={name}@%h"], env)
     worker.wait_for(r"ready\.")
@@ -517,7 +517,7 @@ def test_flower_pages_show_short_fields_and_no_traceback() -> None:
     # Given a task event record with a long argument, a multi-line exception and a traceback
     from celery.events.state import Task
 
-    from tasks.flower import format_task
+    from docqueue.tasks.flower import format_task
 
     task = Task(uuid="u1", name="jobs.merge", args="x" * 500, kwargs="{}", result="ok",
                 exception="OperationalError: boom\n[SQL: INSERT ...]\n[parameters: secret]",

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from models import Batch, Chunk, Document, Job, Result
-from tasks import submit
-from tasks.runtime import runtime
+from docqueue.models import Batch, Chunk, Document, Job, Result
+from docqueue.tasks import submit
+from docqueue.tasks.runtime import runtime
 
 pytestmark = pytest.mark.integration
 
@@ -219,9 +219,9 @@ def test_the_same_batch_delivered_twice_calls_the_model_once_per_chunk(
     simulator: Any, docq_env: Any, workers: Any
 ) -> None:
     # Given a job that is recorded but not yet published, and slow model calls
-    from tasks.batches import process_batch
-    from workers.jobs.submission import create_job, ingest, mark_submitted
-    from workers.pipelines import build_pipeline
+    from docqueue.tasks.batches import process_batch
+    from docqueue.workers.jobs.submission import create_job, ingest, mark_submitted
+    from docqueue.workers.pipelines import build_pipeline
 
     sim = simulator("--latency-ms", "300", "--seed", "5")
     env = docq_env(sim.url, chunk_tokens=40, chunk_overlap_tokens=0, batch_max_chunks=10)
@@ -249,14 +249,14 @@ def test_the_same_batch_delivered_twice_calls_the_model_once_per_chunk(
 
 
 def _sources(pairs: list[tuple[str, str]]) -> Any:
-    from workers.ingest.sources import iter_documents
+    from docqueue.workers.ingest.sources import iter_documents
 
     return iter_documents(pairs, max_bytes=10**6)
 
 
 def test_merge_twice_leaves_the_same_state(simulator: Any, docq_env: Any, workers: Any) -> None:
     # Given a finished job
-    from workers.jobs.merging import merge_job
+    from docqueue.workers.jobs.merging import merge_job
 
     sim = simulator("--seed", "6")
     env = docq_env(sim.url, chunk_tokens=40, chunk_overlap_tokens=0)

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from benchmarks.dashboard import panels, query, render
-from tasks import submit
+from docqueue.tasks import submit
 from tests.conftest import free_port
 from tests.integration.test_pipeline import corpus
 

@@ -25,14 +25,14 @@ import redis.asyncio
 from aiohttp import ClientSession, ClientTimeout, web
 from sqlalchemy import func, select
 
-from models import Chunk, Result
-from tasks import submit
-from tasks.limits import format_limiter_status, limiter_for, limiter_status
-from tasks.runtime import runtime
+from docqueue.models import Chunk, Result
+from docqueue.tasks import submit
+from docqueue.tasks.limits import format_limiter_status, limiter_for, limiter_status
+from docqueue.tasks.runtime import runtime
+from docqueue.workers.batch.processing import prompt_tokens
+from docqueue.workers.pipelines import build_pipeline
+from docqueue.workers.provider.headers import retry_after_s
 from tests.conftest import free_port
-from workers.batch.processing import prompt_tokens
-from workers.pipelines import build_pipeline
-from workers.provider.headers import retry_after_s
 
 pytestmark = pytest.mark.integration
 

@@ -15,15 +15,15 @@ import pytest
 from sqlalchemy import delete, select, update
 from typer.testing import CliRunner
 
-from models import Batch, Chunk, Document, Job, Result
-from tasks import submit
-from tasks.cli import cli
-from tasks.maintenance import reconcile
-from tasks.runtime import runtime
-from workers.ingest.chunking import Chunker
-from workers.jobs.sizing import room_for_text
-from workers.pipelines import build_pipeline
-from workers.settings import Settings
+from docqueue.models import Batch, Chunk, Document, Job, Result
+from docqueue.tasks import submit
+from docqueue.tasks.cli import cli
+from docqueue.tasks.maintenance import reconcile
+from docqueue.tasks.runtime import runtime
+from docqueue.workers.ingest.chunking import Chunker
+from docqueue.workers.jobs.sizing import room_for_text
+from docqueue.workers.pipelines import build_pipeline
+from docqueue.workers.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from models import Result
-from tasks import submit
-from tasks.runtime import runtime
+from docqueue.models import Result
+from docqueue.tasks import submit
+from docqueue.tasks.runtime import runtime
 from tests.integration.test_batch_lane import SHAPE, corpus, wait_final
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
+from docqueue.workers.simulator.process import SimulatorProcess
 from tests.plugins.simulator import SimulatorFactory
-from workers.simulator.process import SimulatorProcess
 
 pytestmark = pytest.mark.integration
 

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from models import Chunk, Result
-from tasks import submit
-from tasks.control import cancel, retry
-from tasks.runtime import runtime
+from docqueue.models import Chunk, Result
+from docqueue.tasks import submit
+from docqueue.tasks.control import cancel, retry
+from docqueue.tasks.runtime import runtime
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +59,7 @@ def test_an_unchanged_corpus_makes_no_model_call_and_a_changed_document_only_its
     # Then only that document's chunks were sent to the model
     fresh = [r for r in results(third.id) if not r.cached]
     with runtime().sessions() as s:
-        from models import Document
+        from docqueue.models import Document
         changed_doc = s.scalar(select(Document.id).where(Document.job_id == third.id,
                                                          Document.external_id == "doc-2"))
     assert fresh and {r.document_id for r in fresh} == {changed_doc}
@@ -84,7 +84,7 @@ def test_cache_off_and_refresh_call_the_model(simulator: Any, docq_env: Any,
     assert not any(r.cached for r in results(off.id) + results(refreshed.id))
 
 
-@pytest.mark.parametrize("inflight, processes", [(2, 2), (1, 1)])
+@pytest.mark.parametrize(("inflight", "processes"), [(2, 2), (1, 1)])
 def test_a_budget_stops_spending_within_one_round_of_calls_in_flight(
     simulator: Any, docq_env: Any, workers: Any, inflight: int, processes: int
 ) -> None:

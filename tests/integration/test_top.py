@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tasks import submit
+from docqueue.tasks import submit
 from tests.integration.test_pipeline import corpus
 
 pytestmark = pytest.mark.integration

@@ -10,11 +10,11 @@ from typing import Any
 import psutil
 import pytest
 
-from tasks import submit
-from tasks.celery import broker_redis
-from tasks.supervisor import Layout, default_layout
-from workers.batch.liveness import batch_slots
-from workers.settings import Settings
+from docqueue.tasks import submit
+from docqueue.tasks.celery import broker_redis
+from docqueue.tasks.supervisor import Layout, default_layout
+from docqueue.workers.batch.liveness import batch_slots
+from docqueue.workers.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from workers.simulator.process import SimulatorProcess
+from docqueue.workers.simulator.process import SimulatorProcess
 
 SimulatorFactory = Callable[..., SimulatorProcess]
 

@@ -3,6 +3,7 @@
 Every import counts, also one inside a function (a lazy import still ties two modules together).
 The layers, top to bottom (docs/ARCHITECTURE.md explains them):
 
+    docqueue (the face, docqueue/__init__.py)  the few names a user imports
     tasks                                  the Celery layer, the CLI, the public API
     workers.jobs                           a job's life
     workers.batch                          one batch delivery
@@ -12,6 +13,7 @@ The layers, top to bottom (docs/ARCHITECTURE.md explains them):
     workers.{settings,errors,tokens,keys,clock,metrics}   shared names
     models                                 the tables
 
+Every name is under the one import package, `docqueue.` (left out above).
 A module may import from its own layer and the layers below it. `workers.local` and
 `workers.simulator` stand beside the layers: they import only the shared names and models, and
 only `tasks` imports them.
@@ -25,19 +27,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("models", "workers", "tasks")
-FOUNDATION = ("workers.settings", "workers.errors", "workers.tokens", "workers.keys",
-              "workers.clock", "workers.metrics")
+FOUNDATION = tuple(f"docqueue.workers.{m}"
+                   for m in ("settings", "errors", "tokens", "keys", "clock", "metrics"))
 LAYERS: list[tuple[str, ...]] = [
-    ("tasks",),
-    ("workers.jobs",),
-    ("workers.batch",),
-    ("workers.provider",),
-    ("workers.pipelines",),
-    ("workers.ingest",),
+    ("docqueue",),
+    ("docqueue.tasks",),
+    ("docqueue.workers.jobs",),
+    ("docqueue.workers.batch",),
+    ("docqueue.workers.provider",),
+    ("docqueue.workers.pipelines",),
+    ("docqueue.workers.ingest",),
     FOUNDATION,
-    ("models",),
+    ("docqueue.models",),
 ]
-BESIDE = ("workers.local", "workers.simulator")
+BESIDE = ("docqueue.workers.local", "docqueue.workers.simulator")
 
 
 def module_files() -> dict[str, Path]:
@@ -48,7 +51,8 @@ def module_files() -> dict[str, Path]:
             parts = path.relative_to(ROOT).with_suffix("").parts
             if parts[-1] == "__init__":
                 parts = parts[:-1]
-            found[".".join(parts)] = path
+            found[".".join(("docqueue", *parts))] = path
+    found["docqueue"] = ROOT / "docqueue" / "__init__.py"
     return found
 
 
@@ -120,10 +124,10 @@ def _within(module: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def layer_of(module: str) -> int | None:
-    for i, prefixes in enumerate(LAYERS):
-        if _within(module, prefixes):
-            return i
-    return None
+    # The most specific layer wins: `docqueue` (the face) holds every other name as a prefix.
+    found = [(max(len(p) for p in prefixes if _within(module, (p,))), i)
+             for i, prefixes in enumerate(LAYERS) if _within(module, prefixes)]
+    return max(found)[1] if found else None
 
 
 def forbidden_imports(graph: dict[str, set[str]]) -> list[str]:
@@ -136,11 +140,11 @@ def forbidden_imports(graph: dict[str, set[str]]) -> list[str]:
                     wrong.append(f"{source} -> {target} (side packages are independent)")
                 continue
             if _within(target, BESIDE):
-                if not _within(source, ("tasks",)):
+                if not _within(source, ("docqueue.tasks",)):
                     wrong.append(f"{source} -> {target} (only tasks uses {target})")
                 continue
             if _within(source, BESIDE):
-                if not _within(target, (*FOUNDATION, "models")):
+                if not _within(target, (*FOUNDATION, "docqueue.models")):
                     wrong.append(f"{source} -> {target} (a side package uses shared names only)")
                 continue
             low, high = layer_of(source), layer_of(target)
@@ -164,7 +168,7 @@ def test_imports_only_go_down_the_layers() -> None:
 
 def test_every_module_is_in_a_layer() -> None:
     unplaced = [m for m in module_files()
-                if layer_of(m) is None and not _within(m, BESIDE) and m != "workers"]
+                if layer_of(m) is None and not _within(m, BESIDE) and m != "docqueue.workers"]
     assert unplaced == []
 
 
@@ -172,7 +176,7 @@ def test_workers_and_models_never_import_celery() -> None:
     # The work runs from a REPL; only tasks/ knows Celery.
     offenders = []
     for name, path in module_files().items():
-        if _within(name, ("workers", "models")):
+        if _within(name, ("docqueue.workers", "docqueue.models")):
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
                 if isinstance(node, ast.Import | ast.ImportFrom):
                     mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
@@ -184,9 +188,24 @@ def test_workers_and_models_never_import_celery() -> None:
 
 def test_the_checks_see_a_cycle_and_an_upward_import() -> None:
     # Given a small graph with both faults planted
-    graph = {"workers.ingest.a": {"workers.jobs.b"}, "workers.jobs.b": {"workers.ingest.a"},
-             "models.c": set()}
+    a, b = "docqueue.workers.ingest.a", "docqueue.workers.jobs.b"
+    graph = {a: {b}, b: {a}, "docqueue.models.c": set()}
     # Then both checks report them
-    assert cycles(graph) == [["workers.ingest.a", "workers.jobs.b"]]
-    assert forbidden_imports(graph) == [
-        "workers.ingest.a -> workers.jobs.b (imports a layer above its own)"]
+    assert cycles(graph) == [[a, b]]
+    assert forbidden_imports(graph) == [f"{a} -> {b} (imports a layer above its own)"]
+
+
+def test_every_import_of_ours_goes_through_the_one_package_name() -> None:
+    # Given every Python file of the repository (code, tests, benchmarks, examples)
+    bare = []
+    for folder in (*PACKAGES, "docqueue", "tests", "benchmarks", "examples"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom)
+                         and not node.level else [])
+                bare += [f"{path.relative_to(ROOT)}: {n}" for n in names
+                         if n.split(".")[0] in PACKAGES]
+    # Then none names `models`, `workers` or `tasks` at the top: a user's own modules of those
+    # names must never be ours, nor ours theirs
+    assert bare == []

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from workers.provider.retry import FLOOR_SPREAD, backoff_s
+from docqueue.workers.provider.retry import FLOOR_SPREAD, backoff_s
 
 
 def test_the_draw_spans_zero_to_the_exponential_ceiling() -> None:

@@ -8,12 +8,12 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import Batch, Chunk, make_sessionmaker, upgrade
-from workers.ingest.batching import BatchSizes
-from workers.ingest.sources import iter_documents
-from workers.jobs.submission import create_job, ingest
-from workers.pipelines import build_pipeline
-from workers.settings import Settings
+from docqueue.models import Batch, Chunk, make_sessionmaker, upgrade
+from docqueue.workers.ingest.batching import BatchSizes
+from docqueue.workers.ingest.sources import iter_documents
+from docqueue.workers.jobs.submission import create_job, ingest
+from docqueue.workers.pipelines import build_pipeline
+from docqueue.workers.settings import Settings
 
 
 def test_batches_double_from_the_least_to_the_most() -> None:

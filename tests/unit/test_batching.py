@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from workers.ingest.batching import Batcher, batched
+from docqueue.workers.ingest.batching import Batcher, batched
 
 
 def test_batches_respect_both_limits_and_keep_order() -> None:

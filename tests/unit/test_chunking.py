@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from workers.ingest.chunking import Chunker, ChunkSpan
-from workers.tokens import count_tokens
+from docqueue.workers.ingest.chunking import Chunker, ChunkSpan
+from docqueue.workers.tokens import count_tokens
 
 WORDS = [
     *("the", "queue", "holds", "batches", "of", "chunks", "while", "workers", "call", "model"),
@@ -202,7 +202,7 @@ def test_impossible_limits_are_refused(chunk_tokens: int, overlap: int, message:
 
 def test_split_ends_even_when_no_token_boundary_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     # Given a tokenizer that counts every text of two or more characters as too long on its own
-    from workers.ingest import chunking
+    from docqueue.workers.ingest import chunking
 
     monkeypatch.setattr(chunking, "count_tokens", lambda s: 1 if len(s) == 1 else 99)
     text = "ab c"

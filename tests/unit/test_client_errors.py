@@ -17,10 +17,10 @@ from contextlib import contextmanager
 
 import pytest
 
-from workers.errors import EndpointUnreachableError, RetryableLLMError
-from workers.pipelines import Prompt
-from workers.provider.client import LLM, EndpointConfig, OpenAICompatibleLLM
-from workers.provider.lean import LeanLLM
+from docqueue.workers.errors import EndpointUnreachableError, RetryableLLMError
+from docqueue.workers.pipelines import Prompt
+from docqueue.workers.provider.client import LLM, EndpointConfig, OpenAICompatibleLLM
+from docqueue.workers.provider.lean import LeanLLM
 
 Client = Callable[[EndpointConfig], LLM]
 
@@ -47,7 +47,7 @@ def _timed_complete(client: Client, base_url: str,
         started = time.monotonic()
         try:
             await llm.complete(Prompt(text="hello"), max_tokens=5)
-        except BaseException as exc:  # noqa: BLE001 (the test inspects it)
+        except BaseException as exc:
             return exc, time.monotonic() - started
         finally:
             await llm.aclose()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.settings import Price
+from docqueue.workers.settings import Price
 
 
 def test_the_batch_lane_and_flex_cost_half_unless_the_table_says_otherwise() -> None:

@@ -15,11 +15,11 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import Batch, Chunk, Document, Job, Result, make_sessionmaker
-from workers import keys
-from workers.batch import leases, liveness
-from workers.batch.liveness import Heartbeat, trusted
-from workers.settings import Settings
+from docqueue.models import Batch, Chunk, Document, Job, Result, make_sessionmaker
+from docqueue.workers import keys
+from docqueue.workers.batch import leases, liveness
+from docqueue.workers.batch.liveness import Heartbeat, trusted
+from docqueue.workers.settings import Settings
 
 
 def test_a_missing_heartbeat_means_dead_only_once_the_heartbeats_are_a_ttl_old() -> None:
@@ -35,7 +35,7 @@ def test_a_missing_heartbeat_means_dead_only_once_the_heartbeats_are_a_ttl_old()
 def test_settings_refuse_a_heartbeat_ttl_under_two_refreshes() -> None:
     # Given a refresh every 6 s and a TTL of 10 s: one lost refresh would kill a live owner
     # When the settings are read, Then they are refused with both names
-    with pytest.raises(ValidationError, match="DOCQ_HEARTBEAT_TTL_S .* twice DOCQ_HEARTBEAT_S"):
+    with pytest.raises(ValidationError, match=r"DOCQ_HEARTBEAT_TTL_S .* twice DOCQ_HEARTBEAT_S"):
         Settings(heartbeat_s=6, heartbeat_ttl_s=10)
     assert Settings().heartbeat_ttl_s >= 2 * Settings().heartbeat_s
 

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import Chunk, Document, Job, JobStatus, Result, make_sessionmaker, upgrade
-from workers.jobs.merging import merge_job
-from workers.pipelines import build_pipeline
+from docqueue.models import Chunk, Document, Job, JobStatus, Result, make_sessionmaker, upgrade
+from docqueue.workers.jobs.merging import merge_job
+from docqueue.workers.pipelines import build_pipeline
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

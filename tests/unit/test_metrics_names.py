@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from workers.batch.story import reason
-from workers.errors import (
+from docqueue.workers.batch.story import reason
+from docqueue.workers.errors import (
     EndpointUnreachableError,
     PermanentLLMError,
     RateLimitedError,
     RetryableLLMError,
 )
-from workers.metrics import endpoint_label, outcome_of
-from workers.pipelines.base import OutputParseError
+from docqueue.workers.metrics import endpoint_label, outcome_of
+from docqueue.workers.pipelines.base import OutputParseError
 
 
 @pytest.mark.parametrize(("exc", "outcome"), [

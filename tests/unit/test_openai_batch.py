@@ -12,13 +12,13 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import Chunk, Document, Job, JobStatus, Result, make_sessionmaker
-from workers.errors import InputError, PipelineError
-from workers.ingest.sources import SourceDocument
-from workers.jobs.merging import merge_job
-from workers.jobs.submission import create_job, ingest
-from workers.pipelines import build_pipeline
-from workers.pipelines.openai_batch import (
+from docqueue.models import Chunk, Document, Job, JobStatus, Result, make_sessionmaker
+from docqueue.workers.errors import InputError, PipelineError
+from docqueue.workers.ingest.sources import SourceDocument
+from docqueue.workers.jobs.merging import merge_job
+from docqueue.workers.jobs.submission import create_job, ingest
+from docqueue.workers.pipelines import build_pipeline
+from docqueue.workers.pipelines.openai_batch import (
     MAX_FILE_BYTES,
     MAX_REQUESTS,
     BatchFileError,
@@ -26,7 +26,7 @@ from workers.pipelines.openai_batch import (
     read_batch_file,
     write_batch_results,
 )
-from workers.settings import Settings
+from docqueue.workers.settings import Settings
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 USER = [{"role": "user", "content": "Say hello."}]
@@ -149,7 +149,7 @@ def test_an_empty_file_is_refused(tmp_path: Path, content: bytes, problem: str) 
 
 
 def test_a_missing_file_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(BatchFileError, match="nope.jsonl does not exist"):
+    with pytest.raises(BatchFileError, match=r"nope\.jsonl does not exist"):
         read_batch_file(tmp_path / "nope.jsonl", max_bytes=1000)
 
 

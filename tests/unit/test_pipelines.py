@@ -16,8 +16,14 @@ from typing import Any
 
 import pytest
 
-from workers.errors import PipelineError, RetryableLLMError
-from workers.pipelines import PIPELINE_NAMES, OutputParseError, Pipeline, build_pipeline, prompts
+from docqueue.workers.errors import PipelineError, RetryableLLMError
+from docqueue.workers.pipelines import (
+    PIPELINE_NAMES,
+    OutputParseError,
+    Pipeline,
+    build_pipeline,
+    prompts,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT_PIPELINES = ("summarize", "classify", "extract", "custom")
@@ -442,7 +448,7 @@ def test_classify_maps_the_answer_to_a_label(raw: str, label: str) -> None:
 )
 def test_classify_refuses_answers_that_are_no_label(raw: str, message: str) -> None:
     # Given an answer that names no label / When parsed / Then the error says why
-    with pytest.raises(OutputParseError, match="^classify: ") as caught:
+    with pytest.raises(OutputParseError, match=r"^classify: ") as caught:
         pipeline("classify").parse(raw, "stop")
     assert message in str(caught.value)
 
@@ -482,7 +488,7 @@ def test_extract_reads_the_json_object(raw: str) -> None:
 def test_extract_names_the_problem_with_bad_output(raw: str, message: str) -> None:
     # Given output that is not JSON, or JSON that breaks the schema
     # When parsed / Then the error names the place and the problem
-    with pytest.raises(OutputParseError, match="^extract: ") as caught:
+    with pytest.raises(OutputParseError, match=r"^extract: ") as caught:
         pipeline("extract").parse(raw, "stop")
     assert message in str(caught.value)
 

@@ -21,22 +21,22 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import Batch, Job, JobStatus, Result, ResultStatus, make_sessionmaker, upgrade
-from workers import keys
-from workers.batch import leases
-from workers.batch.guard import StopReason
-from workers.batch.processing import Outcome, Services, _Writer, run_batch
-from workers.errors import (
+from docqueue.models import Batch, Job, JobStatus, Result, ResultStatus, make_sessionmaker, upgrade
+from docqueue.workers import keys
+from docqueue.workers.batch import leases
+from docqueue.workers.batch.guard import StopReason
+from docqueue.workers.batch.processing import Outcome, Services, _Writer, run_batch
+from docqueue.workers.errors import (
     EndpointUnreachableError,
     PermanentLLMError,
     RateLimitedError,
     RetryableLLMError,
 )
-from workers.ingest.sources import iter_documents
-from workers.jobs.submission import batch_ids, create_job, ingest
-from workers.pipelines import Prompt, build_pipeline
-from workers.provider.client import Completion, classify_status_error
-from workers.settings import Settings
+from docqueue.workers.ingest.sources import iter_documents
+from docqueue.workers.jobs.submission import batch_ids, create_job, ingest
+from docqueue.workers.pipelines import Prompt, build_pipeline
+from docqueue.workers.provider.client import Completion, classify_status_error
+from docqueue.workers.settings import Settings
 
 # -- fakes of our own interfaces -------------------------------------------------------------
 

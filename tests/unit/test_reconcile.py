@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from workers.jobs.reconcile import BatchState, JobState, plan_job
+from docqueue.workers.jobs.reconcile import BatchState, JobState, plan_job
 
 T = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 VT = 3600.0
@@ -102,7 +102,7 @@ def test_force_sends_everything_nobody_holds_even_with_the_marker() -> None:
 
 
 def test_a_pool_process_born_above_half_the_limit_is_warned_about() -> None:
-    from tasks.maintenance import baseline_warning
+    from docqueue.tasks.maintenance import baseline_warning
 
     # Given a 1024 MB limit
     # When pool processes start at 300 MB and at 600 MB
@@ -116,8 +116,8 @@ def test_a_pool_process_born_above_half_the_limit_is_warned_about() -> None:
 
 
 def test_the_memory_limit_reaches_celery_in_kib_and_zero_turns_it_off() -> None:
-    from tasks.runtime import max_memory_kib
-    from workers.settings import Settings
+    from docqueue.tasks.runtime import max_memory_kib
+    from docqueue.workers.settings import Settings
 
     class WithLimit(Settings):
         worker_max_memory_mb: float = 512
@@ -133,7 +133,7 @@ def test_the_memory_limit_reaches_celery_in_kib_and_zero_turns_it_off() -> None:
 
 
 def test_the_workers_table_shows_each_process_against_the_limit() -> None:
-    from tasks.maintenance import format_worker_memory
+    from docqueue.tasks.maintenance import format_worker_memory
 
     # Given a worker's main process and one pool process at 80% of a 100 MB limit
     rows = [
@@ -152,8 +152,8 @@ def test_the_workers_table_shows_each_process_against_the_limit() -> None:
 
 
 def test_open_jobs_reads_unfinished_leased_and_expired_chunks_per_batch(sqlite_url: str) -> None:
-    from models import Batch, Chunk, Document, Job, Result, make_sessionmaker
-    from workers.jobs.reconcile import open_jobs
+    from docqueue.models import Batch, Chunk, Document, Job, Result, make_sessionmaker
+    from docqueue.workers.jobs.reconcile import open_jobs
 
     # Given a running job of three batches of two chunks: batch 1 finished, batch 2 with one
     # chunk under a live lease and one under an expired one, batch 3 never touched; and a

@@ -16,11 +16,11 @@ from celery.beat import BeatLazyFunc
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import Document, Job, make_sessionmaker
-from models.tables import RunStatus, ScheduleDocument, ScheduleRun
-from tasks.beat import CronSchedule, beat_entries, current_window
-from workers.ingest.sources import SourceDocument
-from workers.jobs.schedules import (
+from docqueue.models import Document, Job, make_sessionmaker
+from docqueue.models.tables import RunStatus, ScheduleDocument, ScheduleRun
+from docqueue.tasks.beat import CronSchedule, beat_entries, current_window
+from docqueue.workers.ingest.sources import SourceDocument
+from docqueue.workers.jobs.schedules import (
     Cron,
     RunCounts,
     ScheduleError,
@@ -98,7 +98,7 @@ def test_daylight_saving_time_follows_cron() -> None:
 )
 def test_a_bad_cron_or_zone_is_explained(expr: str, zone: str, message: str) -> None:
     # Given a bad expression or zone / When it is parsed / Then the message says what is wrong
-    with pytest.raises(ValueError) as caught:
+    with pytest.raises(ValueError) as caught:  # noqa: PT011 - the message is checked below
         Cron.parse(expr, zone)
     assert message in str(caught.value)
 
@@ -178,7 +178,7 @@ def test_each_bad_schedule_is_a_start_up_error_naming_it(
 
 def test_a_missing_file_is_an_error_naming_it(tmp_path: Path) -> None:
     # Given no file / When it is loaded / Then the error names it
-    with pytest.raises(ScheduleError, match="cannot read the schedule file .*docq.toml"):
+    with pytest.raises(ScheduleError, match=r"cannot read the schedule file .*docq\.toml"):
         load_schedules(tmp_path / "docq.toml")
 
 

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from workers.simulator import main
-from workers.simulator.config import ConfigError, SimulatorConfig
-from workers.simulator.generate import build_reply
-from workers.simulator.protocol import ApiError, parse
-from workers.simulator.tokens import count_messages, count_text
-from workers.simulator.words import filler
+from docqueue.workers.simulator import main
+from docqueue.workers.simulator.config import ConfigError, SimulatorConfig
+from docqueue.workers.simulator.generate import build_reply
+from docqueue.workers.simulator.protocol import ApiError, parse
+from docqueue.workers.simulator.tokens import count_messages, count_text
+from docqueue.workers.simulator.words import filler
 
 CONFIG = SimulatorConfig()
 

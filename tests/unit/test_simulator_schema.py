@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 from pydantic import BaseModel, Field
 
-from workers.simulator.schema import SchemaError, instance
+from docqueue.workers.simulator.schema import SchemaError, instance
 
 
 class Address(BaseModel):

@@ -17,8 +17,8 @@ import docx
 import pypdf
 import pytest
 
-from workers.ingest import sources
-from workers.ingest.sources import SourceDocument, iter_documents
+from docqueue.workers.ingest import sources
+from docqueue.workers.ingest.sources import SourceDocument, iter_documents
 
 LIMIT = 1_000_000
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.progress import chunks_in_words
+from docqueue.tasks.progress import chunks_in_words
 
 
 def status(total: int, by_state: dict[str, int], retrying: int = 0) -> dict[str, Any]:

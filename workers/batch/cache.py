@@ -16,8 +16,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import CachedResponse, plan_for_now, upsert_statement
-from workers.pipelines import Prompt
+from docqueue.models import CachedResponse, plan_for_now, upsert_statement
+from docqueue.workers.pipelines import Prompt
 
 
 class CachePolicy(enum.StrEnum):

@@ -10,7 +10,7 @@ import enum
 import time
 from typing import Any
 
-from workers import keys
+from docqueue.workers import keys
 
 STOP_POLL_S = 0.5
 

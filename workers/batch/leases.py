@@ -21,7 +21,7 @@ from typing import Any, NotRequired, TypedDict
 from sqlalchemy import Boolean, Table, and_, bindparam, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
-from models import (
+from docqueue.models import (
     FINAL_RESULT_STATES,
     Batch,
     BatchStatus,
@@ -32,7 +32,7 @@ from models import (
     plan_for_now,
     upsert_statement,
 )
-from workers.clock import as_utc
+from docqueue.workers.clock import as_utc
 
 RESULT_COLUMNS = (
     "job_id",

@@ -42,7 +42,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from workers import keys
+from docqueue.workers import keys
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class Heartbeat:
         pipe.hdel(keys.DELIVERIES, owner)
         try:
             await pipe.execute()
-        except Exception as exc:  # noqa: BLE001 - the key expires on its own within one TTL
+        except Exception as exc:
             logger.warning("delivery %s: could not end its heartbeat (%s); it expires in %gs",
                            owner, type(exc).__name__, self.ttl_s)
 
@@ -157,7 +157,7 @@ class Heartbeat:
                 continue
             try:
                 await asyncio.wait_for(self.beat(), timeout=self.every_s * 2)
-            except Exception as exc:  # noqa: BLE001 - the loop must go on; lapsed() tells
+            except Exception as exc:
                 if not self._failing:
                     logger.warning("heartbeat: cannot reach Redis (%s); deliveries lapse after "
                                    "%gs without it", type(exc).__name__, self.ttl_s)
@@ -175,7 +175,7 @@ class Heartbeat:
             for owner in wanted:
                 pipe.exists(keys.delivery_alive(owner))
             since, *present = await pipe.execute()
-        except Exception as exc:  # noqa: BLE001 - unknown liveness is not an error
+        except Exception as exc:
             logger.warning("liveness unknown (%s): leases stand until they expire",
                            type(exc).__name__)
             return None

@@ -10,13 +10,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from workers import metrics
-from workers.batch.processing import cost_of
-from workers.pipelines import Prompt
-from workers.settings import Settings
+from docqueue.workers import metrics
+from docqueue.workers.batch.processing import cost_of
+from docqueue.workers.pipelines import Prompt
+from docqueue.workers.settings import Settings
 
 if TYPE_CHECKING:
-    from workers.provider.client import LLM, Completion
+    from docqueue.workers.provider.client import LLM, Completion
 
 
 class MeteredLLM:

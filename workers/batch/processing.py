@@ -25,27 +25,27 @@ from typing import TYPE_CHECKING, Any, Literal
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import JobStatus, ResultStatus, end_if_left_idle
-from workers import metrics
-from workers.batch import cache, leases
-from workers.batch.cache import CachePolicy
-from workers.batch.guard import JobGuard, StopReason
-from workers.batch.leases import BatchInfo, ResultRow, WorkItem
-from workers.batch.liveness import Heartbeat
-from workers.errors import (
+from docqueue.models import JobStatus, ResultStatus, end_if_left_idle
+from docqueue.workers import metrics
+from docqueue.workers.batch import cache, leases
+from docqueue.workers.batch.cache import CachePolicy
+from docqueue.workers.batch.guard import JobGuard, StopReason
+from docqueue.workers.batch.leases import BatchInfo, ResultRow, WorkItem
+from docqueue.workers.batch.liveness import Heartbeat
+from docqueue.workers.errors import (
     EndpointUnreachableError,
     PermanentError,
     RateLimitedError,
     RetryableError,
 )
-from workers.pipelines import OutputParseError, Pipeline, Prompt, build_pipeline
-from workers.provider.limiter import Limiter, LimiterBusy
-from workers.provider.retry import EndpointDown, backoff_s
-from workers.settings import Settings
-from workers.tokens import count_tokens
+from docqueue.workers.pipelines import OutputParseError, Pipeline, Prompt, build_pipeline
+from docqueue.workers.provider.limiter import Limiter, LimiterBusy
+from docqueue.workers.provider.retry import EndpointDown, backoff_s
+from docqueue.workers.settings import Settings
+from docqueue.workers.tokens import count_tokens
 
 if TYPE_CHECKING:  # the model client imports langchain-openai: a producer never needs it
-    from workers.provider.client import LLM, Completion
+    from docqueue.workers.provider.client import LLM, Completion
 
 logger = logging.getLogger(__name__)
 

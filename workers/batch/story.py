@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import Batch, Chunk, Job, Result, ResultStatus
+from docqueue.models import Batch, Chunk, Job, Result, ResultStatus
 
 REASON_CHARS = 160
 MAX_REASONS = 5  # distinct reasons listed; Celery's event shows ~1 KB of a result

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import IO
 
-from workers.ingest.decoding import Rejected
+from docqueue.workers.ingest.decoding import Rejected
 
 MAX_EXPANSION = 200  # decompressed / compressed: ordinary text stays far under 20
 MAX_MEMBERS = 100_000

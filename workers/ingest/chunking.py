@@ -30,7 +30,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import accumulate
 
-from workers.tokens import count_tokens, encoding
+from docqueue.workers.tokens import count_tokens, encoding
 
 # Where a chunk may end, best first; the last group that matched is the zone a cut may fall in.
 _PARAGRAPH = re.compile(r"(\n[^\S\n]*\n\s*)")

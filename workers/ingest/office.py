@@ -14,8 +14,8 @@ import docx
 from docx.table import Table
 from docx.text.paragraph import Paragraph
 
-from workers.ingest.archives import MAX_EXPANSION
-from workers.ingest.decoding import Rejected
+from docqueue.workers.ingest.archives import MAX_EXPANSION
+from docqueue.workers.ingest.decoding import Rejected
 
 
 def docx_text(stream: IO[bytes], source: str, max_bytes: int) -> tuple[str, dict[str, Any]]:
@@ -46,7 +46,7 @@ def docx_text(stream: IO[bytes], source: str, max_bytes: int) -> tuple[str, dict
                 if table := "\n".join(r for r in rows if r.strip()):
                     blocks.append(table)
         title = document.core_properties.title
-    except Exception as exc:  # noqa: BLE001 - python-docx and lxml raise many kinds
+    except Exception as exc:
         raise Rejected(f"{source} is not a readable Word document ({_short(exc)})") from None
     if not blocks:
         raise Rejected(f"{source} holds no text")

@@ -34,15 +34,15 @@ from typing import IO, Any
 import bs4
 import pypdf
 
-from workers.ingest.archives import (
+from docqueue.workers.ingest.archives import (
     BoundedGunzip,
     gunzip_document,
     gzip_inner_suffix,
     zip_members,
 )
-from workers.ingest.decoding import Rejected as _Rejected
-from workers.ingest.decoding import binary_problem, decode_text
-from workers.ingest.office import docx_text
+from docqueue.workers.ingest.decoding import Rejected as _Rejected
+from docqueue.workers.ingest.decoding import binary_problem, decode_text
+from docqueue.workers.ingest.office import docx_text
 
 SUPPORTED_SUFFIXES = (".docx", ".gz", ".htm", ".html", ".jsonl", ".md", ".pdf", ".txt", ".zip")
 # What a .gz or a zip member may hold (archives do not nest).
@@ -246,7 +246,7 @@ class _Stream:
         if inner not in _DOCUMENT_SUFFIXES:
             kind = f"a {inner!r} file" if inner else "a file without an extension"
             raise _Rejected(f"{source} is {kind} compressed with gzip; it may hold one of "
-                            f"{', '.join(_DOCUMENT_SUFFIXES + ('.jsonl',))}")
+                            f"{', '.join((*_DOCUMENT_SUFFIXES, '.jsonl'))}")
         data = gunzip_document(stream, source, self.max_bytes)
         text, metadata = _read(io.BytesIO(data), source, inner, self.max_bytes)
         metadata["compression"] = "gzip"
@@ -436,7 +436,7 @@ def _pdf_text(stream: IO[bytes], source: str, max_bytes: int) -> tuple[str, dict
         count = len(reader.pages)
     except (_Rejected, MemoryError):
         raise
-    except Exception as exc:  # noqa: BLE001 - pypdf raises many kinds on a damaged file
+    except Exception as exc:
         detail = str(exc).splitlines()[0][:200] if str(exc) else "no detail"
         raise _Rejected(
             f"{source} is not a readable PDF ({type(exc).__name__}: {detail})"

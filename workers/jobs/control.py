@@ -10,14 +10,23 @@ from typing import Any
 from sqlalchemy import and_, delete, select, update
 from sqlalchemy.orm import Session
 
-from models import FINAL_JOB_STATES, Batch, BatchStatus, Chunk, Job, JobStatus, Result, ResultStatus
-from workers.batch.processing import prompt_tokens
-from workers.errors import JobNotFoundError
-from workers.ingest.chunking import Chunker
-from workers.ingest.sources import SourceDocument
-from workers.jobs import sizing
-from workers.pipelines import Pipeline
-from workers.settings import Settings
+from docqueue.models import (
+    FINAL_JOB_STATES,
+    Batch,
+    BatchStatus,
+    Chunk,
+    Job,
+    JobStatus,
+    Result,
+    ResultStatus,
+)
+from docqueue.workers.batch.processing import prompt_tokens
+from docqueue.workers.errors import JobNotFoundError
+from docqueue.workers.ingest.chunking import Chunker
+from docqueue.workers.ingest.sources import SourceDocument
+from docqueue.workers.jobs import sizing
+from docqueue.workers.pipelines import Pipeline
+from docqueue.workers.settings import Settings
 
 
 def cancel_job(session: Session, job_id: int) -> bool:

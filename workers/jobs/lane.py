@@ -38,7 +38,7 @@ from typing import Any
 from sqlalchemy import and_, exists, func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import (
+from docqueue.models import (
     FINAL_RESULT_STATES,
     Chunk,
     Job,
@@ -50,14 +50,14 @@ from models import (
     Result,
     ResultStatus,
 )
-from workers.batch import cache, leases
-from workers.batch.cache import CachePolicy
-from workers.batch.leases import ResultRow
-from workers.batch.processing import CANCELLED_MESSAGE, prompt_tokens
-from workers.errors import PermanentError, RetryableError
-from workers.pipelines import Pipeline, Prompt, build_pipeline
-from workers.provider.batch_api import LEDGER_KEY, TERMINAL, BatchApi, RequestBodies, line
-from workers.settings import Settings
+from docqueue.workers.batch import cache, leases
+from docqueue.workers.batch.cache import CachePolicy
+from docqueue.workers.batch.leases import ResultRow
+from docqueue.workers.batch.processing import CANCELLED_MESSAGE, prompt_tokens
+from docqueue.workers.errors import PermanentError, RetryableError
+from docqueue.workers.pipelines import Pipeline, Prompt, build_pipeline
+from docqueue.workers.provider.batch_api import LEDGER_KEY, TERMINAL, BatchApi, RequestBodies, line
+from docqueue.workers.settings import Settings
 
 logger = logging.getLogger(__name__)
 

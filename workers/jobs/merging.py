@@ -20,9 +20,18 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from models import Batch, BatchStatus, Chunk, Document, DocumentStatus, Job, JobStatus, ResultStatus
-from workers.clock import as_utc
-from workers.jobs.reducing import (
+from docqueue.models import (
+    Batch,
+    BatchStatus,
+    Chunk,
+    Document,
+    DocumentStatus,
+    Job,
+    JobStatus,
+    ResultStatus,
+)
+from docqueue.workers.clock import as_utc
+from docqueue.workers.jobs.reducing import (
     DocumentPlan,
     Step,
     by_document,
@@ -30,7 +39,7 @@ from workers.jobs.reducing import (
     make_level,
     plan_document,
 )
-from workers.pipelines import Pipeline, build_pipeline
+from docqueue.workers.pipelines import Pipeline, build_pipeline
 
 STREAM_ROWS = 5_000
 

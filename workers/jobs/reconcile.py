@@ -25,9 +25,18 @@ from typing import Any
 from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
-from models import FINAL_RESULT_STATES, Batch, BatchStatus, Chunk, Job, JobStatus, Lane, Result
-from workers import keys
-from workers.clock import as_utc
+from docqueue.models import (
+    FINAL_RESULT_STATES,
+    Batch,
+    BatchStatus,
+    Chunk,
+    Job,
+    JobStatus,
+    Lane,
+    Result,
+)
+from docqueue.workers import keys
+from docqueue.workers.clock import as_utc
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +91,8 @@ def open_jobs(session: Session, job_ids: Sequence[int] | None = None) -> list[Jo
         return []
     ids = [j.id for j in jobs]
     batches = _open_batches(session, ids)
-    last: dict[int, datetime | None] = {
+    # A SQLAlchemy Result has keys(): dict() would take it for a mapping, hence the loop.
+    last: dict[int, datetime | None] = {  # noqa: C416
         job_id: seen
         for job_id, seen in session.execute(
             select(Batch.job_id, func.max(Batch.updated_at))

@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import Table, and_, insert, select
 from sqlalchemy.orm import Session
 
-from models import (
+from docqueue.models import (
     FINAL_RESULT_STATES,
     Batch,
     BatchStatus,
@@ -33,8 +33,8 @@ from models import (
     ResultStatus,
     upsert_statement,
 )
-from workers.pipelines import Pipeline
-from workers.tokens import count_tokens
+from docqueue.workers.pipelines import Pipeline
+from docqueue.workers.tokens import count_tokens
 
 LEVELS_PER_DOCUMENT = 64  # a level has at most half the steps of the one below: 2**64 chunks
 

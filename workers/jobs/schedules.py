@@ -42,7 +42,7 @@ from sqlalchemy import func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from models.tables import (
+from docqueue.models.tables import (
     Document,
     DocumentStatus,
     Job,
@@ -51,10 +51,10 @@ from models.tables import (
     ScheduleDocument,
     ScheduleRun,
 )
-from workers.clock import as_utc
-from workers.errors import InputError, PipelineError
-from workers.ingest.sources import SourceDocument
-from workers.pipelines import build_pipeline
+from docqueue.workers.clock import as_utc
+from docqueue.workers.errors import InputError, PipelineError
+from docqueue.workers.ingest.sources import SourceDocument
+from docqueue.workers.pipelines import build_pipeline
 
 SCHEDULE_KEYS = frozenset({"name", "source", "pipeline", "options", "cron", "timezone"})
 OPTION_KEYS = frozenset({"labels", "schema", "prompt"})

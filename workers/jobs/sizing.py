@@ -8,11 +8,11 @@ overrides the chunk size; reduce groups are always sized from the context.
 
 from __future__ import annotations
 
-from workers.batch.processing import prompt_tokens
-from workers.errors import PipelineError
-from workers.ingest.chunking import MIN_CHUNK_TOKENS
-from workers.pipelines import Pipeline, Prompt
-from workers.settings import Settings
+from docqueue.workers.batch.processing import prompt_tokens
+from docqueue.workers.errors import PipelineError
+from docqueue.workers.ingest.chunking import MIN_CHUNK_TOKENS
+from docqueue.workers.pipelines import Pipeline, Prompt
+from docqueue.workers.settings import Settings
 
 RESERVE_SHARE = 10  # one tenth of the window: tokenizers differ, chat framing varies
 

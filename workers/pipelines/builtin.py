@@ -47,11 +47,11 @@ import referencing.exceptions
 from jsonschema.exceptions import SchemaError, best_match
 from referencing.jsonschema import DRAFT202012
 
-from workers.errors import PipelineError
-from workers.pipelines import prompts
-from workers.pipelines.base import OutputParseError, Pipeline
-from workers.pipelines.prompts import Templates
-from workers.tokens import count_tokens
+from docqueue.workers.errors import PipelineError
+from docqueue.workers.pipelines import prompts
+from docqueue.workers.pipelines.base import OutputParseError, Pipeline
+from docqueue.workers.pipelines.prompts import Templates
+from docqueue.workers.tokens import count_tokens
 
 
 class Summarize(Pipeline):
@@ -71,7 +71,7 @@ class Summarize(Pipeline):
 
     def _completion_chunk(self, text: str) -> str:
         # Without an opening Markdown heading the model takes the text's lead sentence; with
-        # it, a later one (open-source-maintainers.md in examples/corpus).
+        # it, a later one (open-source-maintainers.md in workers/local/corpus).
         return super()._completion_chunk(_drop_heading(text))
 
     def _completion_parts(self, text: str) -> str:

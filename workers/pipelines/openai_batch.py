@@ -48,7 +48,7 @@ from typing import IO, Any
 from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
-from models import (
+from docqueue.models import (
     FINAL_JOB_STATES,
     Chunk,
     Document,
@@ -58,11 +58,13 @@ from models import (
     Result,
     ResultStatus,
 )
-from workers.errors import InputError, JobNotFoundError, PipelineError, WorkerError
-from workers.ingest.sources import MAX_ID_CHARS, SourceDocument
-from workers.ingest.sources import _lines as bounded_lines  # the JSONL reader's bounded line reader
-from workers.pipelines.base import Mode, Pipeline, Prompt
-from workers.pipelines.prompts import Templates
+from docqueue.workers.errors import InputError, JobNotFoundError, PipelineError, WorkerError
+from docqueue.workers.ingest.sources import MAX_ID_CHARS, SourceDocument
+from docqueue.workers.ingest.sources import (
+    _lines as bounded_lines,  # the JSONL reader's bounded line reader
+)
+from docqueue.workers.pipelines.base import Mode, Pipeline, Prompt
+from docqueue.workers.pipelines.prompts import Templates
 
 PIPELINE_NAME = "openai-batch"
 CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"

@@ -39,7 +39,7 @@ def fill(template: str, values: Mapping[str, str]) -> str:
 
 
 # The completion prompts of summarize and classify are the ones measured on Gemma 3 270M in
-# examples/local_prompts.md (temperature 0, the twelve texts of examples/corpus). A base model
+# examples/local_prompts.md (temperature 0, the twelve texts of workers/local/corpus). A base model
 # this small copies far better than it abstracts: asking for a summary "using the text's own
 # words" keeps it from inventing facts, and writing keywords before the label lets it pick the
 # label from its own keywords. `{text}` is the chunk with its whitespace collapsed.

@@ -18,10 +18,10 @@ import openai
 from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
-from workers.errors import InputError
-from workers.pipelines import Prompt
-from workers.provider.client import classify_status_error, to_messages, transport_error
-from workers.settings import Settings
+from docqueue.workers.errors import InputError
+from docqueue.workers.pipelines import Prompt
+from docqueue.workers.provider.client import classify_status_error, to_messages, transport_error
+from docqueue.workers.settings import Settings
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 LEDGER_KEY = "docq_ledger"  # batch metadata: the ledger row a provider batch belongs to

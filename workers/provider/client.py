@@ -21,15 +21,15 @@ from httpx_aiohttp import HttpxAiohttpClient
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_openai import ChatOpenAI, OpenAI
 
-from workers.errors import (
+from docqueue.workers.errors import (
     EndpointUnreachableError,
     FlexUnavailableError,
     PermanentLLMError,
     RateLimitedError,
     RetryableLLMError,
 )
-from workers.pipelines import Prompt
-from workers.settings import LLMMode
+from docqueue.workers.pipelines import Prompt
+from docqueue.workers.settings import LLMMode
 
 # Statuses worth another try; every other 4xx is permanent.
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529})

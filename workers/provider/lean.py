@@ -16,9 +16,9 @@ from typing import Any
 
 import aiohttp
 
-from workers.errors import PermanentLLMError, RetryableLLMError
-from workers.pipelines import Prompt
-from workers.provider.client import (
+from docqueue.workers.errors import PermanentLLMError, RetryableLLMError
+from docqueue.workers.pipelines import Prompt
+from docqueue.workers.provider.client import (
     MALFORMED,
     Completion,
     EndpointConfig,

@@ -41,10 +41,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from workers import keys
-from workers.errors import PermanentError, RetryableError
-from workers.provider import scripts
-from workers.provider.headers import RateLimitHeaders, parse_rate_limit_headers
+from docqueue.workers import keys
+from docqueue.workers.errors import PermanentError, RetryableError
+from docqueue.workers.provider import scripts
+from docqueue.workers.provider.headers import RateLimitHeaders, parse_rate_limit_headers
 
 ANSWERED, OVERLOADED = 1, 2  # how a call ended, for adaptive concurrency
 logger = logging.getLogger(__name__)
@@ -438,7 +438,7 @@ class Limiter:
                 break
             try:
                 await self._keep_alive_lua(keys=self._keys[1:2], args=[self._slot_ttl_us, *held])
-            except Exception as exc:  # noqa: BLE001 - the next round tries again
+            except Exception as exc:
                 logger.warning("limiter: cannot renew %d in-flight slots (%s); they expire in "
                                "%gs unless renewed", len(held), type(exc).__name__,
                                self._slot_ttl_us / 1e6)

@@ -14,8 +14,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from workers.errors import EndpointCheckError
-from workers.settings import masked_url
+from docqueue.workers.errors import EndpointCheckError
+from docqueue.workers.settings import masked_url
 
 MAX_MODELS_SHOWN = 5
 

@@ -30,9 +30,9 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
-from workers.simulator.config import SimulatorConfig
-from workers.simulator.generate import build_reply
-from workers.simulator.protocol import ApiError, Endpoint, parse
+from docqueue.workers.simulator.config import SimulatorConfig
+from docqueue.workers.simulator.generate import build_reply
+from docqueue.workers.simulator.protocol import ApiError, Endpoint, parse
 
 ENDPOINTS: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
 COMPLETION_WINDOW = "24h"

@@ -8,7 +8,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from workers.simulator.config import DEFAULT_MODEL, MIB, BatchConfig, ConfigError, SimulatorConfig
+from docqueue.workers.simulator.config import (
+    DEFAULT_MODEL,
+    MIB,
+    BatchConfig,
+    ConfigError,
+    SimulatorConfig,
+)
 
 PROG = "docq simulate"
 
@@ -253,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
-    from workers.simulator.server import serve  # aiohttp only when the server really runs
+    from docqueue.workers.simulator.server import serve  # aiohttp only when the server really runs
 
     try:
         asyncio.run(serve(config))

@@ -13,11 +13,11 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from workers.simulator import tokens
-from workers.simulator.config import SimulatorConfig
-from workers.simulator.protocol import ApiError, CompletionRequest
-from workers.simulator.schema import SchemaError, instance
-from workers.simulator.words import filler, words
+from docqueue.workers.simulator import tokens
+from docqueue.workers.simulator.config import SimulatorConfig
+from docqueue.workers.simulator.protocol import ApiError, CompletionRequest
+from docqueue.workers.simulator.schema import SchemaError, instance
+from docqueue.workers.simulator.words import filler, words
 
 SYSTEM_FINGERPRINT = "fp_docqsim"
 

@@ -20,15 +20,15 @@ from typing import Any
 
 from aiohttp import web
 
-from workers.simulator.batches import add_routes as add_batch_routes
-from workers.simulator.config import SimulatorConfig
-from workers.simulator.faults import Fault, FaultInjector
-from workers.simulator.generate import build_reply
-from workers.simulator.limits import Decision, RateLimiter, retry_after_headers
-from workers.simulator.protocol import ApiError, CompletionRequest, Endpoint, parse
-from workers.simulator.stats import Stats
-from workers.simulator.tokens import encoding
-from workers.simulator.words import vocabulary
+from docqueue.workers.simulator.batches import add_routes as add_batch_routes
+from docqueue.workers.simulator.config import SimulatorConfig
+from docqueue.workers.simulator.faults import Fault, FaultInjector
+from docqueue.workers.simulator.generate import build_reply
+from docqueue.workers.simulator.limits import Decision, RateLimiter, retry_after_headers
+from docqueue.workers.simulator.protocol import ApiError, CompletionRequest, Endpoint, parse
+from docqueue.workers.simulator.stats import Stats
+from docqueue.workers.simulator.tokens import encoding
+from docqueue.workers.simulator.words import vocabulary
 
 logger = logging.getLogger("docq.simulator")
 
