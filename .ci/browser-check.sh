@@ -26,7 +26,7 @@ export DOCQ_LLM_BASE_URL="http://127.0.0.1:$SIM_PORT/v1" DOCQ_LLM_MODEL=docq-sim
 export DOCQ_HOME="$OUT/home" DOCQ_FLOWER_USER=ops DOCQ_FLOWER_PASSWORD="$PASSWORD"
 export DOCQ_BATCH_MAX_CHUNKS=4  # a few batches, so the page has several rows of the job
 export DOCQ_MAX_ATTEMPTS=1  # with the simulator's faults, some chunks fail: a story to tell
-docq() { "$PY" -c 'from tasks.cli import main; main()' "$@"; }
+docq() { "$PY" -c 'from docqueue.tasks.cli import main; main()' "$@"; }
 flush() { "$PY" -c "import redis; redis.Redis.from_url('$DOCQ_BROKER_URL').flushdb()"; }
 
 PIDS=()
@@ -69,7 +69,7 @@ start simulator "$PY" -m workers.simulator --host 127.0.0.1 --port "$SIM_PORT" -
   --fail-rate 0.25
 start worker "$PY" -m celery -A docqueue.tasks worker --pool=prefork --concurrency=2 --loglevel=INFO \
   --without-gossip --without-mingle --events --hostname=check@%h
-start flower "$PY" -c 'from tasks.cli import main; main()' flower --port "$FLOWER_PORT"
+start flower "$PY" -c 'from docqueue.tasks.cli import main; main()' flower --port "$FLOWER_PORT"
 wait_for "the simulator" 30 "$PY" -c "import urllib.request; urllib.request.urlopen('$DOCQ_LLM_BASE_URL/models', timeout=2)"
 wait_for "the worker" 60 grep -q "ready\." "$OUT/worker.log"
 wait_for "Flower" 30 "$PY" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$FLOWER_PORT/healthcheck', timeout=2)"
@@ -77,7 +77,7 @@ sleep 1
 
 echo "== a small job"
 JOB=$(docq submit workers/local/corpus --name browser-check --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["job_id"])')
-"$PY" -c "from tasks.progress import watch; import sys; sys.exit(watch($JOB, interval_s=0.5)['status'] not in ('succeeded', 'partial'))"
+"$PY" -c "from docqueue.tasks.progress import watch; import sys; sys.exit(watch($JOB, interval_s=0.5)['status'] not in ('succeeded', 'partial'))"
 
 echo "== Flower without credentials"
 BASE="http://127.0.0.1:$FLOWER_PORT"

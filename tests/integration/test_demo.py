@@ -33,7 +33,7 @@ class Demo:
     def __init__(self, cwd: Path, *args: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DOCQ_")}
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from tasks.cli import main; main()", "demo", *args],
+            [sys.executable, "-c", "from docqueue.tasks.cli import main; main()", "demo", *args],
             cwd=cwd, env={**env, "COLUMNS": "200"}, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: queue.Queue[tuple[float, str]] = queue.Queue()

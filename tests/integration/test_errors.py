@@ -30,7 +30,7 @@ from tests.conftest import PG_URL, free_port, require_server
 
 pytestmark = pytest.mark.integration
 
-DOCQ = [sys.executable, "-c", "from tasks.cli import main; main()"]
+DOCQ = [sys.executable, "-c", "from docqueue.tasks.cli import main; main()"]
 EXIT_JOB_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_NOT_SENT = 1, 2, 4, 5
 
 PG_SECRET = "pg-s3cret-7731"

@@ -42,7 +42,7 @@ from tests.conftest import free_port
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCQ = [sys.executable, "-c", "from tasks.cli import main; main()"]
+DOCQ = [sys.executable, "-c", "from docqueue.tasks.cli import main; main()"]
 
 
 class Service:

@@ -15,7 +15,7 @@ from tests.integration.test_pipeline import corpus
 
 pytestmark = pytest.mark.integration
 
-DOCQ = [sys.executable, "-c", "from tasks.cli import main; main()"]
+DOCQ = [sys.executable, "-c", "from docqueue.tasks.cli import main; main()"]
 
 
 def top_once(env: dict[str, str]) -> str:

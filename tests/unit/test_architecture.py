@@ -22,6 +22,7 @@ only `tasks` imports them.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,6 +196,9 @@ def test_the_checks_see_a_cycle_and_an_upward_import() -> None:
     assert forbidden_imports(graph) == [f"{a} -> {b} (imports a layer above its own)"]
 
 
+BARE_IMPORT = re.compile(rf"\b(?:from|import) (?:{'|'.join(PACKAGES)})\b[.\w]* import")
+
+
 def test_every_import_of_ours_goes_through_the_one_package_name() -> None:
     # Given every Python file of the repository (code, tests, benchmarks, examples)
     bare = []
@@ -206,6 +210,10 @@ def test_every_import_of_ours_goes_through_the_one_package_name() -> None:
                          and not node.level else [])
                 bare += [f"{path.relative_to(ROOT)}: {n}" for n in names
                          if n.split(".")[0] in PACKAGES]
+                # Code run in a child process (`python -c "from tasks.cli import ..."`) too
+                if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    bare += [f"{path.relative_to(ROOT)}: {m.group(0)!r}"
+                             for m in BARE_IMPORT.finditer(node.value)]
     # Then none names `models`, `workers` or `tasks` at the top: a user's own modules of those
     # names must never be ours, nor ours theirs
     assert bare == []

@@ -293,7 +293,7 @@ def test_an_unknown_mode_is_refused() -> None:
 def _versions_in_a_fresh_interpreter() -> dict[str, str]:
     code = (
         "import json, sys\n"
-        "from workers.pipelines import build_pipeline\n"
+        "from docqueue.workers.pipelines import build_pipeline\n"
         "options = json.loads(sys.argv[1])\n"
         "print(json.dumps({n: build_pipeline(n, o).version for n, o in options.items()}))\n"
     )
