@@ -17,6 +17,7 @@ caller of `submit()` or `job_status()` catches ours and never a driver's. Guaran
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
@@ -152,7 +153,7 @@ def _store_error(exc: BaseException, settings: Settings | None) -> WorkerError |
 def _broker_error(exc: BaseException, settings: Settings | None) -> WorkerError | None:
     if settings is not None and not settings.broker_is_redis and isinstance(
             exc, kombu.exceptions.OperationalError | amqp.exceptions.ConnectionError
-            | ConnectionRefusedError):
+            | amqp.exceptions.AccessRefused | ConnectionRefusedError):
         return _rabbitmq_error(exc, settings)
     where, setting = redis_name(settings), _redis_setting(settings)
     if isinstance(exc, redis.exceptions.AuthenticationError | redis.exceptions.ResponseError) and (
@@ -169,7 +170,8 @@ def _broker_error(exc: BaseException, settings: Settings | None) -> WorkerError 
 
 
 def _rabbitmq_error(exc: BaseException, settings: Settings) -> WorkerError:
-    where, detail = broker_name(settings), _detail(exc)
+    # py-amqp's text starts with the failed method's ids, "(0, 0): ", which say nothing here.
+    where, detail = broker_name(settings), re.sub(r"^\(\d+, \d+\): ", "", _detail(exc))
     if "ACCESS_REFUSED" in detail or "login" in detail.lower():
         return BrokerUnavailableError(
             f"{where} refuses the credentials: {detail}; check the user and password in "
