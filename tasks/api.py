@@ -21,9 +21,9 @@ from docqueue.models import (
     Lane,
     Result,
 )
-from docqueue.tasks.celery import broker_redis
+from docqueue.tasks.celery import state_redis
 from docqueue.tasks.failures import explain, service_errors
-from docqueue.tasks.publish import check_broker, forget_chord_results, publish
+from docqueue.tasks.publish import check_services, forget_chord_results, publish
 from docqueue.tasks.runtime import runtime
 from docqueue.tasks.supervisor import default_layout
 from docqueue.workers.batch.cache import POLICIES as CACHE_POLICIES
@@ -77,10 +77,10 @@ def submit(
 
     `sources` is a path, a glob, a list of them, or an iterable of `(id, text)` pairs or dicts
     with `id`, `text` and optional `metadata`. The pipeline's options: `labels` (classify),
-    `schema` and `key` (extract), `prompt` and `reduce` (custom). `cache` is "use" (answer from the response cache
-    where possible), "refresh" (call the model and overwrite the cache) or "off". A budget in
-    tokens and/or dollars stops the job's model calls once spent; the chunks left end
-    `skipped_budget`. `lane` is "online" (the workers call the model per chunk) or "batch"
+    `schema` and `key` (extract), `prompt` and `reduce` (custom). `cache` is "use" (answer from
+    the response cache where possible), "refresh" (call the model and overwrite the cache) or
+    "off". A budget in tokens and/or dollars stops the job's model calls once spent; the chunks
+    left end `skipped_budget`. `lane` is "online" (the workers call the model per chunk) or "batch"
     (the provider's Batch API at batch prices, sent and polled by `docq beat`: hours, not
     seconds; the budget counts enqueued work as spent). `batch_fallback="online"` sends what
     is left to the online lane once a provider batch leaves at most `fallback_below` chunks
@@ -158,7 +158,7 @@ def _batch_slots(settings: Settings) -> int:
     """Batches the workers up now run at once, which sizes a job's last batches; with none up
     (workers started after the submit), what a `docq worker` of this machine would run."""
     try:
-        slots = batch_slots(broker_redis())
+        slots = batch_slots(state_redis())
     except redis.RedisError:  # the broker was just reached: a hiccup; size for the default
         slots = 0
     if slots:
@@ -169,7 +169,7 @@ def _batch_slots(settings: Settings) -> int:
 
 def _check_broker_first(settings: Settings) -> None:
     try:
-        check_broker(settings)
+        check_services(settings)
     except Exception as exc:
         found = explain(exc, settings)
         if found is None:

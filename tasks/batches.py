@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 from celery import Task
 from celery.exceptions import Retry
 
-from docqueue.tasks.celery import app, broker_redis
+from docqueue.tasks.celery import app, state_redis
 from docqueue.tasks.runtime import WrongStoreError, runtime
 from docqueue.workers.batch.processing import run_batch
 from docqueue.workers.provider.retry import backoff_s
@@ -134,7 +134,7 @@ def _unreserve(task: Task) -> None:
     from docqueue.workers.batch.liveness import unreserve
 
     try:
-        unreserve(broker_redis(), reservation_tag(task.request.id, task.request.retries))
+        unreserve(state_redis(), reservation_tag(task.request.id, task.request.retries))
     except Exception as exc:
         logger.warning("batch %s: cannot clear its reservation: %s", task.request.args, exc)
 
@@ -144,6 +144,6 @@ def _mark_abandoned(batch_id: int) -> None:
     from docqueue.workers.jobs.reconcile import mark_abandoned
 
     try:
-        mark_abandoned(broker_redis(), batch_id)
+        mark_abandoned(state_redis(), batch_id)
     except Exception:  # Redis down too: `docq resume JOB` still finds the batch unfinished
         logger.exception("batch %s: could not record it as abandoned", batch_id)

@@ -21,7 +21,7 @@ from celery.schedules import BaseSchedule, schedstate
 from redis.exceptions import LockError
 
 from docqueue.tasks.celery import app
-from docqueue.tasks.runtime import resolve_broker, runtime
+from docqueue.tasks.runtime import resolve_redis, runtime
 from docqueue.workers import keys
 from docqueue.workers.clock import as_utc
 from docqueue.workers.errors import JobNotPublishedError
@@ -117,7 +117,7 @@ def run_schedule(name: str, window_start: str) -> dict[str, Any]:
     if run_id is None:
         logger.info("schedule %s window %s: already claimed, nothing to do", name, window_start)
         return {"schedule": name, "window": window_start, "status": "duplicate"}
-    client = redis.Redis.from_url(resolve_broker(rt.settings), socket_timeout=10,
+    client = redis.Redis.from_url(resolve_redis(rt.settings), socket_timeout=10,
                                   socket_connect_timeout=5)
     lock = client.lock(keys.schedule_lock(name), timeout=LOCK_TTL_S)
     try:

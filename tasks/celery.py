@@ -8,10 +8,19 @@ from typing import Any
 from celery import Celery
 from celery.signals import after_setup_logger, worker_process_init, worker_ready
 from kombu.entity import Exchange, Queue
+from pydantic import ValidationError
 
-from docqueue.tasks.runtime import max_memory_kib, reset_runtime, resolve_broker, runtime
+from docqueue.tasks.runtime import (
+    max_memory_kib,
+    reset_runtime,
+    resolve_broker,
+    resolve_redis,
+    runtime,
+)
+from docqueue.workers.settings import settings_problem
 
-app = Celery("docqueue", include=["docqueue.tasks.batches", "docqueue.tasks.jobs", "docqueue.tasks.beat", "docqueue.tasks.lane"])
+app = Celery("docqueue", include=["docqueue.tasks.batches", "docqueue.tasks.jobs",
+                                   "docqueue.tasks.beat", "docqueue.tasks.lane"])
 
 # Batches sent again (a dead delivery's, a lost message's) go to a queue of their own that every
 # worker also consumes: they do not wait behind the rest of a deep queue. Kombu polls a worker's
@@ -19,21 +28,29 @@ app = Celery("docqueue", include=["docqueue.tasks.batches", "docqueue.tasks.jobs
 DEFAULT_QUEUE, RESCUE_QUEUE = "celery", "docq.rescue"
 
 
-def broker_redis() -> Any:
-    """This process's client of the Redis that holds the messages (it is the result backend)."""
+def state_redis() -> Any:
+    """This process's client of docqueue's own Redis (DOCQ_REDIS_URL, or a Redis broker's): the
+    result backend, whose client the limiter, leases and heartbeats share."""
     return app.backend.client
 
 
 @app.on_configure.connect
 def _configure(sender: Celery, **_: Any) -> None:
-    s = runtime().settings
-    broker = resolve_broker(s)
-    # The visibility timeout must be set in all three places Celery reads it.
+    try:
+        s = runtime().settings
+    except ValidationError as exc:
+        # `celery -A docqueue.tasks ...` started directly: one line, not a traceback.
+        raise SystemExit(f"error: {settings_problem(exc)}") from None
+    backend = resolve_redis(s)
+    # On a Redis broker the visibility timeout must be set in all three places Celery reads it.
+    # RabbitMQ has none: a dead consumer's unacknowledged messages come back as its connection
+    # closes, and the server's own consumer_timeout (30 min by default) bounds how long one
+    # may stay unacknowledged; it must exceed DOCQ_TASK_TIME_LIMIT_S and DOCQ_RETRY_BACKOFF_MAX_S.
     transport = {"visibility_timeout": s.visibility_timeout_s}
     sender.conf.update(
-        broker_url=broker,
-        result_backend=broker,  # Redis: the native chord counter, never chord_unlock polling
-        broker_transport_options=transport,
+        broker_url=resolve_broker(s),
+        result_backend=backend,  # Redis: the native chord counter, never chord_unlock polling
+        broker_transport_options=transport if s.broker_is_redis else {},
         result_backend_transport_options=transport,
         visibility_timeout=s.visibility_timeout_s,
         broker_connection_retry_on_startup=True,
@@ -58,7 +75,8 @@ def _configure(sender: Celery, **_: Any) -> None:
         # the visibility timeout. A plain SIGTERM (warm) lets them finish, within their time limit.
         worker_soft_shutdown_timeout=s.worker_soft_shutdown_s,
         worker_enable_soft_shutdown_on_idle=True,  # retries waiting out a countdown go back too
-        imports=("docqueue.tasks.maintenance", "docqueue.tasks.exporter"),  # reconcile, memory reports, /metrics
+        # reconcile, memory reports, /metrics
+        imports=("docqueue.tasks.maintenance", "docqueue.tasks.exporter"),
         task_default_queue=DEFAULT_QUEUE,
         task_queues=_queues(),
     )

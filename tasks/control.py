@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from docqueue.models import Job, Lane
 from docqueue.tasks.publish import forget_chord_results, publish
-from docqueue.tasks.runtime import resolve_broker, runtime
+from docqueue.tasks.runtime import resolve_redis, runtime
 from docqueue.workers import keys
 from docqueue.workers.batch.guard import StopReason
 from docqueue.workers.jobs import control
@@ -20,7 +20,7 @@ from docqueue.workers.pipelines import build_pipeline
 
 
 def _redis() -> redis.Redis:
-    return redis.Redis.from_url(resolve_broker(runtime().settings), socket_timeout=10)
+    return redis.Redis.from_url(resolve_redis(runtime().settings), socket_timeout=10)
 
 
 def cancel(job_id: int) -> bool:

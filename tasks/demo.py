@@ -1,8 +1,9 @@
 """`docq demo`: the bundled corpus through the whole pipeline on one machine, nothing to set up.
 
 It starts what is missing (the embedded Redis, the local model, one worker), submits
-the bundled corpus (`workers/local/corpus`), shows progress and a table of results, and stops what it started. A second
-run finds the first run's job for the same corpus in the store and shows it at once.
+the bundled corpus (`workers/local/corpus`), shows progress and a table of results, and stops
+what it started. A second run finds the first run's job for the same corpus in the store and
+shows it at once.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def _services(console: Console) -> Iterator[tuple[dict[str, str], ModelSuperviso
     env = {"DOCQ_DATABASE_URL": settings.database_url, "DOCQ_HOME": str(settings.home)}
     supervisor = None
     with contextlib.ExitStack() as stack:
-        if not settings.broker_url:
+        if settings.state_redis_url is None:  # neither DOCQ_BROKER_URL nor DOCQ_REDIS_URL
             from docqueue.workers.local.embedded_redis import EmbeddedRedis
 
             redis = stack.enter_context(EmbeddedRedis(settings.home))

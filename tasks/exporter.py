@@ -7,9 +7,10 @@ of its own processes, and two workers on one machine never count each other's ca
 files of a pool process that was replaced stay: its calls still count.
 
 What describes state rather than events is read when Prometheus scrapes, by `StateCollector`:
-queue depth per queue (LLEN on the broker), the shared limiter's use against its limits, in
-flight and cool-down, the chunks by state, tokens and cost of each running job (from the
-store; the label is `job_id`, as Prometheus keeps `job` for the scrape job), and the worker's
+queue depth per queue (LLEN on a Redis broker, a passive declare on RabbitMQ), the shared
+limiter's use against its limits, in flight and cool-down, the chunks by state, tokens and cost
+of each running job (from the store; the label is `job_id`, as Prometheus keeps `job` for the
+scrape job), and the worker's
 memory. Every read has a short timeout; a source that cannot be read
 reports `docq_exporter_source_up{source=...} 0` instead of failing the scrape. Each exporter
 reports the same shared state; dashboards take `max` over instances.
@@ -41,6 +42,27 @@ logger = logging.getLogger(__name__)
 
 READ_TIMEOUT_S = 2.0  # each source a scrape reads; Prometheus's own timeout is 10 s
 QUEUES = (DEFAULT_QUEUE, RESCUE_QUEUE)
+
+def queue_depths(settings: Settings) -> dict[str, int]:
+    """Messages waiting in each of docqueue's queues, read from the broker."""
+    if not settings.broker_is_redis:
+        from kombu import Connection
+
+        with Connection(settings.broker_url, connect_timeout=READ_TIMEOUT_S) as conn:
+            channel = conn.default_channel
+            # A queue no worker has declared yet answers NOT_FOUND: the source reads as down.
+            return {q: channel.queue_declare(q, passive=True).message_count for q in QUEUES}
+    import redis
+
+    from docqueue.tasks.limits import running_redis
+
+    url = settings.broker_url or running_redis(settings)  # the messages are the broker's
+    if url is None:
+        raise ConnectionError("the embedded Redis is not running")
+    with redis.Redis.from_url(url, socket_timeout=READ_TIMEOUT_S,
+                              socket_connect_timeout=READ_TIMEOUT_S) as client:
+        return {q: int(client.llen(q)) for q in QUEUES}
+
 
 _server: Any = None
 _files: Path | None = None
@@ -95,19 +117,10 @@ class StateCollector(Collector):
         yield up
 
     def _queues(self) -> Iterator[GaugeMetricFamily]:
-        import redis
-
-        from docqueue.tasks.limits import running_broker
-
-        url = running_broker(self.settings)
-        if url is None:
-            raise ConnectionError("the embedded Redis is not running")
         depth = GaugeMetricFamily("docq_queue_depth", "Messages waiting in a broker queue.",
                                   labels=["queue"])
-        with redis.Redis.from_url(url, socket_timeout=READ_TIMEOUT_S,
-                                  socket_connect_timeout=READ_TIMEOUT_S) as client:
-            for queue in QUEUES:
-                depth.add_metric([queue], client.llen(queue))
+        for queue, waiting in queue_depths(self.settings).items():
+            depth.add_metric([queue], waiting)
         yield depth
 
     def _limiter(self) -> Iterator[GaugeMetricFamily]:

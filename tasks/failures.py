@@ -7,8 +7,9 @@ maps one of them to docqueue's `ServiceUnavailableError` tree (workers/errors.py
 URL with its password masked; `service_errors()` does it for a block of the public API, so a
 caller of `submit()` or `job_status()` catches ours and never a driver's. Guarantees:
 
-- every message names the setting behind the service (DOCQ_DATABASE_URL, DOCQ_BROKER_URL) and
-  what to do, on one line;
+- every message names the setting behind the service (DOCQ_DATABASE_URL, DOCQ_BROKER_URL,
+  DOCQ_REDIS_URL) and what to do, on one line; a Redis error names docqueue's Redis (the
+  broker's when it is Redis), a RabbitMQ error the broker;
 - no password of a configured URL and no API key appears in a message (`scrub`), whatever the
   driver put in its own text;
 - an exception that is not a service's failure is left alone (`explain` returns None).
@@ -16,10 +17,12 @@ caller of `submit()` or `job_status()` catches ours and never a driver's. Guaran
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
+import amqp.exceptions
 import kombu.exceptions
 import redis.exceptions
 import sqlalchemy.exc
@@ -72,10 +75,11 @@ def scrub(text: str, settings: Settings | None) -> str:
         return text
     secrets = [
         _password(settings.database_url), _password(settings.broker_url or ""),
+        _password(settings.redis_url or ""),
         settings.llm_api_key.get_secret_value() if settings.llm_api_key else None,
         settings.flower_password.get_secret_value() if settings.flower_password else None,
     ]
-    for url in (settings.database_url, settings.broker_url):
+    for url in (settings.database_url, settings.broker_url, settings.redis_url):
         if url and (masked := masked_url(url)) != url:
             text = text.replace(url, masked)
     for secret in secrets:
@@ -96,6 +100,17 @@ def broker_name(settings: Settings | None) -> str:
     if settings.broker_url is None:
         return f"the embedded Redis under {settings.home} (DOCQ_BROKER_URL is unset)"
     return f"the broker {masked_url(settings.broker_url)} (DOCQ_BROKER_URL)"
+
+
+def redis_name(settings: Settings | None) -> str:
+    """docqueue's own Redis, named by the setting it comes from."""
+    if settings is None or settings.redis_url is None:
+        return broker_name(settings)  # the broker's Redis, or the embedded one
+    return f"docqueue's Redis {masked_url(settings.redis_url)} (DOCQ_REDIS_URL)"
+
+
+def _redis_setting(settings: Settings | None) -> str:
+    return "DOCQ_REDIS_URL" if settings is not None and settings.redis_url else "DOCQ_BROKER_URL"
 
 
 def _store_error(exc: BaseException, settings: Settings | None) -> WorkerError | None:
@@ -136,18 +151,38 @@ def _store_error(exc: BaseException, settings: Settings | None) -> WorkerError |
 
 
 def _broker_error(exc: BaseException, settings: Settings | None) -> WorkerError | None:
-    where = broker_name(settings)
+    if settings is not None and not settings.broker_is_redis and isinstance(
+            exc, kombu.exceptions.OperationalError | amqp.exceptions.ConnectionError
+            | amqp.exceptions.AccessRefused | ConnectionRefusedError):
+        return _rabbitmq_error(exc, settings)
+    where, setting = redis_name(settings), _redis_setting(settings)
     if isinstance(exc, redis.exceptions.AuthenticationError | redis.exceptions.ResponseError) and (
             _is_auth(exc)):
         return BrokerUnavailableError(
             f"{where} refuses the credentials: {_detail(exc)}; check the password in "
-            "DOCQ_BROKER_URL (redis://:PASSWORD@HOST:PORT/DB)")
+            f"{setting} (redis://:PASSWORD@HOST:PORT/DB)")
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError
                   | kombu.exceptions.OperationalError | ConnectionRefusedError):
         return BrokerUnavailableError(
             f"cannot reach {where}: {_detail(exc)}; start Redis there or point "
-            "DOCQ_BROKER_URL at a running one")
+            f"{setting} at a running one")
     return None
+
+
+def _rabbitmq_error(exc: BaseException, settings: Settings) -> WorkerError:
+    # py-amqp's text starts with the failed method's ids, "(0, 0): ", which say nothing here.
+    where, detail = broker_name(settings), re.sub(r"^\(\d+, \d+\): ", "", _detail(exc))
+    if "ACCESS_REFUSED" in detail or "login" in detail.lower():
+        return BrokerUnavailableError(
+            f"{where} refuses the credentials: {detail}; check the user and password in "
+            "DOCQ_BROKER_URL (amqp://USER:PASSWORD@HOST:PORT/VHOST)")
+    if "vhost" in detail.lower():
+        return BrokerUnavailableError(
+            f"{where} has no such virtual host or refuses this user on it: {detail}; create it "
+            "(rabbitmqctl add_vhost, set_permissions) or fix it in DOCQ_BROKER_URL")
+    return BrokerUnavailableError(
+        f"cannot reach {where}: {detail}; start RabbitMQ there or point DOCQ_BROKER_URL at a "
+        "running one")
 
 
 def _is_auth(exc: BaseException) -> bool:

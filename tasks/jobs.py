@@ -10,7 +10,7 @@ from sqlalchemy.exc import OperationalError
 
 from docqueue.models import JobStatus, store_id
 from docqueue.tasks.batches import refuse_wrong_store, send_batches
-from docqueue.tasks.celery import app, broker_redis
+from docqueue.tasks.celery import app, state_redis
 from docqueue.tasks.runtime import WrongStoreError, runtime
 from docqueue.workers.jobs.merging import merge_job as merge
 from docqueue.workers.jobs.reconcile import forget_published
@@ -48,7 +48,7 @@ def merge_job(self: Task, job_id: int, store: str | None = None,
         return {"job_id": job_id, "status": "missing"}
     send_batches(job_id, summary.new_batches, store)  # reduce levels a lost step left unmade
     if summary.unfinished == 0:  # nothing left to send: the reconciler can forget the job
-        forget_published(broker_redis(), job_id)
+        forget_published(state_redis(), job_id)
     elif until_final and summary.status == JobStatus.RUNNING:
         wait = min(UNTIL_FINAL_MAX_S, 2.0 * 2 ** min(self.request.retries, 4))
         raise self.retry(countdown=wait, max_retries=None)

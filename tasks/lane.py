@@ -1,9 +1,10 @@
 """The batch lane's tasks: beat's `lane.poll` sends one `lane.advance(job_id)` per batch-lane job.
 
 `lane.advance` runs workers/jobs/lane.py's `advance` under a per-job Redis lock, renewed while
-it runs (two copies of the task wait for nothing: the second returns at once), and once every chunk of the job has a
-final result and no provider batch is live, it queues `jobs.merge`, the online lane's chord
-callback. Both tasks carry ids only; losing Redis (the lock, queued messages) loses nothing the
+it runs (two copies of the task wait for nothing: the second returns at once), and once every
+chunk of the job has a final result and no provider batch is live, it queues `jobs.merge`, the
+online lane's chord callback. Both tasks carry ids only; losing Redis (the lock, queued
+messages) loses nothing the
 ledger in the store does not hold, and the next tick finds the same work again.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 from redis.exceptions import LockError, RedisError
 
 from docqueue.models import store_id
-from docqueue.tasks.celery import app, broker_redis
+from docqueue.tasks.celery import app, state_redis
 from docqueue.tasks.jobs import merge_job
 from docqueue.tasks.publish import publish
 from docqueue.tasks.runtime import resolve_endpoint, runtime
@@ -93,7 +94,7 @@ def resume_lane(job_ids: list[int] | None) -> list[dict[str, Any]]:
 @contextmanager
 def _job_lock(job_id: int) -> Iterator[bool]:
     """The job's lane lock, renewed by a thread while held; yields whether it was taken."""
-    lock = broker_redis().lock(keys.lane_lock(job_id), timeout=LOCK_TTL_S, thread_local=False)
+    lock = state_redis().lock(keys.lane_lock(job_id), timeout=LOCK_TTL_S, thread_local=False)
     if not lock.acquire(blocking=False):
         yield False
         return

@@ -50,7 +50,7 @@ def limiter_status(settings: Settings) -> dict[str, Any]:
     calls in flight and any cool-down. `available` is False (with a `reason`) when it cannot
     be read; nothing raises for an unreachable Redis or a missing endpoint."""
     endpoint = _endpoint(settings)
-    broker = running_broker(settings)
+    broker = running_redis(settings)
     base: dict[str, Any] = {
         "endpoint": endpoint,
         "model": settings.model_name,
@@ -137,10 +137,10 @@ def _endpoint(settings: Settings) -> str | None:
     return LocalModelServer(settings.home).running_url()
 
 
-def running_broker(settings: Settings) -> str | None:
-    """The Redis URL of the broker if it can be used now: the embedded one only if running."""
-    if settings.broker_url:
-        return settings.broker_url
+def running_redis(settings: Settings) -> str | None:
+    """docqueue's Redis URL if it can be used now: the embedded one only if running."""
+    if (url := settings.state_redis_url) is not None:
+        return url
     from docqueue.workers.local.embedded_redis import EmbeddedRedis
 
     return EmbeddedRedis(settings.home).running_url()

@@ -5,9 +5,9 @@ killed or frozen: workers/batch/liveness.py). Every worker's main process runs i
 DOCQ_HEARTBEAT_S seconds on its own timer, so a dead worker's batches go on within seconds of its
 heartbeat's TTL whether or not beat runs; any number of rescuers send each batch once.
 
-`reconcile()` runs the rules of workers/jobs/reconcile.py over the store and Redis, and acts on them:
-it sends lost batches again as a new chord and merges finished jobs nobody merged. The beat task
-`jobs.reconcile` runs it (after a rescue) every DOCQ_RECONCILE_EVERY_S seconds
+`reconcile()` runs the rules of workers/jobs/reconcile.py over the store and Redis, and acts on
+them: it sends lost batches again as a new chord and merges finished jobs nobody merged. The
+beat task `jobs.reconcile` runs it (after a rescue) every DOCQ_RECONCILE_EVERY_S seconds
 (`reconcile_entry`, for the beat schedule); `docq resume` runs it by hand.
 
 Memory: Celery replaces a pool process whose RSS passed `worker_max_memory_per_child` once its
@@ -31,10 +31,10 @@ import redis
 from celery.signals import task_received, worker_process_init, worker_ready, worker_shutdown
 
 from docqueue.tasks.batches import reservation_tag
-from docqueue.tasks.celery import app, broker_redis
+from docqueue.tasks.celery import app, state_redis
 from docqueue.tasks.jobs import merge_job
 from docqueue.tasks.publish import publish
-from docqueue.tasks.runtime import resolve_broker, runtime
+from docqueue.tasks.runtime import resolve_redis, runtime
 from docqueue.workers import keys
 from docqueue.workers.batch.liveness import (
     beat_worker,
@@ -77,7 +77,7 @@ def rescue() -> dict[int, int]:
     the next after `RESCUE_LOCK_S`.
     """
     rt = runtime()
-    client = broker_redis()
+    client = state_redis()
     ttl_s = rt.settings.heartbeat_ttl_s
     dead = dead_deliveries(client, ttl_s) + dead_reservations(client, ttl_s)
     mine = [d for d in dead if take_rescue(client, d)]
@@ -108,7 +108,7 @@ def reconcile(
     `merge_inline` merges in this process instead of queueing `jobs.merge`.
     """
     rt = runtime()
-    client = broker_redis()
+    client = state_redis()
     with rt.sessions.begin() as session:
         jobs = open_jobs(session, job_ids)
     marked = published(client, [j.job_id for j in jobs])
@@ -151,7 +151,7 @@ def reconcile(
 @app.task(name="jobs.reconcile")
 def reconcile_jobs() -> dict[str, Any]:
     """Beat: find lost batches and unmerged jobs, and enqueue what finishes them."""
-    client = broker_redis()
+    client = state_redis()
     if not client.set(LOCK_KEY, str(os.getpid()), nx=True, ex=LOCK_TTL_S):
         return {"skipped": "another reconcile is running"}
     try:
@@ -213,7 +213,7 @@ class _RssReporter:
                 "hostname": self.hostname, "pid": proc.pid, "role": role,
                 "rss_mb": round(rss_mb, 1), "limit_mb": self.limit_mb, "updated": now,
             })
-        client = broker_redis()
+        client = state_redis()
         gone = self.fields - entries.keys()
         if gone:
             client.hdel(RSS_KEY, *gone)
@@ -229,7 +229,7 @@ class _RssReporter:
 
     def forget(self) -> None:
         if self.fields:
-            broker_redis().hdel(RSS_KEY, *self.fields)
+            state_redis().hdel(RSS_KEY, *self.fields)
 
 
 _reporter: _RssReporter | None = None
@@ -252,7 +252,7 @@ class _Rescuer:
 
     def tick(self) -> None:
         try:
-            beat_worker(broker_redis(), self.hostname, runtime().settings.heartbeat_ttl_s,
+            beat_worker(state_redis(), self.hostname, runtime().settings.heartbeat_ttl_s,
                         self.batches)
             rescue()
         except Exception as exc:
@@ -277,7 +277,7 @@ def _reserve_batch(request: Any, **_: Any) -> None:
     if request.name != "batches.process" or not request.args:
         return
     try:
-        reserve(broker_redis(), reservation_tag(request.id, request.request_dict.get("retries")),
+        reserve(state_redis(), reservation_tag(request.id, request.request_dict.get("retries")),
                 int(request.args[0]), request.hostname)
     except redis.RedisError as exc:  # Redis's visibility timeout still covers the message
         logger.warning("batch %s: cannot record its reservation: %s", request.args[0], exc)
@@ -291,7 +291,7 @@ def _stop_rss_reports(**_: Any) -> None:
 
 def worker_memory(settings: Settings) -> list[dict[str, Any]]:
     """Each live worker process's RSS: hostname, pid, role (main or pool), rss_mb, limit_mb."""
-    client = redis.Redis.from_url(resolve_broker(settings), socket_timeout=10,
+    client = redis.Redis.from_url(resolve_redis(settings), socket_timeout=10,
                                   socket_connect_timeout=5)
     try:
         entries = client.hgetall(RSS_KEY)

@@ -14,14 +14,15 @@ from typing import Any
 
 import redis
 from celery import Signature, Task, uuid
+from kombu import Connection
 from kombu.entity import Queue
 from sqlalchemy import select, update
 
 from docqueue.models import Batch, Job, store_id
 from docqueue.tasks.batches import process_batch
-from docqueue.tasks.celery import RESCUE_QUEUE, app, broker_redis
+from docqueue.tasks.celery import RESCUE_QUEUE, app, state_redis
 from docqueue.tasks.jobs import merge_job
-from docqueue.tasks.runtime import resolve_broker, runtime
+from docqueue.tasks.runtime import resolve_broker, resolve_redis, runtime
 from docqueue.workers.jobs.reconcile import mark_published
 from docqueue.workers.jobs.submission import batch_ids
 from docqueue.workers.settings import Settings
@@ -30,11 +31,32 @@ BROKER_CHECK_TIMEOUT_S = 5.0
 
 
 def check_broker(settings: Settings) -> None:
-    """Ask the broker for a PONG, with short timeouts, before a job is recorded.
+    """Reach the broker, with short timeouts: a Redis answers a PING, a RabbitMQ accepts a
+    connection (its credentials and virtual host included).
 
-    Raises redis-py's error (tasks/failures.py names it for the user).
+    Raises redis-py's or kombu's error (tasks/failures.py names it for the user).
     """
-    client = redis.Redis.from_url(resolve_broker(settings), socket_timeout=BROKER_CHECK_TIMEOUT_S,
+    if settings.broker_is_redis:
+        _ping(resolve_broker(settings))
+        return
+    with Connection(resolve_broker(settings), connect_timeout=BROKER_CHECK_TIMEOUT_S) as conn:
+        conn.ensure_connection(max_retries=1, timeout=BROKER_CHECK_TIMEOUT_S)
+
+
+def check_redis(settings: Settings) -> None:
+    """Ask docqueue's own Redis for a PONG, with short timeouts. Raises redis-py's error."""
+    _ping(resolve_redis(settings))
+
+
+def check_services(settings: Settings) -> None:
+    """Before a job is recorded: the broker and, when it is another server, the Redis."""
+    check_broker(settings)
+    if not settings.broker_is_redis or settings.redis_url:
+        check_redis(settings)
+
+
+def _ping(url: str) -> None:
+    client = redis.Redis.from_url(url, socket_timeout=BROKER_CHECK_TIMEOUT_S,
                                   socket_connect_timeout=BROKER_CHECK_TIMEOUT_S)
     try:
         client.ping()
@@ -87,7 +109,7 @@ def publish(job_id: int, *, batches: Collection[int] | None = None) -> int:
     _send_chord(process_batch, header, body, {"store": store},
                 lambda seq, n: f"job={job_id} batch={seq}/{total} chunks={n}",
                 queue=None if wanted is None else RESCUE_QUEUE)
-    mark_published(broker_redis(), job_id)
+    mark_published(state_redis(), job_id)
     return len(header)
 
 

@@ -43,13 +43,21 @@ class WrongStoreError(WorkerError):
     """A task names a results store other than the one this process is configured with."""
 
 
-def resolve_broker(settings: Settings) -> str:
-    """The Redis URL: DOCQ_BROKER_URL, or the embedded server under DOCQ_HOME (started once)."""
-    if settings.broker_url:
-        return settings.broker_url
+def resolve_redis(settings: Settings) -> str:
+    """docqueue's own Redis (limiter, leases, heartbeats, chord counters and results):
+    DOCQ_REDIS_URL, else a Redis DOCQ_BROKER_URL, else the embedded server under DOCQ_HOME
+    (started once)."""
+    if (url := settings.state_redis_url) is not None:
+        return url
     from docqueue.workers.local.embedded_redis import EmbeddedRedis
 
     return EmbeddedRedis(settings.home).start().url
+
+
+def resolve_broker(settings: Settings) -> str:
+    """Where the Celery tasks travel: DOCQ_BROKER_URL (Redis or RabbitMQ), else the Redis of
+    `resolve_redis`."""
+    return settings.broker_url or resolve_redis(settings)
 
 
 def max_memory_kib(settings: Settings) -> int | None:
@@ -163,7 +171,7 @@ class Runtime:
         # call beyond REDIS_CONNECTIONS wait its turn instead of failing "Too many connections".
         # (from_pool: closing the client closes the pool too.)
         redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
-            resolve_broker(s), max_connections=REDIS_CONNECTIONS, timeout=10, socket_timeout=10,
+            resolve_redis(s), max_connections=REDIS_CONNECTIONS, timeout=10, socket_timeout=10,
             socket_connect_timeout=5, driver_info=None))
         limiter = limiter_for(s, redis, base_url)
         self._redis = redis
@@ -171,7 +179,7 @@ class Runtime:
         # Its timeouts stay well inside a heartbeat TTL, so a lost Redis shows as a lapse.
         beat_timeout_s = max(1.0, s.heartbeat_ttl_s / 4)
         self._beat_redis = aioredis.Redis.from_url(
-            resolve_broker(s), socket_timeout=beat_timeout_s, socket_connect_timeout=beat_timeout_s,
+            resolve_redis(s), socket_timeout=beat_timeout_s, socket_connect_timeout=beat_timeout_s,
             driver_info=None)
         heartbeat = Heartbeat(self._beat_redis, s.heartbeat_s, s.heartbeat_ttl_s)
         return Services(self.sessions, s, llm, limiter, asyncio.Semaphore(s.worker_inflight),

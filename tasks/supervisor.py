@@ -37,6 +37,10 @@ logger = logging.getLogger("docq.worker")
 POLL_S = 1.0
 MEMORY_CHECK_S = 5.0
 RESTART_PAUSE_S = 1.0  # before a crashed process's replacement starts
+# A process that ends within this long of its start, this many times running, cannot start
+# (a setting it refuses, a broken install): the supervisor stops instead of restarting it
+# every second for ever.
+EARLY_EXIT_S, EARLY_EXITS = 15.0, 3
 MIN_BATCHES = 4
 
 
@@ -76,6 +80,9 @@ class Supervisor:
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.retiring: list[subprocess.Popen[bytes]] = []  # over the memory limit, finishing
         self.stopping = 0  # signals received
+        self.started: dict[int, float] = {}  # index -> monotonic start of its current process
+        self.early_exits: dict[int, int] = {}  # index -> early exits running
+        self.failed = False
 
     def argv(self, index: int) -> list[str]:
         return [sys.executable, "-m", "celery", "-A", "docqueue.tasks", "worker", "--pool=threads",
@@ -84,6 +91,7 @@ class Supervisor:
 
     def start(self, index: int) -> None:
         self.procs[index] = subprocess.Popen(self.argv(index), env=self.env(index))
+        self.started[index] = time.monotonic()
 
     def env(self, index: int) -> dict[str, str]:
         """Each process serves its metrics on a port of its own: DOCQ_METRICS_PORT + index."""
@@ -110,6 +118,13 @@ class Supervisor:
                 del self.procs[i]
                 if self.stopping or code == 0:
                     continue
+                if self._cannot_start(i):
+                    logger.error("worker process %s%d ended with %s within %.0f s of its start "
+                                 "%d times running: stopping (its log above says why)",
+                                 self.name, i, _status(code), EARLY_EXIT_S, EARLY_EXITS)
+                    self.failed = True
+                    self._on_signal(signal.SIGTERM, None)  # the others stop; none restarts
+                    continue
                 logger.warning("worker process %s%d (pid %d) ended with %s; starting another",
                                self.name, i, proc.pid, _status(code))
                 time.sleep(RESTART_PAUSE_S)
@@ -117,7 +132,12 @@ class Supervisor:
             if not self.stopping and time.monotonic() - last_memory_check > MEMORY_CHECK_S:
                 last_memory_check = time.monotonic()
                 self._replace_large()
-        return 0
+        return 1 if self.failed else 0
+
+    def _cannot_start(self, index: int) -> bool:
+        early = time.monotonic() - self.started.get(index, 0.0) < EARLY_EXIT_S
+        self.early_exits[index] = self.early_exits.get(index, 0) + 1 if early else 0
+        return self.early_exits[index] >= EARLY_EXITS
 
     def _replace_large(self) -> None:
         if self.max_memory_mb <= 0:

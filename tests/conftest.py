@@ -1,4 +1,4 @@
-"""Shared fixtures: real Redis and PostgreSQL on 127.0.0.1, isolated per test.
+"""Shared fixtures: real Redis, PostgreSQL and RabbitMQ on 127.0.0.1, isolated per test.
 
 Locally a missing server skips the tests that need it; with CI=true it fails them.
 """
@@ -6,7 +6,9 @@ Locally a missing server skips the tests that need it; with CI=true it fails the
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 import uuid
 from collections.abc import Iterator
 from urllib.parse import quote
@@ -30,7 +32,8 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 # A test that asks for one of these needs a server: it carries the integration marker, wherever
 # it lives (`pytest -m "not integration"` runs what needs none).
 SERVER_FIXTURES = frozenset({"redis_url", "redis_client", "pg_url", "docq_env",
-                             "workers", "simulator"})
+                             "workers", "simulator", "rabbitmq_url"})
+RABBITMQ_HOST, RABBITMQ_PORT = "127.0.0.1", 5672
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -73,6 +76,32 @@ def redis_url() -> Iterator[str]:
     yield url
     client.flushdb()
     client.close()
+
+
+@pytest.fixture
+def rabbitmq_url() -> Iterator[str]:
+    """A RabbitMQ virtual host of the test's own (guest may use it), deleted after the test:
+    parallel runs never share a queue."""
+    require_server("RabbitMQ", RABBITMQ_HOST, RABBITMQ_PORT)
+    if shutil.which("rabbitmqctl") is None:
+        message = "rabbitmqctl is not installed: cannot make a virtual host for the test"
+        if IN_CI:
+            pytest.fail(message + " (CI=true: a missing server is a failure)")
+        pytest.skip(message)
+    vhost = f"docq_t_{uuid.uuid4().hex[:12]}"
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield f"amqp://guest:guest@{RABBITMQ_HOST}:{RABBITMQ_PORT}/{vhost}"
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+def rabbitmqctl(*args: str) -> str:
+    done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, f"rabbitmqctl {' '.join(args)}: {done.stderr or done.stdout}"
+    return done.stdout
 
 
 @pytest.fixture

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LLMMode = Literal["chat", "completion"]
@@ -85,6 +92,30 @@ def masked_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
 
 
+def settings_problem(exc: ValidationError) -> str:
+    """One invalid setting as one line, named by its variable, with the value given unless it
+    may hold a secret (a URL, a key, a password)."""
+    first = exc.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if not loc:  # a rule across settings: the message names them
+        return f"invalid settings: {message}"
+    name = "DOCQ_" + loc[0].upper()
+    shown = "" if any(w in name for w in ("PASSWORD", "KEY", "URL")) else (
+        f"={first.get('input')!r}" if isinstance(first.get("input"), str | int | float) else "")
+    return f"invalid setting {name}{shown}: {message}"
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+
+
+def url_scheme(url: str) -> str:
+    """The scheme of `url` in lower case ("" when it has none)."""
+    scheme, sep, _ = url.partition("://")
+    return scheme.lower() if sep else ""
+
+
 def absolute_sqlite_url(url: str) -> str:
     """A SQLite URL with a relative file path made absolute against this working directory.
 
@@ -110,7 +141,13 @@ class Settings(BaseSettings):
     # Stores and transport.
     database_url: str = "sqlite:///docq.db"
     broker_url: str | None = Field(
-        default=None, description="Redis URL; unset means the embedded Redis under `home`."
+        default=None, description="Where the Celery tasks travel: Redis (redis://, rediss://, "
+        "unix://) or RabbitMQ (amqp://, amqps://); unset means the embedded Redis under `home`."
+    )
+    redis_url: str | None = Field(
+        default=None, description="docqueue's own Redis (limiter, leases, heartbeats, progress, "
+        "cache, chord counters and results); unset: the broker's when it is Redis, else the "
+        "embedded Redis under `home`. Required with a RabbitMQ broker."
     )
     home: Path = Field(default=Path(".docq"), description="State of the embedded services.")
     config_path: Path = Field(
@@ -251,6 +288,44 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute_sqlite_path(cls, url: str) -> str:
         return absolute_sqlite_url(url)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _known_broker(cls, url: str | None) -> str | None:
+        if url is not None and url_scheme(url) not in REDIS_SCHEMES + AMQP_SCHEMES:
+            raise ValueError(f"unknown scheme in {masked_url(url)}: use redis://, rediss:// or "
+                             "unix:// (Redis), or amqp:// or amqps:// (RabbitMQ)")
+        return url
+
+    @field_validator("redis_url")
+    @classmethod
+    def _a_redis(cls, url: str | None) -> str | None:
+        if url is not None and url_scheme(url) not in REDIS_SCHEMES:
+            raise ValueError(f"{masked_url(url)} is not a Redis URL: docqueue keeps its limiter, "
+                             "leases, heartbeats and chord counters in Redis (redis://, "
+                             "rediss:// or unix://)")
+        return url
+
+    @model_validator(mode="after")
+    def _check_redis_for_amqp(self) -> Settings:
+        if self.broker_url is not None and not self.broker_is_redis and self.redis_url is None:
+            raise ValueError(
+                f"DOCQ_BROKER_URL is RabbitMQ ({masked_url(self.broker_url)}) and DOCQ_REDIS_URL "
+                "is unset: set DOCQ_REDIS_URL to the Redis that holds docqueue's limiter, leases "
+                "and chord counters (redis://HOST:PORT/DB)")
+        return self
+
+    @property
+    def broker_is_redis(self) -> bool:
+        """True unless the broker is RabbitMQ (the embedded Redis, when unset, is Redis)."""
+        return self.broker_url is None or url_scheme(self.broker_url) in REDIS_SCHEMES
+
+    @property
+    def state_redis_url(self) -> str | None:
+        """docqueue's own Redis: DOCQ_REDIS_URL, else a Redis broker's URL; None: embedded."""
+        if self.redis_url:
+            return self.redis_url
+        return self.broker_url if self.broker_is_redis else None
 
     @model_validator(mode="after")
     def _check_time_limits(self) -> Settings:

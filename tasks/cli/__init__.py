@@ -30,11 +30,12 @@ from docqueue.tasks.cli.app import (
     cli,
 )
 from docqueue.workers.errors import JobNotPublishedError, ServiceUnavailableError, WorkerError
-from docqueue.workers.settings import Settings
+from docqueue.workers.settings import Settings, settings_problem
 
 __all__ = ["cli", "main"]
 
 DEBUG_FLAG = "--debug"
+HELP_FLAGS = frozenset({"--help", "-h"})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,6 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     debug = DEBUG_FLAG in head or os.environ.get("DOCQ_DEBUG", "").lower() in ("1", "true", "yes")
     args = [a for a in head if a != DEBUG_FLAG] + sep + tail
     try:
+        if head and not HELP_FLAGS & set(head):
+            # Every command refuses settings docqueue cannot run with, before it starts anything
+            # (a worker would otherwise restart a crashing process every second).
+            Settings()
         code = cli(args=args, prog_name="docq", standalone_mode=False)
     except TyperException as exc:  # Click's usage errors, as Typer carries them
         ctx = getattr(exc, "ctx", None)
@@ -77,7 +82,7 @@ def _failure(exc: Exception) -> tuple[int, str]:
     from docqueue.workers.local.embedded_redis import EmbeddedServiceError
 
     if isinstance(exc, ValidationError):
-        return EXIT_USAGE, _settings_line(exc)
+        return EXIT_USAGE, settings_problem(exc)
     settings = _settings()
     if (mapped := explain(exc, settings)) is not None:
         exc = mapped
@@ -111,19 +116,6 @@ def _usage_line(exc: TyperException) -> str:
     if ctx is not None:
         message += f" (see `{ctx.command_path} --help`)"
     return message[:1].lower() + message[1:]
-
-
-def _settings_line(exc: ValidationError) -> str:
-    """One invalid setting, named by its variable, with the value given (secrets excepted)."""
-    first = exc.errors()[0]
-    loc = [str(p) for p in first["loc"]]
-    message = str(first["msg"]).removeprefix("Value error, ")
-    if not loc:  # a rule across settings: the message names them
-        return f"invalid settings: {message}"
-    name = "DOCQ_" + loc[0].upper()
-    shown = "" if any(w in name for w in ("PASSWORD", "KEY", "URL")) else (
-        f"={first.get('input')!r}" if isinstance(first.get("input"), str | int | float) else "")
-    return f"invalid setting {name}{shown}: {message}"
 
 
 _cached: list[Settings | None] = []

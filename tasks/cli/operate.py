@@ -16,14 +16,15 @@ _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 @cli.command()
 def check() -> None:
-    """Check the settings: reach the results store, the broker and the model endpoint.
+    """Check the settings: reach the results store, the broker, docqueue's Redis and the model
+    endpoint.
 
     One line each on stdout when it works; an `error:` line on stderr for each that does not,
     and exit status 4.
     """
     from docqueue.models import store_id
-    from docqueue.tasks.failures import broker_name, explain, scrub, store_name
-    from docqueue.tasks.publish import check_broker
+    from docqueue.tasks.failures import broker_name, explain, redis_name, scrub, store_name
+    from docqueue.tasks.publish import check_broker, check_redis
     from docqueue.tasks.runtime import resolve_endpoint, runtime
     from docqueue.workers.provider.probe import probe_endpoint
     from docqueue.workers.settings import masked_url
@@ -40,7 +41,7 @@ def check() -> None:
             mapped = explain(exc, settings)
             typer.echo(scrub(f"error: {mapped or exc}", settings), err=True)
             return
-        typer.echo(f"{what}: ok{detail}")
+        typer.echo(scrub(f"{what}: ok{detail}", settings))
 
     def store() -> str:
         with runtime().sessions() as session:
@@ -55,12 +56,21 @@ def check() -> None:
         listed = f", serving {settings.model_name}" if found.models else ""
         return f" ({masked_url(base)}{listed})"
 
-    attempt(store_name(settings), store)
     def broker() -> str:
         check_broker(settings)
-        return ""
+        return " (RabbitMQ)" if not settings.broker_is_redis else " (Redis)"
 
+    def state() -> str:
+        check_redis(settings)
+        if settings.redis_url:
+            return ""
+        if settings.broker_url:
+            return " (the broker's; DOCQ_REDIS_URL is unset)"
+        return " (the embedded one; DOCQ_REDIS_URL and DOCQ_BROKER_URL are unset)"
+
+    attempt(store_name(settings), store)
     attempt(broker_name(settings), broker)
+    attempt(redis_name(settings) if settings.redis_url else "docqueue's Redis", state)
     attempt("the model endpoint", endpoint)
     if failed:
         raise typer.Exit(EXIT_UNAVAILABLE)
@@ -158,8 +168,8 @@ def beat(ctx: typer.Context) -> None:
         except ScheduleError as exc:
             raise fail(str(exc)) from None
     else:
-        typer.echo(f"no schedule file at {path} (DOCQ_CONFIG): beat runs the reconciler and the batch lane's poll only",
-                   err=True)
+        typer.echo(f"no schedule file at {path} (DOCQ_CONFIG): beat runs the reconciler and "
+                   "the batch lane's poll only", err=True)
     app.conf.beat_schedule = {**beat_entries(found), "jobs-reconcile": reconcile_entry(settings),
                               "lane-poll": poll_entry(settings)}
     now = datetime.now(UTC)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,16 +36,44 @@ def docq_env(
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         reset_runtime()
-        from docqueue.tasks.celery import app
-
-        # The app reads its broker once per process: a test on another Redis DB would publish
-        # where none of its workers listen.
-        if app.configured and app.conf.broker_url != redis_url:
-            pytest.fail(f"this process already publishes to {app.conf.broker_url}, not {redis_url}")
+        _follow_settings()
         return env
 
     yield configure
     reset_runtime()
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker(request: pytest.FixtureRequest, redis_url: str) -> dict[str, str]:
+    """The overrides for `docq_env` that put the test's tasks on each broker in turn: Redis
+    (the test's Redis carries everything), then RabbitMQ (a virtual host of the test's own for
+    the tasks, the test's Redis for docqueue's state)."""
+    if request.param == "redis":
+        return {}
+    return {"broker_url": request.getfixturevalue("rabbitmq_url"), "redis_url": redis_url}
+
+
+def _follow_settings() -> None:
+    """Point this process's Celery app at the test's broker and Redis.
+
+    The app reads them once per process: a test on another broker (or another Redis DB) would
+    otherwise publish where none of its workers listen.
+    """
+    from docqueue.tasks.celery import _configure, app
+    from docqueue.tasks.runtime import resolve_broker, resolve_redis, runtime
+
+    settings = runtime().settings
+    if not app.configured or (app.conf.broker_url, app.conf.result_backend) == (
+            resolve_broker(settings), resolve_redis(settings)):
+        return
+    _configure(app)
+    if app._pool is not None:  # the producers' connections to the former broker
+        app._pool.force_close_all()
+        app._pool = None
+    if "amqp" in app.__dict__:
+        app.amqp._producer_pool = None
+    app._backend_cache = None  # the former result backend's client
+    app._local = threading.local()
 
 
 @pytest.fixture

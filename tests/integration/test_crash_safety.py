@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -194,6 +195,54 @@ def test_a_killed_workers_batch_is_called_again_by_another_worker_within_30s(
           f"{delays[0]:.1f}-{delays[-1]:.1f} s; {in_flight} calls in flight at the kill")
 
 
+def tasks_logged(log: str, event: str) -> set[str]:
+    """The ids of the batch tasks a worker's log says were `received`, `succeeded` or `retry`."""
+    return set(re.findall(rf"batches\.process\[([0-9a-f-]+)\] {event}", log))
+
+
+def test_on_rabbitmq_a_killed_workers_messages_are_redelivered_and_the_job_completes_once(
+    simulator: Any, docq_env: Any, workers: Any, rabbitmq_url: str, redis_url: str
+) -> None:
+    # Given two workers whose tasks travel on RabbitMQ (a virtual host of the test's own), with
+    # docqueue's state in Redis and the shipped time limits, heartbeat and lease, on a job of
+    # slow calls
+    sim = simulator("--latency-ms", "1500", "--seed", "23", "--record-requests")
+    env = docq_env(sim.url, broker_url=rabbitmq_url, redis_url=redis_url, **SHAPE)
+    w0, w1 = workers(env, concurrency=2), workers(env, concurrency=2)
+    handle = submit(corpus(24), "summarize")
+    pids = w0.children()
+    wait_until(lambda: bool(leased_by(pids, handle.id)) and sim.stats()["in_flight"] > 0, 60,
+               "w0 in the middle of a batch")
+    # When w0 and its pool processes are SIGKILLed mid-batch
+    w0.kill()
+    killed, killed_mono = time.time(), time.monotonic()
+    orphans = leased_by(pids, handle.id)
+    assert orphans, "w0 finished its batches before the kill"
+    log0 = w0.log()
+    unfinished = (tasks_logged(log0, "received") - tasks_logged(log0, "succeeded")
+                  - tasks_logged(log0, "retry"))
+    assert unfinished
+    # Then RabbitMQ gives the messages w0 held unacknowledged (acks_late) to w1 at once, before
+    # the heartbeats' TTL could send their batches again
+    wait_until(lambda: bool(unfinished & tasks_logged(w1.log(), "received")), 8,
+               "w1 to receive a message w0 held")
+    assert time.monotonic() - killed_mono < runtime().settings.heartbeat_ttl_s
+    redelivered = unfinished & tasks_logged(w1.log(), "received")
+    # and the job completes with one final row per chunk; the calls made twice are no more than
+    # those in flight at the kill (or answered in its last half second, not yet written)
+    wait_until(lambda: finished(handle.id), 180, "the job to end")
+    requests = sim.requests()
+    in_flight = sum(1 for r in requests if r["start"] < killed and r["end"] > killed - 0.5)
+    assert_exactly_once(handle.id, sim, max_lost_calls=in_flight)
+    # and every chunk the dead worker held was called again, by w1, within 30 s of the kill
+    again = first_call_after(requests, killed)
+    delays = sorted(again[prompt_of(text)] - killed for text in orphans.values())
+    assert len(delays) == len(orphans) and delays[-1] <= RECOVERY_BOUND_S, delays
+    print(f"\nfigures: {len(redelivered)} of the {len(unfinished)} messages w0 held "
+          f"redelivered; {len(orphans)} chunks held at the kill, called again after "
+          f"{delays[0]:.1f}-{delays[-1]:.1f} s; {in_flight} calls in flight at the kill")
+
+
 def spend_and_rows(job_id: int) -> dict[str, Any]:
     """Everything a frozen worker must not change: each result row as stored, the job's spend
     in the store, and its spend counters in Redis."""
@@ -206,7 +255,7 @@ def spend_and_rows(job_id: int) -> dict[str, Any]:
                                  func.sum(Result.cost)).where(Result.job_id == job_id)).one()
         job = s.execute(select(Job.tokens_in, Job.tokens_out, Job.cost)
                         .where(Job.id == job_id)).one()
-    client = redis.Redis.from_url(runtime().settings.broker_url or "")
+    client = redis.Redis.from_url(runtime().settings.state_redis_url or "")
     counters = [client.get(k) for k in keys.job_spend(job_id)]
     client.close()
     return {"rows": [tuple(r) for r in rows], "spend": tuple(spend), "job": tuple(job),

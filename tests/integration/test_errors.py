@@ -52,7 +52,8 @@ def docq(env: dict[str, str], *args: str, cwd: Path, timeout_s: float = 120
 
 
 def assert_one_error(done: subprocess.CompletedProcess[str], status: int, *fragments: str) -> str:
-    """One `error:` line on stderr naming the fragments, this exit status, no traceback or secret."""
+    """One `error:` line on stderr naming the fragments, this exit status, no traceback or
+    secret."""
     out = done.stdout + done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == status, (done.returncode, out)
@@ -208,6 +209,37 @@ def test_a_broker_where_nothing_listens_records_nothing(
     assert_one_error(done, EXIT_UNAVAILABLE, "cannot reach the broker", ":***@127.0.0.1",
                      "(DOCQ_BROKER_URL)", "nothing was recorded")
     assert jobs_in(env["DOCQ_DATABASE_URL"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("broker", "says"),
+    [
+        (f"amqp://guest:{BROKER_SECRET}@127.0.0.1:5672/{{vhost}}",
+         ("refuses the credentials", "check the user and password in DOCQ_BROKER_URL")),
+        ("amqp://guest:guest@127.0.0.1:{port}/{vhost}",
+         ("cannot reach the broker", "start RabbitMQ there")),
+    ],
+    ids=["wrong-password", "nothing-listens"],
+)
+def test_a_rabbitmq_broker_that_cannot_be_used_records_nothing(
+    env: dict[str, str], corpus: Path, tmp_path: Path, rabbitmq_url: str, broker: str,
+    says: tuple[str, ...],
+) -> None:
+    # Given a RabbitMQ broker with a wrong password, or where nothing listens, and a good Redis
+    vhost = rabbitmq_url.rsplit("/", 1)[1]
+    env = {**env, "DOCQ_REDIS_URL": env["DOCQ_BROKER_URL"],
+           "DOCQ_BROKER_URL": broker.format(vhost=vhost, port=free_port())}
+    # When a corpus is submitted
+    done = docq(env, "submit", str(corpus), cwd=tmp_path)
+    # Then one line names the broker and what to do, the password masked; no job exists
+    assert_one_error(done, EXIT_UNAVAILABLE, *says, "(DOCQ_BROKER_URL)", "nothing was recorded")
+    assert jobs_in(env["DOCQ_DATABASE_URL"]) == 0
+    # and `docq check` says the same of the broker, and that the Redis is fine, one line each
+    done = docq(env, "check", cwd=tmp_path)
+    assert f"docqueue's Redis {env['DOCQ_REDIS_URL']} (DOCQ_REDIS_URL): ok" in done.stdout
+    broker_lines = [line for line in done.stderr.splitlines() if "DOCQ_BROKER_URL" in line]
+    assert len(broker_lines) == 1 and says[0] in broker_lines[0], done.stderr
+    assert BROKER_SECRET not in done.stdout + done.stderr
 
 
 def test_a_broker_that_refuses_the_credentials(

@@ -1,4 +1,5 @@
-"""A job end to end: submit, real workers over Celery and Redis, the simulator, merge into PostgreSQL."""
+"""A job end to end: submit, real workers over Celery (on Redis or RabbitMQ) and Redis, the
+simulator, merge into PostgreSQL."""
 
 from __future__ import annotations
 
@@ -95,12 +96,13 @@ def test_completion_mode_works_end_to_end(simulator: Any, docq_env: Any, workers
 
 
 def test_transient_faults_are_retried_until_every_chunk_succeeds(
-    simulator: Any, docq_env: Any, workers: Any
+    simulator: Any, docq_env: Any, workers: Any, broker: dict[str, str], redis_client: Any
 ) -> None:
-    # Given a provider where 20% of calls fail with 500/502/503
+    # Given a provider where 20% of calls fail with 500/502/503, and workers whose tasks travel
+    # on Redis, then on RabbitMQ (with docqueue's state in Redis)
     sim = simulator("--fail-rate", "0.2", "--seed", "7")
     env = docq_env(sim.url, chunk_tokens=40, chunk_overlap_tokens=0, max_attempts=10,
-                   batch_max_chunks=5)
+                   batch_max_chunks=5, **broker)
     workers(env)
     # When a job of about 60 chunks runs
     handle = submit(corpus(15), "summarize", cache="off")
@@ -113,6 +115,10 @@ def test_transient_faults_are_retried_until_every_chunk_succeeds(
     assert attempts > len(results)
     served = sim.stats()
     assert served["requests_total"] == attempts
+    # and the tasks travelled on the broker asked for: kombu's queue bindings are in Redis only
+    # when Redis is the broker, and the limiter's state is in Redis either way
+    assert bool(redis_client.exists("_kombu.binding.celery")) == ("broker_url" not in broker)
+    assert redis_client.keys("docq:*")
 
 
 def test_a_threads_pool_worker_runs_many_batches_at_once_in_one_process(
@@ -207,7 +213,8 @@ def test_every_kind_of_bad_input_is_explained_and_the_rest_processed(
                for k, v in rejected.items()}
     expected = {
         "empty.txt": "is empty", "binary.txt": "binary", "noise.txt": "not valid UTF-8",
-        "big.txt": "over the limit", "image.png": "supported ones", "docs.jsonl:2": "not valid JSON",
+        "big.txt": "over the limit", "image.png": "supported ones",
+        "docs.jsonl:2": "not valid JSON",
         "docs.jsonl:3": "has no 'text'", "docs.jsonl:4": "repeats the id 'j1'",
         "missing.txt": "does not exist",
     }

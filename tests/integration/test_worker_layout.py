@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from docqueue.tasks import submit
-from docqueue.tasks.celery import broker_redis
+from docqueue.tasks.celery import state_redis
 from docqueue.tasks.supervisor import Layout, default_layout
 from docqueue.workers.batch.liveness import batch_slots
 from docqueue.workers.settings import Settings
@@ -46,9 +46,9 @@ def test_a_killed_worker_process_is_replaced_and_the_job_completes(
     # (each process's heartbeat says how many batches it runs at once, 2 x 64 in all: what a
     # job's last batches are sized by)
     deadline = time.monotonic() + 30
-    while batch_slots(broker_redis()) != 128 and time.monotonic() < deadline:
+    while batch_slots(state_redis()) != 128 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert batch_slots(broker_redis()) == 128
+    assert batch_slots(state_redis()) == 128
     docs = [(f"note-{i}", " ".join(["the harbour at dawn, boats and nets."] * 12))
             for i in range(16)]
     handle = submit(docs, "summarize")
@@ -70,4 +70,4 @@ def test_a_killed_worker_process_is_replaced_and_the_job_completes(
     assert final["status"] == "succeeded", final
     assert final["chunks_by_state"] == {"ok": final["chunks_total"]}, final
     assert "ended with SIGKILL; starting another" in w.log()
-    assert batch_slots(broker_redis()) == 128  # the replacement counted once
+    assert batch_slots(state_redis()) == 128  # the replacement counted once
