@@ -290,7 +290,7 @@ class ProviderBatchChunk(Base):
     live: Mapped[bool] = mapped_column(Boolean, default=True)
 
 
-# -- schedules (workers/jobs/schedules.py) -----------------------------------------------------------
+# -- schedules (workers/jobs/schedules.py) ---------------------------------------------------------
 
 
 class RunStatus(enum.StrEnum):

@@ -77,8 +77,9 @@ def submit(
 
     `sources` is a path, a glob, a list of them, or an iterable of `(id, text)` pairs or dicts
     with `id`, `text` and optional `metadata`. The pipeline's options: `labels` (classify),
-    `schema` and `key` (extract), `prompt` and `reduce` (custom). `cache` is "use" (answer from the response cache
-    where possible), "refresh" (call the model and overwrite the cache) or "off". A budget in
+    `schema` and `key` (extract), `prompt` and `reduce` (custom). `cache` is "use" (answer from
+    the response cache where possible), "refresh" (call the model and overwrite the cache) or
+    "off". A budget in
     tokens and/or dollars stops the job's model calls once spent; the chunks left end
     `skipped_budget`. `lane` is "online" (the workers call the model per chunk) or "batch"
     (the provider's Batch API at batch prices, sent and polled by `docq beat`: hours, not

@@ -11,7 +11,8 @@ from kombu.entity import Exchange, Queue
 
 from docqueue.tasks.runtime import max_memory_kib, reset_runtime, resolve_broker, runtime
 
-app = Celery("docqueue", include=["docqueue.tasks.batches", "docqueue.tasks.jobs", "docqueue.tasks.beat", "docqueue.tasks.lane"])
+app = Celery("docqueue", include=["docqueue.tasks.batches", "docqueue.tasks.jobs",
+                                  "docqueue.tasks.beat", "docqueue.tasks.lane"])
 
 # Batches sent again (a dead delivery's, a lost message's) go to a queue of their own that every
 # worker also consumes: they do not wait behind the rest of a deep queue. Kombu polls a worker's
@@ -58,7 +59,8 @@ def _configure(sender: Celery, **_: Any) -> None:
         # the visibility timeout. A plain SIGTERM (warm) lets them finish, within their time limit.
         worker_soft_shutdown_timeout=s.worker_soft_shutdown_s,
         worker_enable_soft_shutdown_on_idle=True,  # retries waiting out a countdown go back too
-        imports=("docqueue.tasks.maintenance", "docqueue.tasks.exporter"),  # reconcile, memory reports, /metrics
+        # reconcile, memory reports, /metrics
+        imports=("docqueue.tasks.maintenance", "docqueue.tasks.exporter"),
         task_default_queue=DEFAULT_QUEUE,
         task_queues=_queues(),
     )

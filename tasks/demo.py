@@ -1,8 +1,9 @@
 """`docq demo`: the bundled corpus through the whole pipeline on one machine, nothing to set up.
 
-It starts what is missing (the embedded Redis, the local model, one worker), submits
-the bundled corpus (`workers/local/corpus`), shows progress and a table of results, and stops what it started. A second
-run finds the first run's job for the same corpus in the store and shows it at once.
+It starts what is missing (the embedded Redis, the local model, one worker), submits the
+bundled corpus (`workers/local/corpus`), shows progress and a table of results, and stops what
+it started. A second run finds the first run's job for the same corpus in the store and shows it
+at once.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ killed or frozen: workers/batch/liveness.py). Every worker's main process runs i
 DOCQ_HEARTBEAT_S seconds on its own timer, so a dead worker's batches go on within seconds of its
 heartbeat's TTL whether or not beat runs; any number of rescuers send each batch once.
 
-`reconcile()` runs the rules of workers/jobs/reconcile.py over the store and Redis, and acts on them:
-it sends lost batches again as a new chord and merges finished jobs nobody merged. The beat task
-`jobs.reconcile` runs it (after a rescue) every DOCQ_RECONCILE_EVERY_S seconds
+`reconcile()` runs the rules of workers/jobs/reconcile.py over the store and Redis, and acts on
+them: it sends lost batches again as a new chord and merges finished jobs nobody merged. The beat
+task `jobs.reconcile` runs it (after a rescue) every DOCQ_RECONCILE_EVERY_S seconds
 (`reconcile_entry`, for the beat schedule); `docq resume` runs it by hand.
 
 Memory: Celery replaces a pool process whose RSS passed `worker_max_memory_per_child` once its

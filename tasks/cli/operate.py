@@ -158,8 +158,8 @@ def beat(ctx: typer.Context) -> None:
         except ScheduleError as exc:
             raise fail(str(exc)) from None
     else:
-        typer.echo(f"no schedule file at {path} (DOCQ_CONFIG): beat runs the reconciler and the batch lane's poll only",
-                   err=True)
+        typer.echo(f"no schedule file at {path} (DOCQ_CONFIG): beat runs the reconciler and "
+                   "the batch lane's poll only", err=True)
     app.conf.beat_schedule = {**beat_entries(found), "jobs-reconcile": reconcile_entry(settings),
                               "lane-poll": poll_entry(settings)}
     now = datetime.now(UTC)

@@ -1,4 +1,4 @@
-"""A job end to end: submit, real workers over Celery and Redis, the simulator, merge into PostgreSQL."""
+"""A job end to end: submit, real workers over Celery and Redis, the simulator, PostgreSQL."""
 
 from __future__ import annotations
 
@@ -207,7 +207,8 @@ def test_every_kind_of_bad_input_is_explained_and_the_rest_processed(
                for k, v in rejected.items()}
     expected = {
         "empty.txt": "is empty", "binary.txt": "binary", "noise.txt": "not valid UTF-8",
-        "big.txt": "over the limit", "image.png": "supported ones", "docs.jsonl:2": "not valid JSON",
+        "big.txt": "over the limit", "image.png": "supported ones",
+        "docs.jsonl:2": "not valid JSON",
         "docs.jsonl:3": "has no 'text'", "docs.jsonl:4": "repeats the id 'j1'",
         "missing.txt": "does not exist",
     }
