@@ -60,6 +60,7 @@ def use_files(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)  # a dead worker's, whose pid this one reuses
     directory.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    # prometheus_client leaves MultiProcessValue unannotated
     values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
 
 
@@ -212,6 +213,7 @@ def _start_worker_exporter(**_: Any) -> None:
     _files = files_dir(settings, os.getpid())
     use_files(_files)
     registry = CollectorRegistry()
+    # prometheus_client leaves MultiProcessCollector's __init__ unannotated
     multiprocess.MultiProcessCollector(registry, path=str(_files))  # type: ignore[no-untyped-call]
     registry.register(StateCollector(settings, worker_pid=os.getpid()))
     serve(registry, settings.metrics_port, settings.metrics_address, "worker")
