@@ -120,7 +120,8 @@ def child(spec_json: str) -> None:
 
     from docqueue.tasks import api
 
-    for module in ("docqueue.tasks.batches", "docqueue.tasks.jobs"):  # loaded by publish anyway: in the baseline
+    # publish loads these anyway, so they belong in the baseline
+    for module in ("docqueue.tasks.batches", "docqueue.tasks.jobs"):
         importlib.import_module(module)
 
     event("imported")

@@ -28,6 +28,7 @@ from docqueue.models.tables import (
     Result,
     ResultStatus,
     StoreIdentity,
+    table_of,
 )
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "make_sessionmaker",
     "plan_for_now",
     "store_id",
+    "table_of",
     "upgrade",
     "upsert_statement",
 ]

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
     func,
@@ -29,6 +30,17 @@ BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 class Base(DeclarativeBase):
     type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+def table_of(model: type[Base]) -> Table:
+    """The model's `Table`, for Core statements.
+
+    SQLAlchemy types `__table__` as any FromClause; every model here maps one Table.
+    """
+    table = model.__table__
+    if not isinstance(table, Table):
+        raise TypeError(f"{model.__name__} maps {type(table).__name__}, not a Table")
+    return table
 
 
 class JobStatus(enum.StrEnum):
@@ -290,7 +302,7 @@ class ProviderBatchChunk(Base):
     live: Mapped[bool] = mapped_column(Boolean, default=True)
 
 
-# -- schedules (workers/jobs/schedules.py) -----------------------------------------------------------
+# -- schedules (workers/jobs/schedules.py) ---------------------------------------------------------
 
 
 class RunStatus(enum.StrEnum):

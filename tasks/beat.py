@@ -50,7 +50,7 @@ RUN_TASK = "schedules.run"
 LOCK_TTL_S = 300
 
 
-class CronSchedule(BaseSchedule):  # type: ignore[misc]
+class CronSchedule(BaseSchedule):  # type: ignore[misc]  # Celery ships no types: an Any base
     """A cron expression in its own time zone, for beat (Celery's crontab has one app-wide)."""
 
     def __init__(self, cron: Cron) -> None:

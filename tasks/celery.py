@@ -83,10 +83,14 @@ def _configure(sender: Celery, **_: Any) -> None:
 
 
 def _queues() -> tuple[Queue, Queue]:
-    # Each bound to its own direct exchange by its own name (a bare Queue would be bound to the
+    return _queue(DEFAULT_QUEUE), _queue(RESCUE_QUEUE)
+
+
+def _queue(name: str) -> Queue:
+    # Bound to its own direct exchange by its own name (a bare Queue would be bound to the
     # default exchange with the default routing key: its messages would land in `celery`).
-    return tuple(Queue(name, Exchange(name, type="direct"), routing_key=name)  # type: ignore[no-untyped-call, return-value]
-                 for name in (DEFAULT_QUEUE, RESCUE_QUEUE))
+    # kombu's Queue and Exchange have no annotations.
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)  # type: ignore[no-untyped-call]
 
 
 @after_setup_logger.connect

@@ -46,9 +46,9 @@ QUEUES = (DEFAULT_QUEUE, RESCUE_QUEUE)
 def queue_depths(settings: Settings) -> dict[str, int]:
     """Messages waiting in each of docqueue's queues, read from the broker."""
     if not settings.broker_is_redis:
-        from kombu import Connection
+        from kombu.connection import Connection
 
-        with Connection(settings.broker_url, connect_timeout=READ_TIMEOUT_S) as conn:
+        with Connection(settings.broker_url, connect_timeout=READ_TIMEOUT_S) as conn:  # type: ignore[no-untyped-call]  # kombu: no types
             channel = conn.default_channel
             # A queue no worker has declared yet answers NOT_FOUND: the source reads as down.
             return {q: channel.queue_declare(q, passive=True).message_count for q in QUEUES}
@@ -82,6 +82,7 @@ def use_files(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)  # a dead worker's, whose pid this one reuses
     directory.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    # prometheus_client leaves MultiProcessValue unannotated
     values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
 
 
@@ -225,6 +226,7 @@ def _start_worker_exporter(**_: Any) -> None:
     _files = files_dir(settings, os.getpid())
     use_files(_files)
     registry = CollectorRegistry()
+    # prometheus_client leaves MultiProcessCollector's __init__ unannotated
     multiprocess.MultiProcessCollector(registry, path=str(_files))  # type: ignore[no-untyped-call]
     registry.register(StateCollector(settings, worker_pid=os.getpid()))
     serve(registry, settings.metrics_port, settings.metrics_address, "worker")

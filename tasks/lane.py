@@ -3,9 +3,8 @@
 `lane.advance` runs workers/jobs/lane.py's `advance` under a per-job Redis lock, renewed while
 it runs (two copies of the task wait for nothing: the second returns at once), and once every
 chunk of the job has a final result and no provider batch is live, it queues `jobs.merge`, the
-online lane's chord callback. Both tasks carry ids only; losing Redis (the lock, queued
-messages) loses nothing the
-ledger in the store does not hold, and the next tick finds the same work again.
+online lane's chord callback. Both tasks carry ids only; losing Redis (the lock, queued messages)
+loses nothing the ledger in the store does not hold, and the next tick finds the same work again.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 from celery import Signature, Task, uuid
-from kombu import Connection
+from kombu.connection import Connection
 from kombu.entity import Queue
 from sqlalchemy import select, update
 
@@ -39,7 +39,7 @@ def check_broker(settings: Settings) -> None:
     if settings.broker_is_redis:
         _ping(resolve_broker(settings))
         return
-    with Connection(resolve_broker(settings), connect_timeout=BROKER_CHECK_TIMEOUT_S) as conn:
+    with Connection(resolve_broker(settings), connect_timeout=BROKER_CHECK_TIMEOUT_S) as conn:  # type: ignore[no-untyped-call]  # kombu: no types
         conn.ensure_connection(max_retries=1, timeout=BROKER_CHECK_TIMEOUT_S)
 
 

@@ -48,11 +48,12 @@ class WorkerProcess:
         self._log = log_path.open("wb")
         self.ready_lines = concurrency if pool == "default" else 1
         if pool == "default":
-            argv = [sys.executable, "-m", "docqueue.tasks.cli", "worker", f"--concurrency={concurrency}",
-                    f"--name={name}", "--without-mingle", *extra]
+            argv = [sys.executable, "-m", "docqueue.tasks.cli", "worker",
+                    f"--concurrency={concurrency}", f"--name={name}", "--without-mingle", *extra]
         else:
-            argv = [sys.executable, "-m", "celery", "-A", "docqueue.tasks", "worker", f"--pool={pool}",
-                    f"--concurrency={concurrency}", "--loglevel=INFO", "--without-gossip",
+            argv = [sys.executable, "-m", "celery", "-A", "docqueue.tasks", "worker",
+                    f"--pool={pool}", f"--concurrency={concurrency}", "--loglevel=INFO",
+                    "--without-gossip",
                     "--without-mingle", f"--hostname={name}@%h", *extra]
             if events:
                 argv.append("--events")

@@ -18,7 +18,7 @@ WorkerError                     the root; every message is written for the user
 │       ├── FlowerAuthError         Flower without credentials (tasks/flower.py)
 │       └── NothingToSubmitError    every input of a submit was rejected: no job is recorded
 ├── JobNotFoundError            no job with that id (also a LookupError)
-├── JobNotFinishedError         results asked of a job that is still running (pipelines/openai_batch.py)
+├── JobNotFinishedError         results asked of a job still running (pipelines/openai_batch.py)
 ├── ServiceUnavailableError     a service docqueue needs cannot be used (tasks/failures.py maps
 │   │                             the drivers' exceptions to these, URLs masked)
 │   ├── StoreUnavailableError     the results store: unreachable, refusing the credentials, absent

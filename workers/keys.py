@@ -40,7 +40,7 @@ def rescue_lock(owner: str) -> str:
 
 
 RESERVED = f"{PREFIX}:reserved"  # hash: "task_id:retries" -> "batch_id hostname", not ended
-DELIVERIES = f"{PREFIX}:deliveries"  # hash: lease owner -> "batch id, message tag", per live delivery
+DELIVERIES = f"{PREFIX}:deliveries"  # hash: lease owner -> "batch id, message tag", live ones
 LIVENESS_SINCE = f"{PREFIX}:liveness:since"  # when the heartbeats began (after a Redis loss)
 ABANDONED_BATCHES = f"{PREFIX}:batches:abandoned"  # set: batches a worker gave up on
 RECONCILE_LOCK = f"{PREFIX}:reconcile:lock"  # one reconciler at a time

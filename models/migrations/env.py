@@ -5,7 +5,8 @@ from alembic import context
 from docqueue.models.db import make_engine
 from docqueue.models.tables import Base
 
-url: str = context.config.attributes.get("url") or context.config.get_main_option("sqlalchemy.url", "")
+url: str = (context.config.attributes.get("url")
+            or context.config.get_main_option("sqlalchemy.url", ""))
 engine = make_engine(url)
 with engine.connect() as connection:
     context.configure(

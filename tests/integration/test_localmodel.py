@@ -38,7 +38,9 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalModelServer]:
+def server(
+    model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalModelServer]:
     home = tmp_path_factory.mktemp("home")
     with LocalModelServer(home, cache_dir=model_cache, port=free_port()) as running:
         yield running

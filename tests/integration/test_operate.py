@@ -102,7 +102,9 @@ def start_worker(services: Callable[..., Service], env: dict[str, str], name: st
     return worker
 
 
-def docq(env: dict[str, str], *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+def docq(
+    env: dict[str, str], *args: str, timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*DOCQ, *args], cwd=ROOT, env={**os.environ, **env}, text=True,
                           capture_output=True, timeout=timeout_s, check=False)
 

@@ -78,7 +78,9 @@ def lines(api: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-def test_a_batch_answers_like_the_online_endpoint(simulator: SimulatorFactory, client: Client) -> None:
+def test_a_batch_answers_like_the_online_endpoint(
+    simulator: SimulatorFactory, client: Client
+) -> None:
     sim = simulator("--seed", "1")
     api = client(sim)
     created = submit(api, 5, docq_ledger="7")
@@ -102,7 +104,9 @@ def test_a_batch_answers_like_the_online_endpoint(simulator: SimulatorFactory, c
     assert api.batches.list().data[0].metadata == {"docq_ledger": "7"}
 
 
-def test_expiry_keeps_the_lines_done_and_names_the_rest(simulator: SimulatorFactory, client: Client) -> None:
+def test_expiry_keeps_the_lines_done_and_names_the_rest(
+    simulator: SimulatorFactory, client: Client
+) -> None:
     sim = simulator("--batch-turnaround-s", "5", "--batch-window-s", "3")
     api = client(sim)
     created = submit(api, 20)
@@ -172,7 +176,9 @@ def test_the_enqueued_token_limit_fails_a_batch_with_openais_error(
     assert error.message.startswith(f"Enqueued token limit reached for {MODEL}")
 
 
-def test_files_over_the_request_limit_are_refused(simulator: SimulatorFactory, client: Client) -> None:
+def test_files_over_the_request_limit_are_refused(
+    simulator: SimulatorFactory, client: Client
+) -> None:
     sim = simulator("--batch-max-requests", "3")
     api = client(sim)
     with pytest.raises(openai.BadRequestError, match="at most 3"):

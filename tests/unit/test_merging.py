@@ -119,7 +119,8 @@ def test_a_job_with_chunks_still_missing_stays_running(sessions: sessionmaker[Se
         job = s.get(Job, job_id)
         # Then the job is not finished and says why
         assert job is not None and job.status == JobStatus.RUNNING
-        assert job.reason == "1 chunks or reduce steps have no final result yet" and job.finished_at is None
+        assert job.reason == "1 chunks or reduce steps have no final result yet"
+        assert job.finished_at is None
 
 
 def test_classify_merges_to_the_majority_label_with_counts(

@@ -228,7 +228,8 @@ def test_the_pipeline_stores_the_reply_as_it_is_and_takes_documents_whole() -> N
     pipe = build_pipeline("openai-batch", {})
     # Then it does not chunk, its version is fixed, and a reply is kept unvalidated
     assert pipe.chunked is False and pipe.version == "openai-batch-r1"
-    assert pipe.parse("not JSON {", "length") == {"content": "not JSON {", "finish_reason": "length"}
+    assert pipe.parse("not JSON {", "length") == {
+        "content": "not JSON {", "finish_reason": "length"}
     assert pipe.merge([{"content": "x", "finish_reason": "stop"}]) == {
         "content": "x", "finish_reason": "stop"}
     with pytest.raises(PipelineError, match="takes no options"):

@@ -39,3 +39,19 @@ def test_the_files_read_at_run_time_are_package_data() -> None:
     # Then the Lua scripts, the migration template and the demo corpus are among them
     for needed in ("workers/provider/lua", "models/migrations", "workers/local/corpus"):
         assert ROOT / needed in listed, needed
+
+
+def test_the_type_checker_sees_the_installed_layout() -> None:
+    # Given the folders pyproject installs under `docqueue`
+    mapped = setuptools_config()["package-dir"]
+    assert isinstance(mapped, dict)
+    # When mypy looks them up through .typecheck (pyproject's [tool.mypy] mypy_path)
+    tree = ROOT / ".typecheck" / "docqueue"
+    # Then each one is linked in its installed place, the package's own files included
+    for package, folder in mapped.items():
+        if package == "docqueue":
+            for name in ("__init__.py", "py.typed"):
+                assert (tree / name).resolve() == (ROOT / folder / name).resolve(), name
+        else:
+            linked = tree / package.removeprefix("docqueue.")
+            assert linked.resolve() == (ROOT / folder).resolve(), package

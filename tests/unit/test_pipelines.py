@@ -116,7 +116,7 @@ def test_completion_mode_sends_the_chunk_on_one_line() -> None:
     # Given a chunk over several lines with runs of spaces
     chunk = "  The cat sat\n\non the   mat.\tIt purred.\n"
 
-    # When rendered for a base model / Then its whitespace is collapsed, as the prompts were measured
+    # When rendered for a base model / Then its whitespace is collapsed (as the prompts measured)
     for name in ("summarize", "classify", "extract"):
         text = pipeline(name).render(chunk, "completion").text
         assert text is not None and "Text: The cat sat on the mat. It purred.\n" in text

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from docqueue.models import CachedResponse, plan_for_now, upsert_statement
+from docqueue.models import CachedResponse, plan_for_now, table_of, upsert_statement
 from docqueue.workers.pipelines import Prompt
 
 
@@ -75,7 +75,7 @@ def _store_statement(dialect: str, refresh: bool) -> Any:
     """`store`'s upsert, built once (it runs with every batch's flush, as `leases.record`)."""
     return upsert_statement(
         dialect,
-        CachedResponse.__table__,  # type: ignore[arg-type]
+        table_of(CachedResponse),
         keys=("key",),
         update=("output", "finish_reason", "tokens_in", "tokens_out", "model") if refresh else None,
     )

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NotRequired, TypedDict
 
-from sqlalchemy import Boolean, Table, and_, bindparam, exists, func, or_, select, update
+from sqlalchemy import Boolean, and_, bindparam, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from docqueue.models import (
@@ -30,6 +30,7 @@ from docqueue.models import (
     Result,
     ResultStatus,
     plan_for_now,
+    table_of,
     upsert_statement,
 )
 from docqueue.workers.clock import as_utc
@@ -161,8 +162,7 @@ def _claim_statements() -> _ClaimStatements:
     clauses, their cache keys) cost more of a worker's CPU than running them, 4-5 ms a batch
     (benchmarks/bench_limit.py zero-latency, py-spy). Every value is a parameter, named
     b_ and the value (not a column's name: an UPDATE reserves those)."""
-    chunks: Table = Chunk.__table__  # type: ignore[assignment]
-    results: Table = Result.__table__  # type: ignore[assignment]
+    chunks, results = table_of(Chunk), table_of(Result)
     c = chunks.c
     # Its own alias: the items query also reads results, and must not correlate this one away.
     final = results.alias("final")
@@ -174,7 +174,8 @@ def _claim_statements() -> _ClaimStatements:
     owner: Any = bindparam("b_owner")
     free = or_(c.lease_owner.is_(None), c.lease_owner == owner,
                c.lease_owner.in_(bindparam("b_dead", expanding=True)),
-               and_(bindparam("b_expiry_counts", type_=Boolean), c.lease_expires_at < bindparam("b_t")))
+               and_(bindparam("b_expiry_counts", type_=Boolean),
+                    c.lease_expires_at < bindparam("b_t")))
     take = (update(chunks).where(unfinished, free)
             .values(lease_owner=owner, lease_expires_at=bindparam("b_until")).returning(c.id))
     counts = select(func.count(), func.count().filter(c.lease_owner != owner)).where(unfinished)
@@ -324,7 +325,7 @@ def _record_statement(dialect: str) -> Any:
     doubled the client time of a 25-row flush (benchmarks/bench_store.py); the statement is
     immutable, so one serves every flush.
     """
-    table: Table = Result.__table__  # type: ignore[assignment]
+    table = table_of(Result)
     return upsert_statement(dialect, table, ("chunk_id", "pipeline_version"), RESULT_COLUMNS,
                             where=table.c.status == ResultStatus.RETRY)
 

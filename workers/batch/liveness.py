@@ -22,10 +22,11 @@ still writes is fenced in the store by the lease owner (`leases.record`).
 A message a worker has received but not started yet (its pool process still starting, or
 between two batches) has no delivery: the worker's main process records it in
 `keys.RESERVED` with its hostname and keeps a heartbeat of its own (`keys.worker_alive`); the
-task removes the entry when it ends, so no moment from receipt to end goes unvouched. A reservation whose worker's heartbeat is gone is
-rescued like a dead delivery. A killed or frozen worker's batch is found dead twice, as a
-delivery and as a reservation, up to a heartbeat apart (the two heartbeats are refreshed by
-different loops): the entries name the same message, and the first rescue forgets both.
+task removes the entry when it ends, so no moment from receipt to end goes unvouched. A
+reservation whose worker's heartbeat is gone is rescued like a dead delivery. A killed or frozen
+worker's batch is found dead twice, as a delivery and as a reservation, up to a heartbeat apart
+(the two heartbeats are refreshed by different loops): the entries name the same message, and the
+first rescue forgets both.
 
 Liveness is the event loop's, not a thread's: a loop that cannot run a heartbeat cannot run its
 calls either, and a process that cannot reach Redis cannot take part in the limiter; both look

@@ -25,7 +25,7 @@ import gzip
 import stat
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import IO
@@ -83,9 +83,9 @@ class BoundedGunzip:
         self._inner.seek(offset)
         self._read = offset
 
-    def _call(self, method: object, size: int) -> bytes:
+    def _call(self, method: Callable[[int], bytes], size: int) -> bytes:
         try:
-            return method(size)  # type: ignore[operator, no-any-return]
+            return method(size)
         except (OSError, EOFError, zlib.error) as exc:
             raise Rejected(f"{self._source} is not a readable gzip file ({_short(exc)})") from None
 

@@ -30,7 +30,7 @@ from docqueue.workers.settings import Settings
 
 
 def cancel_job(session: Session, job_id: int) -> bool:
-    """Mark the job cancelled; False if it had already ended. Batches stop before their next call."""
+    """Mark the job cancelled; False if it had ended already. Batches stop before the next call."""
     done = _rowcount(session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status.not_in(FINAL_JOB_STATES))

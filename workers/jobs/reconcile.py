@@ -1,4 +1,6 @@
-"""Find the jobs that lost their way and say what would finish them (docs/ARCHITECTURE.md, "Reconcile").
+"""Find the jobs that lost their way and say what would finish them.
+
+The design is in docs/ARCHITECTURE.md, "Reconcile".
 
 The store says which chunks have no final result and which deliveries hold leases; Redis holds
 one marker per published job (`docq:job:{id}:published`). A missing marker means Redis lost the

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, and_, insert, select
+from sqlalchemy import and_, insert, select
 from sqlalchemy.orm import Session
 
 from docqueue.models import (
@@ -31,6 +31,7 @@ from docqueue.models import (
     Job,
     Result,
     ResultStatus,
+    table_of,
     upsert_statement,
 )
 from docqueue.workers.pipelines import Pipeline
@@ -126,7 +127,7 @@ def make_level(session: Session, job_id: int, document_id: int, level: int,
     seq = level_batch_seq(document_id, level)
     texts = [pipeline.reduce_text([s.output for s in group]) for group in groups]
     tokens = [count_tokens(t) for t in texts]
-    table: Table = Batch.__table__  # type: ignore[assignment]
+    table = table_of(Batch)
     batch = upsert_statement(dialect, table, ("job_id", "seq")).returning(table.c.id)
     batch_id: int | None = session.execute(batch, {
         "job_id": job_id, "seq": seq, "chunk_count": len(groups), "token_count": sum(tokens),

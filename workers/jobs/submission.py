@@ -211,7 +211,8 @@ def ingest(
     pipeline = _pipeline(sessions, job_id)
     split = _whole
     if pipeline.chunked:
-        split = Chunker(sizing.chunk_tokens(settings, pipeline), settings.chunk_overlap_tokens).split
+        chunker = Chunker(sizing.chunk_tokens(settings, pipeline), settings.chunk_overlap_tokens)
+        split = chunker.split
     sizes = BatchSizes(most=settings.batch_max_chunks, least=settings.batch_min_chunks,
                        slots=max(1, slots))
     assigner = _BatchAssigner(sizes, settings.batch_max_tokens)

@@ -38,7 +38,8 @@ PORTABLE_REINSTALL = (f'`CMAKE_ARGS="{PORTABLE_CMAKE_ARGS}" pip install --force-
                       "--no-cache-dir 'llama-cpp-python[server]'` (it needs a C/C++ compiler and "
                       "CMake)")
 
-INSTALL_HINT = f'`CMAKE_ARGS="{PORTABLE_CMAKE_ARGS}" pip install --no-cache-dir \'docqueue[local]\'`'
+INSTALL_HINT = (f'`CMAKE_ARGS="{PORTABLE_CMAKE_ARGS}" '
+                "pip install --no-cache-dir 'docqueue[local]'`")
 
 
 class LocalModelError(EmbeddedServiceError):
@@ -211,7 +212,8 @@ def check_llama_cpp() -> None:
         )
 
 
-_PROBE = "import llama_cpp, llama_cpp.server.app; print(llama_cpp.llama_print_system_info().decode())"
+_PROBE = ("import llama_cpp, llama_cpp.server.app; "
+          "print(llama_cpp.llama_print_system_info().decode())")
 
 # What llama.cpp reports it was built with -> the /proc/cpuinfo flag the CPU must show.
 _NEEDS = {"AVX": "avx", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c", "AVX512": "avx512f",

@@ -1,4 +1,4 @@
-"""The pipelines that ship: what a job asks of the model for each chunk, and how a document's answers merge.
+"""The pipelines that ship: what a job asks of the model per chunk, how a document's answers merge.
 
 A pipeline renders a chunk into a `Prompt` (chat messages or a completion prompt), parses the
 model's raw text into a JSON-serializable output, and merges one document's chunk outputs, in
@@ -280,7 +280,7 @@ def _check_labels(labels: Any) -> list[str]:
 
 
 def _schema_validator(schema: Any) -> Any:
-    """A validator for a plain-JSON copy of a valid object schema whose `$ref`s resolve inside it."""
+    """A validator for a plain-JSON copy of a valid object schema whose `$ref`s resolve within."""
     if not isinstance(schema, Mapping):
         raise PipelineError(
             f"extract: option 'schema' must be a JSON schema object, got {_cut(schema)}"

@@ -105,7 +105,8 @@ class RequestBodies:
     def __init__(self, settings: Settings, base_url: str) -> None:
         if settings.mode != "chat":
             raise InputError("the batch lane sends chat requests: set DOCQ_LLM_MODE=chat")
-        self._chat = ChatOpenAI(model=settings.model_name, base_url=base_url, api_key=SecretStr("no-key"),
+        self._chat = ChatOpenAI(model=settings.model_name, base_url=base_url,
+                                api_key=SecretStr("no-key"),
                                 temperature=settings.llm_temperature, max_retries=0)
 
     def body(self, prompt: Prompt, max_tokens: int) -> dict[str, Any]:

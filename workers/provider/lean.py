@@ -3,9 +3,10 @@
 Opt-in (`DOCQ_LLM_CLIENT=lean`) for endpoints fast enough that the worker's own CPU decides the
 pace: langchain-openai and the OpenAI SDK cost about 1.7 ms of CPU a call more than the request
 itself when measured alone (benchmarks/bench_overhead.py), and 6-8 ms a call of a busy worker's
-CPU (benchmarks/bench_limit.py, whose run with many calls in flight shows it). It sends the same request body (chat or completions), and
-gives the batch processor the same Completion, the same response headers and the same errors,
-worded the same, as `OpenAICompatibleLLM`: the two share their classifiers in client.py.
+CPU (benchmarks/bench_limit.py, whose run with many calls in flight shows it). It sends the same
+request body (chat or completions), and gives the batch processor the same Completion, the same
+response headers and the same errors, worded the same, as `OpenAICompatibleLLM`: the two share
+their classifiers in client.py.
 """
 
 from __future__ import annotations

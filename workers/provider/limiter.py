@@ -2,8 +2,9 @@
 
 Each (endpoint, model, key) scope is a pair of continuously refilling buckets held in Redis,
 each of capacity = one period's limit, starting full and refilling at limit/period, which is
-how the provider meters us. Every step is one Lua script (see `workers/provider/lua/`) run against Redis's
-clock, so all machines agree on time and no two callers can take the same capacity.
+how the provider meters us. Every step is one Lua script (see `workers/provider/lua/`) run
+against Redis's clock, so all machines agree on time and no two callers can take the same
+capacity.
 
 Guarantee, per dimension (L = the limit, P = period_s, Redis time): a call is admitted only if
 its whole reservation fits in the bucket at that instant, so for every interval [a, b]

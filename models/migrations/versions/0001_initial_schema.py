@@ -43,7 +43,8 @@ def upgrade() -> None:
     sa.Column('latency_p50_ms', sa.Float(), nullable=True),
     sa.Column('latency_p95_ms', sa.Float(), nullable=True),
     sa.Column('chunks_per_s', sa.Float(), nullable=True),
-    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True),
+              server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
     sa.Column('submitted_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('id')
@@ -58,7 +59,8 @@ def upgrade() -> None:
     sa.Column('tokens_in', sa.Integer(), nullable=False),
     sa.Column('tokens_out', sa.Integer(), nullable=False),
     sa.Column('model', sa.String(length=200), nullable=False),
-    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True),
+              server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
     sa.PrimaryKeyConstraint('key')
     )
     op.create_table('batches',
@@ -137,7 +139,8 @@ def upgrade() -> None:
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('cached', sa.Boolean(), nullable=False),
     sa.Column('not_before', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('updated_at', sa.DateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
+    sa.Column('updated_at', sa.DateTime(timezone=True),
+              server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
     sa.ForeignKeyConstraint(['chunk_id'], ['chunks.id'], ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['document_id'], ['documents.id'], ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], ondelete='CASCADE'),

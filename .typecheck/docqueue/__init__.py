@@ -1,0 +1,1 @@
+../../docqueue/__init__.py
