@@ -174,7 +174,8 @@ def _claim_statements() -> _ClaimStatements:
     owner: Any = bindparam("b_owner")
     free = or_(c.lease_owner.is_(None), c.lease_owner == owner,
                c.lease_owner.in_(bindparam("b_dead", expanding=True)),
-               and_(bindparam("b_expiry_counts", type_=Boolean), c.lease_expires_at < bindparam("b_t")))
+               and_(bindparam("b_expiry_counts", type_=Boolean),
+                    c.lease_expires_at < bindparam("b_t")))
     take = (update(chunks).where(unfinished, free)
             .values(lease_owner=owner, lease_expires_at=bindparam("b_until")).returning(c.id))
     counts = select(func.count(), func.count().filter(c.lease_owner != owner)).where(unfinished)
@@ -349,7 +350,7 @@ def finalize_unfinished(session: Session, info: BatchInfo, status: str, message:
         [
             blank_result(cid, info.job_id, did, attempts or 0)
             | {"status": status, "error_message": message,
-               "error_type": "BatchAbandoned" if status == "error" else None}
+               "error_type": "BatchAbandoned" if status == ResultStatus.ERROR else None}
             for cid, did, attempts in rows
         ],
     )
