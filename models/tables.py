@@ -310,9 +310,10 @@ class RunStatus(enum.StrEnum):
     SKIPPED = "skipped"  # an earlier run of the schedule was still going
     UNCHANGED = "unchanged"  # nothing new or changed: no job
     RUNNING = "running"  # its job was submitted and has not ended
-    SUCCEEDED = "succeeded"
-    PARTIAL = "partial"
-    FAILED = "failed"
+    # A run that settles takes its job's final state, so these are the job's own values.
+    SUCCEEDED = JobStatus.SUCCEEDED.value
+    PARTIAL = JobStatus.PARTIAL.value
+    FAILED = JobStatus.FAILED.value
 
 
 class ScheduleRun(Base):

@@ -9,21 +9,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from sqlalchemy import and_, func, select
 
-from docqueue.models import (
-    FINAL_JOB_STATES,
-    Chunk,
-    Document,
-    DocumentStatus,
-    Job,
-    JobStatus,
-    Lane,
-    Result,
-)
+from docqueue.models import FINAL_JOB_STATES, JobStatus, Lane
 from docqueue.tasks.celery import state_redis
 from docqueue.tasks.failures import explain, service_errors
 from docqueue.tasks.publish import check_services, forget_chord_results, publish
+from docqueue.tasks.records import (
+    ChunkResult,
+    DocumentResult,
+    JobInfo,
+    chunk_results,
+    document_results,
+    job_status,
+    running_jobs,
+)
 from docqueue.tasks.runtime import runtime
 from docqueue.tasks.supervisor import default_layout
 from docqueue.workers.batch.cache import POLICIES as CACHE_POLICIES
@@ -31,13 +30,11 @@ from docqueue.workers.batch.liveness import batch_slots
 from docqueue.workers.errors import (
     BrokerUnavailableError,
     InputError,
-    JobNotFoundError,
     JobNotPublishedError,
     NothingToSubmitError,
     WorkerError,
 )
 from docqueue.workers.ingest.sources import SourceDocument
-from docqueue.workers.jobs.lane import provider_batches
 from docqueue.workers.jobs.submission import (
     SubmitReport,
     create_job,
@@ -50,6 +47,22 @@ from docqueue.workers.pipelines import build_pipeline
 from docqueue.workers.pipelines.openai_batch import PIPELINE_NAME as OPENAI_BATCH
 from docqueue.workers.pipelines.openai_batch import read_batch_file, write_batch_results
 from docqueue.workers.settings import Settings
+
+# The records are defined with their queries in tasks/records.py; they are named here too, as
+# the API's own return types. The package's public face is `docqueue/__init__.py`.
+__all__ = [
+    "ChunkResult",
+    "DocumentResult",
+    "JobHandle",
+    "JobInfo",
+    "JobStalledError",
+    "chunk_results",
+    "document_results",
+    "job_status",
+    "running_jobs",
+    "submit",
+    "write_openai_batch",
+]
 
 LANES = tuple(Lane)
 SERVICE_TIERS = ("auto", "default", "flex")
@@ -77,10 +90,11 @@ def submit(
 
     `sources` is a path, a glob, a list of them, or an iterable of `(id, text)` pairs or dicts
     with `id`, `text` and optional `metadata`. The pipeline's options: `labels` (classify),
-    `schema` and `key` (extract), `prompt` and `reduce` (custom). `cache` is "use" (answer from
-    the response cache where possible), "refresh" (call the model and overwrite the cache) or
-    "off". A budget in tokens and/or dollars stops the job's model calls once spent; the chunks
-    left end `skipped_budget`. `lane` is "online" (the workers call the model per chunk) or "batch"
+    `schema` and `key` (extract), `prompt` and `reduce` (custom). `cache` is "use" (answer
+    from the response cache where possible), "refresh" (call the model and overwrite the
+    cache) or "off". A budget in
+    tokens and/or dollars stops the job's model calls once spent; the chunks left end
+    `skipped_budget`. `lane` is "online" (the workers call the model per chunk) or "batch"
     (the provider's Batch API at batch prices, sent and polled by `docq beat`: hours, not
     seconds; the budget counts enqueued work as spent). `batch_fallback="online"` sends what
     is left to the online lane once a provider batch leaves at most `fallback_below` chunks
@@ -242,16 +256,21 @@ class JobHandle:
     id: int
     report: SubmitReport | None = None
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> JobInfo:
+        """The job's status now (see `JobInfo` for its fields).
+
+        Raises:
+            JobNotFoundError: no job has this id.
+        """
         return job_status(self.id)
 
     def wait(
         self,
         timeout: float | None = None,
         poll_s: float = 0.5,
-        progress: Callable[[dict[str, Any]], None] | None = None,
+        progress: Callable[[JobInfo], None] | None = None,
         stall_s: float | None = None,
-    ) -> dict[str, Any]:
+    ) -> JobInfo:
         """Block until the job is merged in a final state; returns its status.
 
         Raises:
@@ -283,11 +302,12 @@ class JobHandle:
                                    f"({st['chunks_done']}/{st['chunks_total']} chunks done)")
             time.sleep(poll_s)
 
-    def results(self) -> Iterator[dict[str, Any]]:
+    def results(self) -> Iterator[DocumentResult]:
+        """One record per document, in submission order (see `DocumentResult`)."""
         return document_results(self.id)
 
     def iter_results(self, poll_s: float = 0.5, timeout: float | None = None
-                     ) -> Iterator[dict[str, Any]]:
+                     ) -> Iterator[DocumentResult]:
         """Yield each document once it has its answer (or its error), while the job runs;
         return once the job is final and every document was yielded.
 
@@ -308,123 +328,3 @@ class JobHandle:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {self.id} is not final after {timeout:g}s")
             time.sleep(poll_s)
-
-
-def job_status(job_id: int) -> dict[str, Any]:
-    """The job row plus live progress counted from the result rows.
-
-    Raises:
-        JobNotFoundError: no job has this id.
-        StoreUnavailableError, StoreNotMigratedError: the results store cannot be used.
-    """
-    rt = runtime()
-    with service_errors(rt.settings), rt.sessions.begin() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise JobNotFoundError(f"job {job_id} does not exist")
-        counts: dict[str, int] = {}
-        reduce_counts: dict[str, int] = {}
-        for level, status, n in session.execute(
-            select(Chunk.level, Result.status, func.count())
-            .join(Chunk, Chunk.id == Result.chunk_id)
-            .where(Result.job_id == job_id, Result.pipeline_version == job.pipeline_version)
-            .group_by(Chunk.level, Result.status)
-        ).all():
-            target = reduce_counts if level > 0 else counts
-            target[status] = target.get(status, 0) + n
-        live = session.execute(
-            select(func.coalesce(func.sum(Result.tokens_in), 0),
-                   func.coalesce(func.sum(Result.tokens_out), 0), func.sum(Result.cost))
-            .where(Result.job_id == job_id)
-        ).one()
-        retrying = counts.pop("retry", 0)
-        return {
-            "id": job.id, "name": job.name, "status": job.status, "reason": job.reason,
-            "pipeline": job.pipeline, "model": job.model, "endpoint": job.endpoint,
-            "documents_total": job.documents_total,
-            "documents_rejected": job.documents_rejected,
-            "chunks_total": job.chunks_total, "batches_total": job.batches_total,
-            "chunks_done": sum(counts.values()), "chunks_retrying": retrying,
-            "chunks_by_state": counts,
-            "reduce_steps_done": sum(n for k, n in reduce_counts.items() if k != "retry"),
-            "tokens_in": int(live[0]), "tokens_out": int(live[1]),
-            "cost": float(live[2]) if live[2] is not None else None,
-            "latency_p50_ms": job.latency_p50_ms, "latency_p95_ms": job.latency_p95_ms,
-            "chunks_per_s": job.chunks_per_s,
-            "created_at": _iso(job.created_at), "submitted_at": _iso(job.submitted_at),
-            "finished_at": _iso(job.finished_at),
-            "lane": job.lane, "provider_batches": provider_batches(session, job_id),
-        }
-
-
-def running_jobs() -> list[dict[str, Any]]:
-    """The status (as `job_status` gives it) of every running job, oldest first.
-
-    Raises:
-        StoreUnavailableError, StoreNotMigratedError: the results store cannot be used.
-    """
-    rt = runtime()
-    with service_errors(rt.settings), rt.sessions() as session:
-        ids = list(session.scalars(
-            select(Job.id).where(Job.status == JobStatus.RUNNING).order_by(Job.id)))
-    found = []
-    for job_id in ids:
-        try:
-            found.append(job_status(job_id))
-        except JobNotFoundError:  # deleted since: it is not running any more
-            continue
-    return found
-
-
-def document_results(job_id: int, *, finished_only: bool = False) -> Iterator[dict[str, Any]]:
-    """One record per document, in submission order, streamed from the store.
-
-    `finished_only`: leave out the documents still waiting for a chunk or a reduce step (a
-    running job's documents get their answer one by one, as they finish).
-    """
-    rt = runtime()
-    query = select(Document).where(Document.job_id == job_id)
-    if finished_only:
-        query = query.where(Document.status != DocumentStatus.PENDING)
-    with service_errors(rt.settings), rt.sessions() as session:
-        rows = session.scalars(
-            query.order_by(Document.id).execution_options(yield_per=1000)
-        )
-        for d in rows:
-            yield {
-                "id": d.external_id, "source": d.source, "status": d.status, "output": d.output,
-                "error": d.error, "chunks": d.chunk_count, "tokens_in": d.tokens_in,
-                "tokens_out": d.tokens_out, "cost": d.cost, "content_hash": d.content_hash,
-                "metadata": d.meta,
-            }
-
-
-def _iso(t: Any) -> str | None:
-    return t.isoformat() if t is not None else None
-
-
-def chunk_results(job_id: int) -> Iterator[dict[str, Any]]:
-    """One record per chunk (level 0), in document and chunk order: what the model answered
-    for each part of each document before any merge or reduce."""
-    rt = runtime()
-    with service_errors(rt.settings), rt.sessions() as session:
-        version = session.scalar(select(Job.pipeline_version).where(Job.id == job_id))
-        rows = session.execute(
-            select(Document.external_id, Chunk.seq, Chunk.char_start, Chunk.char_end,
-                   Chunk.token_count, Result.status, Result.output, Result.error_message,
-                   Result.tokens_in, Result.tokens_out)
-            .join(Document, Document.id == Chunk.document_id)
-            .outerjoin(Result, and_(Result.chunk_id == Chunk.id,
-                                    Result.pipeline_version == version))
-            .where(Chunk.job_id == job_id, Chunk.level == 0)
-            .order_by(Chunk.document_id, Chunk.seq)
-            .execution_options(yield_per=1000)
-        )
-        for r in rows:
-            yield {
-                "id": r.external_id, "chunk": r.seq, "char_start": r.char_start,
-                "char_end": r.char_end, "tokens": r.token_count,
-                "status": r.status if r.status and r.status != "retry" else "pending",
-                "output": r.output, "error": r.error_message,
-                "tokens_in": r.tokens_in or 0, "tokens_out": r.tokens_out or 0,
-            }

@@ -20,6 +20,7 @@ from celery.beat import BeatLazyFunc
 from celery.schedules import BaseSchedule, schedstate
 from redis.exceptions import LockError
 
+from docqueue.models.tables import RunStatus
 from docqueue.tasks.celery import app
 from docqueue.tasks.runtime import resolve_redis, runtime
 from docqueue.workers import keys
@@ -122,7 +123,7 @@ def run_schedule(name: str, window_start: str) -> dict[str, Any]:
     lock = client.lock(keys.schedule_lock(name), timeout=LOCK_TTL_S)
     try:
         if not lock.acquire(blocking=False):
-            return _end(run_id, name, window_start, "skipped",
+            return _end(run_id, name, window_start, RunStatus.SKIPPED,
                         "another run of this schedule was still reading its source")
         try:
             return _run_locked(rt.settings, run_id, name, window, lock.reacquire)
@@ -147,11 +148,11 @@ def _run_locked(
         # Other schedules' sources may live elsewhere; this one's is read (and reported) below.
         schedule = find_schedule(load_schedules(path, check_sources=False), name, path)
     except ScheduleError as exc:
-        return _end(run_id, name, iso, "failed", str(exc))
+        return _end(run_id, name, iso, RunStatus.FAILED, str(exc))
     with rt.sessions.begin() as session:
         busy = settle_runs(session, name, run_id)
     if busy is not None:
-        return _end(run_id, name, iso, "skipped", busy)
+        return _end(run_id, name, iso, RunStatus.SKIPPED, busy)
     counts = RunCounts()
     docs = changed_documents(rt.sessions, name, read_sources([schedule.source], settings),
                              counts, heartbeat)
@@ -178,10 +179,9 @@ def _run_locked(
     return {"schedule": name, "window": iso, "status": str(status), "job_id": job_id}
 
 
-def _end(run_id: int, name: str, window: str, status: str, reason: str) -> dict[str, Any]:
-    from docqueue.models.tables import RunStatus
-
+def _end(run_id: int, name: str, window: str, status: RunStatus, reason: str
+         ) -> dict[str, Any]:
     with runtime().sessions.begin() as session:
-        end_run(session, run_id, RunStatus(status), reason)
+        end_run(session, run_id, status, reason)
     logger.info("schedule %s window %s: %s (%s)", name, window, status, reason)
     return {"schedule": name, "window": window, "status": status}

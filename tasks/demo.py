@@ -20,12 +20,13 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 
-from docqueue.models import Document, Job, JobStatus, upgrade
+from docqueue.models import Document, DocumentStatus, Job, JobStatus, upgrade
 from docqueue.tasks.runtime import reset_runtime, runtime
 from docqueue.workers.ingest.sources import iter_documents
 from docqueue.workers.local import DEMO_CORPUS
 
 if TYPE_CHECKING:
+    from docqueue.tasks.records import JobInfo
     from docqueue.workers.local.model import LocalModelServer
 
 CORPUS = DEMO_CORPUS
@@ -34,7 +35,7 @@ WORKER_READY_S = 120
 STALL_S = 120.0  # no chunk finished for this long: the demo stops and says so
 
 
-def run_demo(console: Console, corpus: Path = CORPUS, fresh: bool = False) -> dict[str, Any]:
+def run_demo(console: Console, corpus: Path = CORPUS, fresh: bool = False) -> JobInfo:
     """Run (or show again) the demo job; returns its final status."""
     from docqueue.tasks.api import JobHandle, submit
 
@@ -203,7 +204,7 @@ def _worker(console: Console, env: dict[str, str]) -> Iterator[None]:
 def _progress(console: Console, supervisor: ModelSupervisor | None) -> Any:
     last = [-1]
 
-    def show(st: dict[str, Any]) -> None:
+    def show(st: JobInfo) -> None:
         if supervisor is not None:
             supervisor.check()
         done = st["chunks_done"] + st["reduce_steps_done"]
@@ -216,14 +217,15 @@ def _progress(console: Console, supervisor: ModelSupervisor | None) -> Any:
     return show
 
 
-def _show(console: Console, job_id: int, final: dict[str, Any]) -> None:
+def _show(console: Console, job_id: int, final: JobInfo) -> None:
     from docqueue.tasks.api import document_results
 
     table = Table(title=f"job {job_id}: {final['status']}", show_lines=False)
     for col in ("document", "status", "summary", "tokens in", "tokens out"):
         table.add_column(col, overflow="fold")
     for d in document_results(job_id):
-        summary = (d["output"] or {}).get("summary", "") if d["status"] == "ok" else d["error"]
+        ok = d["status"] == DocumentStatus.OK
+        summary = (d["output"] or {}).get("summary", "") if ok else d["error"]
         table.add_row(d["id"], d["status"], summary or "", str(d["tokens_in"]),
                       str(d["tokens_out"]))
     console.print(table)

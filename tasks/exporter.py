@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +189,7 @@ class StateCollector(Collector):
                     len(pool))
 
 
-def job_chunk_states(status: dict[str, Any]) -> dict[str, int]:
+def job_chunk_states(status: Mapping[str, Any]) -> dict[str, int]:
     """A job's chunks by state, with `retrying` and `waiting` (not final, not retrying)."""
     states = {state: int(n) for state, n in status["chunks_by_state"].items()}
     states["retrying"] = int(status.get("chunks_retrying") or 0)

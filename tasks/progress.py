@@ -10,13 +10,15 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import IO, Any, Self
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
-from docqueue.tasks.api import JobHandle
+from docqueue.models import FINAL_JOB_STATES, ResultStatus
+from docqueue.tasks.api import JobHandle, JobInfo
 
 RATE_WINDOW_S = 60.0
 PLAIN_EVERY_S = 5.0  # a plain line at most this often while the counts move
@@ -40,12 +42,9 @@ class Snapshot:
         pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
         parts = [f"job {self.job_id} {self.status}: {self.done}/{self.total} chunks{pct}",
                  f"{self.errors} errors", rate_text(self.tokens_per_min), cost_text(self.cost)]
-        if self.left_s is not None and self.status not in _FINAL:
+        if self.left_s is not None and self.status not in FINAL_JOB_STATES:
             parts.append(f"about {duration_text(self.left_s)} left")
         return ", ".join(parts)
-
-
-_FINAL = frozenset({"succeeded", "partial", "failed", "cancelled"})
 
 
 class Rates:
@@ -55,7 +54,7 @@ class Rates:
         self.window_s = window_s
         self.samples: deque[tuple[float, int, int]] = deque()  # (time, chunks done, tokens)
 
-    def add(self, status: dict[str, Any], now: float | None = None) -> Snapshot:
+    def add(self, status: Mapping[str, Any], now: float | None = None) -> Snapshot:
         now = time.monotonic() if now is None else now
         done = int(status["chunks_done"])
         tokens = int(status["tokens_in"]) + int(status["tokens_out"])
@@ -72,12 +71,12 @@ class Rates:
                 left = max(total - done, 0) / per_s
         return Snapshot(
             job_id=int(status["id"]), status=str(status["status"]), done=done, total=total,
-            errors=int(status["chunks_by_state"].get("error", 0)), tokens=tokens,
+            errors=int(status["chunks_by_state"].get(ResultStatus.ERROR, 0)), tokens=tokens,
             tokens_per_min=tpm, cost=status.get("cost"), left_s=left,
         )
 
 
-def watch(job_id: int, *, interval_s: float = 1.0, out: IO[str] | None = None) -> dict[str, Any]:
+def watch(job_id: int, *, interval_s: float = 1.0, out: IO[str] | None = None) -> JobInfo:
     """Show the job's progress on `out` (stdout) until it is final; returns its final status.
 
     Raises:
@@ -102,7 +101,7 @@ class _PlainLines:
     def __exit__(self, *_: object) -> None:
         self.out.flush()
 
-    def update(self, status: dict[str, Any]) -> None:
+    def update(self, status: JobInfo) -> None:
         snap = self.rates.add(status)
         now = time.monotonic()
         moved = snap.line() != self.last_line and now - self.last_t >= PLAIN_EVERY_S
@@ -137,13 +136,13 @@ class _LiveBar:
         self.progress.refresh()
         self.progress.stop()
 
-    def update(self, status: dict[str, Any]) -> None:
+    def update(self, status: JobInfo) -> None:
         snap = self.rates.add(status)
         fields: dict[str, Any] = {
             "job": snap.job_id, "status": snap.status,
             "errors": f"{snap.errors} errors", "rate": rate_text(snap.tokens_per_min),
             "cost": cost_text(snap.cost),
-            "left": "" if snap.left_s is None or snap.status in _FINAL
+            "left": "" if snap.left_s is None or snap.status in FINAL_JOB_STATES
             else f"{duration_text(snap.left_s)} left",
         }
         if self.task is None:
@@ -153,11 +152,12 @@ class _LiveBar:
 
 
 # How each result state reads in a sentence, in the order a summary lists them.
-_STATE_WORDS = (("ok", "ok"), ("error", "failed"), ("skipped_budget", "skipped (budget spent)"),
-                ("cancelled", "cancelled"))
+_STATE_WORDS = ((ResultStatus.OK, "ok"), (ResultStatus.ERROR, "failed"),
+                (ResultStatus.SKIPPED_BUDGET, "skipped (budget spent)"),
+                (ResultStatus.CANCELLED, "cancelled"))
 
 
-def chunks_in_words(status: dict[str, Any]) -> str:
+def chunks_in_words(status: Mapping[str, Any]) -> str:
     """A job's chunks by state as a phrase: `160 ok, 3 failed, 2 retrying, 5 waiting`."""
     by_state = dict(status["chunks_by_state"])
     parts = [f"{by_state.pop(state):,} {words}" for state, words in _STATE_WORDS

@@ -3,7 +3,9 @@ benchmarks all start their workers with it. `pool="default"` starts `docq worker
 would (a process per `concurrency`, each running many batches: tasks/supervisor.py); prefork and
 threads start one plain `celery -A docqueue.tasks worker` of that pool.
 
-The environment given is laid over this process's own, so DOCQ_* settings reach the worker.
+The environment given is laid over this process's own, so DOCQ_* settings reach the worker. It
+runs in the caller's directory: `docqueue` is imported as installed, never from a folder beside
+it (from a wheel, a cwd inside the package would put its `tasks` and `models` on sys.path).
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-
-_PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 class WorkerStartError(RuntimeError):
@@ -53,12 +53,11 @@ class WorkerProcess:
         else:
             argv = [sys.executable, "-m", "celery", "-A", "docqueue.tasks", "worker",
                     f"--pool={pool}", f"--concurrency={concurrency}", "--loglevel=INFO",
-                    "--without-gossip",
-                    "--without-mingle", f"--hostname={name}@%h", *extra]
+                    "--without-gossip", "--without-mingle", f"--hostname={name}@%h", *extra]
             if events:
                 argv.append("--events")
         self.proc = subprocess.Popen(
-            argv, cwd=_PROJECT_ROOT, env={**os.environ, **env}, stdout=self._log,
+            argv, env={**os.environ, **env}, stdout=self._log,
             stderr=subprocess.STDOUT, start_new_session=True,
         )
 

@@ -47,6 +47,8 @@ def _root(
 
 def exit_for(status: str) -> typer.Exit | None:
     """The exit a finished job's status calls for; None for a job that succeeded."""
-    if status == "succeeded":
+    from docqueue.models import JobStatus
+
+    if status == JobStatus.SUCCEEDED:
         return None
-    return typer.Exit(EXIT_JOB_PARTIAL if status == "partial" else EXIT_JOB_FAILED)
+    return typer.Exit(EXIT_JOB_PARTIAL if status == JobStatus.PARTIAL else EXIT_JOB_FAILED)

@@ -9,11 +9,14 @@ import logging
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 
 from docqueue.tasks.cli.app import JsonFlag, cli, db_cli, exit_for, fail
+
+if TYPE_CHECKING:
+    from docqueue.tasks.records import ChunkResult, JobInfo, ProviderBatchInfo
 
 
 def _read_option_file(path: Path | None, what: str) -> str | None:
@@ -126,7 +129,7 @@ def _print_estimate(paths: list[str], pipeline: str, options: dict[str, Any],
 def _progress_line() -> Any:
     last: list[str] = [""]
 
-    def show(st: dict[str, Any]) -> None:
+    def show(st: JobInfo) -> None:
         steps = f", {st['reduce_steps_done']} reduce steps" if st["reduce_steps_done"] else ""
         line = (f"job {st['id']} {st['status']}: {st['chunks_done']}/{st['chunks_total']} chunks"
                 f"{steps}, {st['tokens_in'] + st['tokens_out']} tokens")
@@ -137,7 +140,7 @@ def _progress_line() -> Any:
     return show
 
 
-def _summary(st: dict[str, Any]) -> str:
+def _summary(st: JobInfo) -> str:
     """`job 7 partial: 160 ok, 3 failed; tokens in 51,200, out 9,600; cost $0.0123`, and the
     reason on a second line when the job has one."""
     from docqueue.tasks.progress import chunks_in_words
@@ -151,7 +154,7 @@ def _summary(st: dict[str, Any]) -> str:
     return text + "".join(f"\n  {_provider_batch_line(b)}" for b in st.get("provider_batches", []))
 
 
-def _provider_batch_line(b: dict[str, Any]) -> str:
+def _provider_batch_line(b: ProviderBatchInfo) -> str:
     """`provider batch batch_ab12 in_progress: 30,000/50,000 done, 12 failed; 2.5 h old`."""
     age_s = b["age_s"]
     age = f"{age_s / 3600:.1f} h" if age_s >= 3600 else f"{age_s / 60:.0f} min" if (
@@ -238,7 +241,7 @@ def results(
             out.close()
 
 
-def _write_chunks(rows: Iterable[dict[str, Any]], fmt: str, out: TextIO) -> None:
+def _write_chunks(rows: Iterable[ChunkResult], fmt: str, out: TextIO) -> None:
     if fmt == "jsonl":
         out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         return

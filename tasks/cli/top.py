@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console, Group
@@ -17,6 +17,9 @@ from rich.table import Table
 from rich.text import Text
 
 from docqueue.tasks.cli.app import cli
+
+if TYPE_CHECKING:
+    from docqueue.tasks.records import JobInfo
 
 BAR_WIDTH = 12
 PIPE_WIDTH = 120  # a frame written to a pipe or a file: no terminal says how wide
@@ -64,7 +67,7 @@ def frame(settings: Any, rates: dict[int, Any]) -> Group:
     )
 
 
-def jobs_table(snaps: list[Any], jobs: list[dict[str, Any]]) -> Table | Text:
+def jobs_table(snaps: list[Any], jobs: list[JobInfo]) -> Table | Text:
     from docqueue.tasks.progress import cost_text, duration_text, rate_text
 
     if not jobs:

@@ -350,7 +350,7 @@ def finalize_unfinished(session: Session, info: BatchInfo, status: str, message:
         [
             blank_result(cid, info.job_id, did, attempts or 0)
             | {"status": status, "error_message": message,
-               "error_type": "BatchAbandoned" if status == "error" else None}
+               "error_type": "BatchAbandoned" if status == ResultStatus.ERROR else None}
             for cid, did, attempts in rows
         ],
     )

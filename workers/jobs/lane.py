@@ -23,7 +23,8 @@ Failed lines (a 5xx or 429 from the provider, or output that does not parse) get
 and go in a later batch, up to DOCQ_MAX_ATTEMPTS; an expired or cancelled batch's lines that
 never ran get no row at all, so those chunks are simply sent again (or, for a cancelled job,
 recorded `cancelled`). A batch the provider fails whole (validation, its enqueued-token limit)
-is an attempt for each of its chunks, so one that keeps failing ends in error rows. Cost is the token usage at the batch price (settings.Price.rates).
+is an attempt for each of its chunks, so one that keeps failing ends in error rows. Cost is the
+token usage at the batch price (settings.Price.rates).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import and_, exists, func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -412,7 +413,8 @@ def _too_large(ctx: _Context, r: _Request, limit: int) -> None:
             leases.blank_result(r.chunk_id, ctx.job.id, r.document_id, r.attempts)
             | {"status": ResultStatus.ERROR, "error_type": "RequestTooLargeError",
                "error_message": f"the chunk's prompt is {r.tokens} tokens, more than the "
-                                f"enqueued-token limit of {limit} (DOCQ_BATCH_ENQUEUED_TOKEN_LIMIT)"}])
+                                f"enqueued-token limit of {limit} "
+                                "(DOCQ_BATCH_ENQUEUED_TOKEN_LIMIT)"}])
 
 
 def _skip_budget(ctx: _Context, requests: list[_Request]) -> None:
@@ -676,15 +678,28 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def provider_batches(session: Session, job_id: int) -> list[dict[str, Any]]:
+class ProviderBatchInfo(TypedDict):
+    """One provider batch of a batch-lane job, as `docq status` shows it."""
+
+    ledger: int  # the ledger row's id
+    id: str | None  # the provider's batch id; None until it is created
+    state: LedgerState  # the ledger's own step: uploading, uploaded, created, closed
+    status: str | None  # the provider's status (validating, in_progress, completed, ...)
+    requests: int
+    completed: int
+    failed: int
+    age_s: float
+
+
+def provider_batches(session: Session, job_id: int) -> list[ProviderBatchInfo]:
     """The job's provider batches for `docq status`: id, status, counts, age."""
     now = _now()
-    out = []
+    out: list[ProviderBatchInfo] = []
     for row in session.scalars(select(ProviderBatch).where(ProviderBatch.job_id == job_id)
                                .order_by(ProviderBatch.id)):
         created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
         out.append({
-            "ledger": row.id, "id": row.provider_batch_id, "state": row.state,
+            "ledger": row.id, "id": row.provider_batch_id, "state": LedgerState(row.state),
             "status": row.provider_status, "requests": row.requests,
             "completed": row.completed, "failed": row.failed,
             "age_s": round((now - created).total_seconds(), 1),

@@ -11,12 +11,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
 _LISTENING = re.compile(r"listening on http://([^:/\s]+):(\d+)/v1")
-_PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 class SimulatorStartError(RuntimeError):
@@ -24,7 +22,7 @@ class SimulatorStartError(RuntimeError):
 
 
 class SimulatorProcess:
-    """`python -m workers.simulator ARGS` on 127.0.0.1, port 0 unless ARGS give --port.
+    """`python -m docqueue.workers.simulator ARGS` on 127.0.0.1, port 0 unless ARGS give --port.
 
     Use as a context manager, or call start() and stop(). `url` is the base_url for an OpenAI
     client (http://127.0.0.1:PORT/v1).
@@ -70,10 +68,6 @@ class SimulatorProcess:
             argv += ["--host", self.host]
         if "--port" not in self.args:
             argv += ["--port", "0"]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH")) if p
-        )
         # Kept open for the child's whole life (and closed in stop()), not a `with` block.
         self._log = tempfile.TemporaryFile()  # noqa: SIM115
         self._proc = subprocess.Popen(
@@ -81,7 +75,7 @@ class SimulatorProcess:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=self._log,
-            env=env,
+            env=dict(os.environ),
         )
         try:
             self._wait_ready()
