@@ -287,8 +287,8 @@ def test_a_worker_killed_mid_batch_is_redelivered_and_the_job_completes_once(
     # reservations' batches at its first tick (at once) and kombu restores the unacknowledged
     # messages at its first poll; what is left is at most 30 batches of 4 calls of 0.5 s, run
     # side by side (2 processes x 64 batches), then each document's one or two reduce levels of
-    # 0.5 s calls, and the last reduce batch merges the job: a few seconds idle, under 30 s
-    # measured with parallel tests (load average 12). A job that stays running has lost a
+    # 0.5 s calls, and the last reduce batch merges the job: a few seconds idle, 10 s measured
+    # beside other test runs (load average 12 on two cores). A job that stays running has lost a
     # message, as a reduce level made just before the kill and never sent once did (fixed in
     # workers/jobs/merging.py `never_started`); more time would not have ended it.
     wait_until(lambda: finished(handle.id), 60, "the job to end")
