@@ -26,6 +26,7 @@ def limits_for(settings: Settings) -> Limits:
         rpm=settings.llm_rpm,
         tpm=settings.llm_tpm,
         max_inflight=settings.llm_max_inflight,
+        period_s=settings.llm_limit_period_s,
         refund_unused_tokens=settings.llm_tpm_charge == "usage",
         adaptive={"auto": None, "on": True, "off": False}[settings.llm_adaptive_concurrency],
         window_floor=settings.llm_concurrency_floor,

@@ -168,6 +168,12 @@ class Settings(BaseSettings):
     )
     llm_rpm: int | None = Field(default=None, gt=0)
     llm_tpm: int | None = Field(default=None, gt=0)
+    llm_limit_period_s: float = Field(
+        default=60.0, gt=0, allow_inf_nan=False,
+        description="The window DOCQ_LLM_RPM and DOCQ_LLM_TPM (and limits learned from the "
+        "provider's headers) are per: the limiter's buckets refill one limit per this many "
+        "seconds. 60 for every provider that meters per minute; shorter only for a provider "
+        "(or simulator) that meters a shorter window.")
     llm_tpm_charge: Literal["max_tokens", "usage"] = Field(
         default="max_tokens",
         description="How the provider charges TPM: prompt + max_tokens at admission (OpenAI's "

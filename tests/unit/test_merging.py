@@ -7,10 +7,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from docqueue.models import Chunk, Document, Job, JobStatus, Result, make_sessionmaker, upgrade
-from docqueue.workers.jobs.merging import merge_job
+from docqueue.models import (
+    Batch,
+    BatchStatus,
+    Chunk,
+    Document,
+    Job,
+    JobStatus,
+    Result,
+    make_sessionmaker,
+    upgrade,
+)
+from docqueue.workers.batch.leases import start_delivery
+from docqueue.workers.jobs.merging import after_batch, merge_job
 from docqueue.workers.pipelines import build_pipeline
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -160,3 +172,33 @@ def test_rejected_documents_make_the_job_partial_and_merging_twice_changes_nothi
                               job.latency_p50_ms, job.finished_at, job.chunks_per_s))
     assert snapshots[0] == snapshots[1]
     assert snapshots[0][:2] == (JobStatus.PARTIAL, "2 documents rejected")
+
+
+def test_a_reduce_level_whose_message_was_never_sent_is_sent_again_by_its_parents_rerun(
+    sessions: sessionmaker[Session],
+) -> None:
+    # Given a summarize job (answers reduced) of one document of three chunks, all answered,
+    # in batch 1
+    with sessions.begin() as s:
+        job_id = make_job(s, "summarize", {}, [[ok("a"), ok("b"), ok("c")]])
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.reduce_tokens = 1_000  # its answers are reduced into one
+        s.add(Batch(job_id=job_id, seq=1, chunk_count=3, token_count=3, status=BatchStatus.DONE))
+        s.flush()
+        parent = s.scalars(select(Batch.id).where(Batch.seq == 1)).one()
+    # When the batch's end makes the document's reduce level (its message then lost: the
+    # worker was killed between the store's commit and the send)
+    with sessions.begin() as s:
+        first = after_batch(s, parent)
+    assert first is not None and len(first.new_batches) == 1
+    # Then the batch's message, delivered again, finds the level never started and sends it
+    with sessions.begin() as s:
+        again = after_batch(s, parent)
+    assert again is not None and again.new_batches == first.new_batches
+    # and once a delivery of the level has started, a rerun sends nothing more
+    with sessions.begin() as s:
+        assert start_delivery(s, first.new_batches[0]) is not None
+    with sessions.begin() as s:
+        late = after_batch(s, parent)
+    assert late is not None and late.new_batches == []

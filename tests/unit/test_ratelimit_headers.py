@@ -130,3 +130,22 @@ def test_scopes_name_endpoint_model_and_key_without_the_endpoint_text() -> None:
     assert "example" not in one
     assert scope_for("https://api.example.com/v1/", "gpt-4o-mini", "3f2a9c1b7d4e") == one
     assert scope_for("http://localhost:8000/v1", "gpt-4o-mini", "3f2a9c1b7d4e") != one
+
+
+def test_the_limit_period_is_a_setting_the_limiter_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given DOCQ_LLM_LIMIT_PERIOD_S unset, then set to 6 s, then to nonsense
+    from pydantic import ValidationError
+
+    from docqueue.tasks.limits import limits_for
+    from docqueue.workers.settings import Settings
+
+    monkeypatch.delenv("DOCQ_LLM_LIMIT_PERIOD_S", raising=False)
+    # When the workers' limits are built / Then a minute by default, 6 s when set
+    assert limits_for(Settings()).period_s == 60.0
+    monkeypatch.setenv("DOCQ_LLM_LIMIT_PERIOD_S", "6")
+    assert limits_for(Settings()).period_s == 6.0
+    # and a period that is no positive number is refused, naming the setting
+    for bad in ("0", "-1", "nan"):
+        monkeypatch.setenv("DOCQ_LLM_LIMIT_PERIOD_S", bad)
+        with pytest.raises(ValidationError, match="llm_limit_period_s"):
+            Settings()

@@ -26,6 +26,19 @@ class FakeClock:
         self.ns += int(seconds * NS_PER_S)
 
 
+def test_a_shorter_period_refills_the_whole_limit_in_that_period() -> None:
+    # Given 60 requests per 6 s (--period-s 6), all spent at once
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=60, tpm=None, clock_ns=clock, period_ns=6 * NS_PER_S)
+    assert [limiter.admit(0).admitted for _ in range(61)] == [True] * 60 + [False]
+    # When the 61st asks: it is told a tenth of a second, the refill of one request
+    assert limiter.admit(0).retry_after_ns == NS_PER_S // 10
+    # Then after 6 s exactly the whole limit is back, and not one more
+    clock.advance_s(6)
+    assert [limiter.admit(0).admitted for _ in range(61)] == [True] * 60 + [False]
+    assert limiter.headers()["x-ratelimit-limit-requests"] == "60"
+
+
 def test_budget_starts_full_and_refills_at_limit_per_minute() -> None:
     # Given 60 requests per minute, all spent at once
     clock = FakeClock()

@@ -36,6 +36,7 @@ from docqueue.workers.jobs.reducing import (
     Step,
     by_document,
     document_steps,
+    level_batch_seq,
     make_level,
     plan_document,
 )
@@ -152,6 +153,7 @@ def after_batch(session: Session, batch_id: int) -> Advance | None:
     ))
     pipeline = build_pipeline(job.pipeline, job.options)
     done: list[dict[str, Any]] = []
+    waiting_levels: list[int] = []  # batch seqs of reduce levels made earlier, still unfinished
     for document_id, steps in by_document(document_steps(session, job, document_ids)):
         plan = plan_document(steps, pipeline, _reduce_tokens(job))
         if plan.state == "reduce":
@@ -160,8 +162,11 @@ def after_batch(session: Session, batch_id: int) -> Advance | None:
             advance.new_batches += [made] if made is not None else []
         elif plan.state == "done":
             done.append(document_values(pipeline, document_id, steps, plan))
+        elif plan.levels > 0:
+            waiting_levels.append(level_batch_seq(document_id, plan.levels))
     if done:
         session.execute(update(Document), done)
+    advance.new_batches += never_started(session, job.id, waiting_levels)
     advance.documents_done = len(done)
     if advance.reduce_batch:  # only a reduce batch may be the job's last without its chord
         advance.job_idle = session.scalar(
@@ -169,6 +174,23 @@ def after_batch(session: Session, batch_id: int) -> Advance | None:
             .limit(1)
         ) is None
     return advance
+
+
+def never_started(session: Session, job_id: int, seqs: Sequence[int]) -> list[int]:
+    """Of these reduce levels' batches, those no delivery ever started: to be sent again.
+
+    A level is made (committed) before its message is sent: a worker killed between the two
+    leaves a batch that nothing would ever send. Its parent batch's message comes back (the
+    visibility timeout, a rescue), finds its chunks final and its documents' next level made,
+    and sends that level again from here. A copy of a message that was sent is harmless: a
+    batch runs twice safely, its chunks called once."""
+    if not seqs:
+        return []
+    return list(session.scalars(
+        select(Batch.id).where(Batch.job_id == job_id, Batch.seq.in_(seqs),
+                               Batch.status == BatchStatus.QUEUED, Batch.updated_at.is_(None))
+        .order_by(Batch.id)
+    ))
 
 
 def document_values(pipeline: Pipeline, document_id: int, steps: Sequence[Step],

@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
         "costs its prompt tokens + max_tokens per choice",
     )
     lim.add_argument(
+        "--period-s",
+        metavar="S",
+        type=float,
+        default=60.0,
+        help="the window --rpm and --tpm are per, in seconds (default 60, as OpenAI meters); "
+        "a shorter one lets a test see whole windows pass (pair with DOCQ_LLM_LIMIT_PERIOD_S)",
+    )
+    lim.add_argument(
         "--default-max-tokens",
         metavar="N",
         type=int,
@@ -168,6 +176,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         models=tuple(args.models) if args.models else (DEFAULT_MODEL,),
         rpm=args.rpm,
         tpm=args.tpm,
+        period_s=args.period_s,
         default_max_tokens=args.default_max_tokens,
         output_tokens_mean=args.output_tokens_mean,
         output_tokens_sd=args.output_tokens_sd,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 DEFAULT_MODEL = "docq-sim"
@@ -19,9 +20,10 @@ class SimulatorConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     models: tuple[str, ...] = (DEFAULT_MODEL,)
-    # Rate limits, per minute, refilled continuously.
+    # Rate limits, per period (a minute, as OpenAI meters), refilled continuously.
     rpm: int | None = None
     tpm: int | None = None
+    period_s: float = 60.0
     # Charged against the TPM budget (and the output cap) when a request sets no max_tokens.
     default_max_tokens: int = 256
     # Output length ~ Normal(mean, sd), at least 1 token, at most the request's max_tokens.
@@ -73,6 +75,8 @@ class SimulatorConfig:
             raise ConfigError(
                 f"--output-tokens-mean: must be at least 1, got {self.output_tokens_mean}"
             )
+        if not (self.period_s >= 0.001 and math.isfinite(self.period_s)):
+            raise ConfigError(f"--period-s: must be at least 0.001, got {self.period_s}")
         if self.timeout_hold_s <= 0:
             raise ConfigError(f"--timeout-hold-s: must be positive, got {self.timeout_hold_s}")
         for name in ("fail_rate", "timeout_rate", "garbage_rate", "flex_unavailable_rate"):
@@ -93,6 +97,7 @@ class SimulatorConfig:
             f"models={','.join(self.models)}",
             f"rpm={rpm}",
             f"tpm={tpm}",
+            *([f"per {self.period_s:g} s"] if self.period_s != 60 else []),
             (
                 f"latency_ms={self.latency_ms:g}+{self.ms_per_token:g}/token"
                 f"+jitter {self.jitter_ms:g}"
@@ -134,7 +139,8 @@ class BatchConfig:
 
     def __post_init__(self) -> None:
         if self.turnaround_s < 0:
-            raise ConfigError(f"--batch-turnaround-s: must not be negative, got {self.turnaround_s}")
+            raise ConfigError(
+                f"--batch-turnaround-s: must not be negative, got {self.turnaround_s}")
         if self.window_s <= 0:
             raise ConfigError(f"--batch-window-s: must be positive, got {self.window_s}")
         if not 0.0 <= self.fail_rate <= 1.0:

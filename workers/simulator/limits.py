@@ -1,9 +1,10 @@
-"""Per-minute request and token budgets that refill continuously, as OpenAI enforces them.
+"""Request and token budgets per period that refill continuously, as OpenAI enforces them.
 
-Each budget is a token bucket whose capacity is the per-minute limit and which starts full.
-The arithmetic is exact: a level is kept in units of 1/60e9 of a token (or request), so that
-one nanosecond refills exactly `limit` units. A waiting time computed here is therefore the
-truth: after `retry_after_ns` the same request is admitted, unless something else took the budget.
+Each budget is a token bucket whose capacity is the limit per period (a minute, as OpenAI
+meters; `--period-s` shortens it, for tests) and which starts full. The arithmetic is exact: a
+level is kept in units of 1/period_ns of a token (or request), so that one nanosecond refills
+exactly `limit` units. A waiting time computed here is therefore the truth: after
+`retry_after_ns` the same request is admitted, unless something else took the budget.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 class Bucket:
-    """One per-minute budget (requests or tokens) on a nanosecond clock."""
+    """One budget (requests or tokens) per period, on a nanosecond clock."""
 
-    def __init__(self, per_minute: int, now_ns: int) -> None:
-        self.limit = per_minute
-        self._full = per_minute * NS_PER_MINUTE
+    def __init__(self, per_period: int, now_ns: int, period_ns: int = NS_PER_MINUTE) -> None:
+        self.limit = per_period
+        self._period_ns = period_ns
+        self._full = per_period * period_ns
         self._level = self._full
         self._at_ns = now_ns
 
@@ -41,7 +43,7 @@ class Bucket:
     def wait_ns(self, amount: int, now_ns: int) -> int | None:
         """Nanoseconds until `amount` is available (0 if now); None if it never will be."""
         self._refill(now_ns)
-        missing = amount * NS_PER_MINUTE - self._level
+        missing = amount * self._period_ns - self._level
         if missing <= 0:
             return 0
         if amount > self.limit:
@@ -49,10 +51,10 @@ class Bucket:
         return _ceil_div(missing, self.limit)
 
     def take(self, amount: int) -> None:
-        self._level -= amount * NS_PER_MINUTE
+        self._level -= amount * self._period_ns
 
     def remaining(self) -> int:
-        return max(0, self._level // NS_PER_MINUTE)
+        return max(0, self._level // self._period_ns)
 
     def reset_ns(self) -> int:
         """Nanoseconds until the bucket is full again."""
@@ -78,14 +80,16 @@ class RateLimiter:
         rpm: int | None,
         tpm: int | None,
         clock_ns: Callable[[], int] = time.monotonic_ns,
+        period_ns: int = NS_PER_MINUTE,
     ) -> None:
         self._clock_ns = clock_ns
+        self._period_ns = period_ns
         now = clock_ns()
         self._buckets: dict[LimitKind, Bucket] = {}
         if rpm is not None:
-            self._buckets["requests"] = Bucket(rpm, now)
+            self._buckets["requests"] = Bucket(rpm, now, period_ns)
         if tpm is not None:
-            self._buckets["tokens"] = Bucket(tpm, now)
+            self._buckets["tokens"] = Bucket(tpm, now, period_ns)
 
     def admit(self, tokens: int) -> Decision:
         """Charge one request and `tokens` tokens, or say which budget is short and for how long."""
@@ -110,7 +114,7 @@ class RateLimiter:
             old = self._buckets.pop(kind, None)
             if limit is None:
                 continue
-            bucket = self._buckets[kind] = Bucket(limit, now)
+            bucket = self._buckets[kind] = Bucket(limit, now, self._period_ns)
             if old is not None:
                 old.wait_ns(0, now)
                 bucket.take(max(0, limit - old.remaining()))

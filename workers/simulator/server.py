@@ -24,7 +24,12 @@ from docqueue.workers.simulator.batches import add_routes as add_batch_routes
 from docqueue.workers.simulator.config import SimulatorConfig
 from docqueue.workers.simulator.faults import Fault, FaultInjector
 from docqueue.workers.simulator.generate import build_reply
-from docqueue.workers.simulator.limits import Decision, RateLimiter, retry_after_headers
+from docqueue.workers.simulator.limits import (
+    NS_PER_S,
+    Decision,
+    RateLimiter,
+    retry_after_headers,
+)
 from docqueue.workers.simulator.protocol import ApiError, CompletionRequest, Endpoint, parse
 from docqueue.workers.simulator.stats import Stats
 from docqueue.workers.simulator.tokens import encoding
@@ -61,7 +66,8 @@ STATE = web.AppKey("simulator_state", SimulatorState)
 def build_app(config: SimulatorConfig) -> web.Application:
     """The aiohttp application for `config` (not yet listening)."""
     app = web.Application(middlewares=[_json_errors], client_max_size=config.max_body_bytes)
-    state = SimulatorState(config, RateLimiter(config.rpm, config.tpm), FaultInjector(config))
+    limiter = RateLimiter(config.rpm, config.tpm, period_ns=round(config.period_s * NS_PER_S))
+    state = SimulatorState(config, limiter, FaultInjector(config))
     state.jitter = random.Random(None if config.seed is None else config.seed + 1)
     if config.slots is not None:
         state.slots = asyncio.Semaphore(config.slots)
