@@ -59,9 +59,17 @@ def submit(
     service_tier: Annotated[str | None, typer.Option(
         help="auto, default or flex: the provider's service tier for online calls (flex: "
         "batch prices, slower, at times unavailable).")] = None,
+    text_column: Annotated[str | None, typer.Option(
+        help="Tables (.parquet, .csv, .tsv; .jsonl with it): the column of each row's text "
+        "(default: text).")] = None,
+    id_column: Annotated[str | None, typer.Option(
+        help="Tables: the column of each row's id (default: id where there is one).")] = None,
+    metadata_columns: Annotated[str | None, typer.Option(
+        help="Tables: comma-separated columns kept with each row (default: all others).")] = (
+        None),
     as_json: JsonFlag = False,
 ) -> None:
-    """Record documents as a job and queue its batches."""
+    """Record documents (files, or the rows of tables) as a job and queue its batches."""
     from docqueue.tasks.api import submit as do_submit
 
     schema_obj = None
@@ -83,7 +91,9 @@ def submit(
     handle = do_submit(paths, pipeline, **options, name=name, cache=cache,
                        budget_tokens=budget_tokens, budget_cost=budget_cost, lane=lane,
                        batch_fallback=batch_fallback, fallback_below=fallback_below,
-                       service_tier=service_tier)
+                       service_tier=service_tier, text=text_column, id=id_column,
+                       metadata=[c.strip() for c in metadata_columns.split(",") if c.strip()]
+                       if metadata_columns is not None else None)
     report: dict[str, Any] = handle.report.as_dict() if handle.report else {"job_id": handle.id}
     if as_json and not wait:
         typer.echo(json.dumps(report))
