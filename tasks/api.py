@@ -310,6 +310,19 @@ class JobHandle:
     def results(self) -> Iterator[dict[str, Any]]:
         return document_results(self.id)
 
+    def to_arrow(self, chunks: bool = False) -> Any:
+        """The results as a `pyarrow.Table`: one flat row per document (or chunk), keyed by
+        its id, with its metadata and output as columns (tasks/export.py)."""
+        from docqueue.tasks.export import to_arrow
+
+        return to_arrow(self.id, chunks=chunks)
+
+    def to_pandas(self, chunks: bool = False) -> Any:
+        """`to_arrow()` as a `pandas.DataFrame`, where pandas is installed."""
+        from docqueue.tasks.export import to_pandas
+
+        return to_pandas(self.id, chunks=chunks)
+
     def iter_results(self, poll_s: float = 0.5, timeout: float | None = None
                      ) -> Iterator[dict[str, Any]]:
         """Yield each document once it has its answer (or its error), while the job runs;

@@ -206,11 +206,15 @@ def _echo_limiter() -> None:
 @cli.command()
 def results(
     job: int,
-    fmt: Annotated[str, typer.Option("--format", help="jsonl, csv or openai-batch.")] = "jsonl",
+    fmt: Annotated[str, typer.Option(
+        "--format", help="jsonl, parquet, csv (flat: metadata and output as columns) or "
+        "openai-batch.")] = "jsonl",
     output: Annotated[Path | None, typer.Option(
         help="Write here instead of stdout; openai-batch: the prefix of its two files.")] = None,
     level: Annotated[str, typer.Option(
         help="document (one answer each) or chunk (each chunk's own output).")] = "document",
+    chunks: Annotated[bool, typer.Option(
+        "--chunks", help="One row per chunk (the same as --level chunk).")] = False,
 ) -> None:
     """Write one record per document: status, merged output, error, tokens, cost.
 
@@ -223,8 +227,16 @@ def results(
     if fmt == "openai-batch":
         _write_openai_batch(job, output)
         return
-    if fmt not in ("jsonl", "csv"):
-        raise fail(f"unknown format {fmt!r}: choose jsonl, csv or openai-batch")
+    if fmt in ("parquet", "csv"):
+        from docqueue.tasks.export import write_results
+
+        n = write_results(job, fmt, output, chunks=chunks or level == "chunk")
+        if output is not None:
+            typer.echo(f"{n:,} rows in {output}")
+        return
+    if fmt != "jsonl":
+        raise fail(f"unknown format {fmt!r}: choose jsonl, parquet, csv or openai-batch")
+    level = "chunk" if chunks else level
     job_status(job)  # a clear error for an unknown job
     out = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
     try:
