@@ -70,7 +70,13 @@ def submit(
     as_json: JsonFlag = False,
 ) -> None:
     """Record documents (files, or the rows of tables) as a job and queue its batches."""
+    import os
+
     from docqueue.tasks.api import submit as do_submit
+
+    # Arrow's default allocator (mimalloc) kept ~25 MiB more of a Parquet file's pages than the
+    # system one (benchmarks/bench_tables.py); this process reads and exits, so take the lean one.
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
     schema_obj = None
     if (schema_text := _read_option_file(schema, "schema")) is not None:
