@@ -35,6 +35,7 @@ from docqueue.workers.errors import (
     WorkerError,
 )
 from docqueue.workers.ingest.sources import SourceDocument
+from docqueue.workers.ingest.tables import TableSpec, is_table, read_tables
 from docqueue.workers.jobs.submission import (
     SubmitReport,
     create_job,
@@ -85,6 +86,9 @@ def submit(
     batch_fallback: str | None = None,
     fallback_below: int = 100,
     service_tier: str | None = None,
+    text: str | None = None,
+    id: str | None = None,
+    metadata: list[str] | None = None,
 ) -> JobHandle:
     """Record the corpus as a job and queue its batches; returns at once with a handle.
 
@@ -101,6 +105,11 @@ def submit(
     unfinished (failed lines, an expiry's rest) instead of waiting for another batch.
     `service_tier` ("auto", "default" or "flex") is sent with every online call; flex is
     priced at batch rates, and its "resource unavailable" 429s are waited out, not failed.
+
+    Tables (workers/ingest/tables.py): a `pyarrow.Table`, an iterable of mappings with `text`
+    given, or Parquet/CSV/TSV files (JSONL ones with `text` given) are read one row a
+    document: `text` names the text column ("text"), `id` the id column ("id" where the table
+    has one), `metadata` the columns kept as metadata (every other one).
 
     Raises:
         PipelineError: an unknown pipeline or options it cannot use.
@@ -141,7 +150,10 @@ def submit(
         # The broker is asked first: a dead one found only at the end would leave a job that
         # waits for it, where now nothing is recorded.
         _check_broker_first(rt.settings)
-        documents = _source_documents(sources, pipe.name, rt.settings)  # a batch file: first
+        table = _table_spec(sources, text, id, metadata)
+        documents = (read_tables(sources, table, max_bytes=rt.settings.max_document_bytes)
+                     if table is not None else  # a table's columns are checked here, first
+                     _source_documents(sources, pipe.name, rt.settings))  # a batch file too
         with rt.sessions.begin() as session:
             job_id = create_job(session, rt.settings, pipe, name, cache_policy=cache,
                                 budget_tokens=budget_tokens, budget_cost=budget_cost,
@@ -166,6 +178,18 @@ def submit(
                                    job_id=job_id) from exc
     forget_chord_results()
     return JobHandle(job_id, report)
+
+
+def _table_spec(sources: Any, text: str | None, id: str | None,
+                metadata: list[str] | None) -> TableSpec | None:
+    """How to read `sources` as tables, or None when they are not tables."""
+    given = sources if isinstance(sources, list | tuple) else [sources]  # never a one-shot
+    if text is None and not any(is_table(s) for s in given):
+        if id is not None or metadata is not None:
+            raise InputError("--id-column and --metadata-columns need a table: a .parquet, "
+                             ".csv or .tsv file, or --text-column")
+        return None
+    return TableSpec(text or "text", id, tuple(metadata) if metadata is not None else None)
 
 
 def _batch_slots(settings: Settings) -> int:
@@ -305,6 +329,19 @@ class JobHandle:
     def results(self) -> Iterator[DocumentResult]:
         """One record per document, in submission order (see `DocumentResult`)."""
         return document_results(self.id)
+
+    def to_arrow(self, chunks: bool = False) -> Any:
+        """The results as a `pyarrow.Table`: one flat row per document (or chunk), keyed by
+        its id, with its metadata and output as columns (tasks/export.py)."""
+        from docqueue.tasks.export import to_arrow
+
+        return to_arrow(self.id, chunks=chunks)
+
+    def to_pandas(self, chunks: bool = False) -> Any:
+        """`to_arrow()` as a `pandas.DataFrame`, where pandas is installed."""
+        from docqueue.tasks.export import to_pandas
+
+        return to_pandas(self.id, chunks=chunks)
 
     def iter_results(self, poll_s: float = 0.5, timeout: float | None = None
                      ) -> Iterator[DocumentResult]:

@@ -75,8 +75,9 @@ def _configure(sender: Celery, **_: Any) -> None:
         # the visibility timeout. A plain SIGTERM (warm) lets them finish, within their time limit.
         worker_soft_shutdown_timeout=s.worker_soft_shutdown_s,
         worker_enable_soft_shutdown_on_idle=True,  # retries waiting out a countdown go back too
-        # reconcile, memory reports, /metrics
-        imports=("docqueue.tasks.maintenance", "docqueue.tasks.exporter"),
+        # reconcile, memory reports, /metrics; the retention purge
+        imports=("docqueue.tasks.maintenance", "docqueue.tasks.exporter",
+                 "docqueue.tasks.lifecycle"),
         task_default_queue=DEFAULT_QUEUE,
         task_queues=_queues(),
     )

@@ -274,6 +274,9 @@ class Settings(BaseSettings):
     reconcile_every_s: float = Field(
         default=60.0, gt=0, description="How often beat runs the reconciler."
     )
+    retention_days: float | None = Field(
+        default=None, gt=0, description="Beat purges the final jobs that finished this many "
+        "days ago (their documents, chunks and results; not the response cache). Unset: never.")
     worker_max_memory_mb: float = Field(
         default=1024, ge=0, description="A pool process past this RSS is replaced after its "
         "batch; 0 is off."

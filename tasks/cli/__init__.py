@@ -20,7 +20,7 @@ import typer
 from pydantic import ValidationError
 from typer.exceptions import Abort, TyperException
 
-from docqueue.tasks.cli import jobs, operate, recover, top  # noqa: F401  (they register their commands)
+from docqueue.tasks.cli import jobs, lifecycle, operate, recover, top  # noqa: F401  (they register their commands)
 from docqueue.tasks.cli.app import (
     EXIT_INTERNAL,
     EXIT_JOB_FAILED,

@@ -3,7 +3,6 @@ simulate, demo, db upgrade."""
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import sys
@@ -62,10 +61,24 @@ def submit(
     service_tier: Annotated[str | None, typer.Option(
         help="auto, default or flex: the provider's service tier for online calls (flex: "
         "batch prices, slower, at times unavailable).")] = None,
+    text_column: Annotated[str | None, typer.Option(
+        help="Tables (.parquet, .csv, .tsv; .jsonl with it): the column of each row's text "
+        "(default: text).")] = None,
+    id_column: Annotated[str | None, typer.Option(
+        help="Tables: the column of each row's id (default: id where there is one).")] = None,
+    metadata_columns: Annotated[str | None, typer.Option(
+        help="Tables: comma-separated columns kept with each row (default: all others).")] = (
+        None),
     as_json: JsonFlag = False,
 ) -> None:
-    """Record documents as a job and queue its batches."""
+    """Record documents (files, or the rows of tables) as a job and queue its batches."""
+    import os
+
     from docqueue.tasks.api import submit as do_submit
+
+    # Arrow's default allocator (mimalloc) kept ~25 MiB more of a Parquet file's pages than the
+    # system one (benchmarks/bench_tables.py); this process reads and exits, so take the lean one.
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
     schema_obj = None
     if (schema_text := _read_option_file(schema, "schema")) is not None:
@@ -86,7 +99,9 @@ def submit(
     handle = do_submit(paths, pipeline, **options, name=name, cache=cache,
                        budget_tokens=budget_tokens, budget_cost=budget_cost, lane=lane,
                        batch_fallback=batch_fallback, fallback_below=fallback_below,
-                       service_tier=service_tier)
+                       service_tier=service_tier, text=text_column, id=id_column,
+                       metadata=[c.strip() for c in metadata_columns.split(",") if c.strip()]
+                       if metadata_columns is not None else None)
     report: dict[str, Any] = handle.report.as_dict() if handle.report else {"job_id": handle.id}
     if as_json and not wait:
         typer.echo(json.dumps(report))
@@ -199,11 +214,15 @@ def _echo_limiter() -> None:
 @cli.command()
 def results(
     job: int,
-    fmt: Annotated[str, typer.Option("--format", help="jsonl, csv or openai-batch.")] = "jsonl",
+    fmt: Annotated[str, typer.Option(
+        "--format", help="jsonl, parquet, csv (flat: metadata and output as columns) or "
+        "openai-batch.")] = "jsonl",
     output: Annotated[Path | None, typer.Option(
         help="Write here instead of stdout; openai-batch: the prefix of its two files.")] = None,
     level: Annotated[str, typer.Option(
         help="document (one answer each) or chunk (each chunk's own output).")] = "document",
+    chunks: Annotated[bool, typer.Option(
+        "--chunks", help="One row per chunk (the same as --level chunk).")] = False,
 ) -> None:
     """Write one record per document: status, merged output, error, tokens, cost.
 
@@ -216,41 +235,31 @@ def results(
     if fmt == "openai-batch":
         _write_openai_batch(job, output)
         return
-    if fmt not in ("jsonl", "csv"):
-        raise fail(f"unknown format {fmt!r}: choose jsonl, csv or openai-batch")
+    if fmt in ("parquet", "csv"):
+        from docqueue.tasks.export import write_results
+
+        n = write_results(job, fmt, output, chunks=chunks or level == "chunk")
+        if output is not None:
+            typer.echo(f"{n:,} rows in {output}")
+        return
+    if fmt != "jsonl":
+        raise fail(f"unknown format {fmt!r}: choose jsonl, parquet, csv or openai-batch")
+    level = "chunk" if chunks else level
     job_status(job)  # a clear error for an unknown job
     out = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
     try:
         if level == "chunk":
-            _write_chunks(chunk_results(job), fmt, out)
+            _write_chunks(chunk_results(job), out)
             return
-        rows = document_results(job, finished_only=True)
-        if fmt == "jsonl":
-            for row in rows:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        else:
-            fields = ["id", "source", "status", "output", "error", "chunks", "tokens_in",
-                      "tokens_out", "cost", "content_hash"]
-            writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                row["output"] = json.dumps(row["output"], ensure_ascii=False)
-                writer.writerow(row)
+        for row in document_results(job, finished_only=True):
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
     finally:
         if output:
             out.close()
 
 
-def _write_chunks(rows: Iterable[ChunkResult], fmt: str, out: TextIO) -> None:
-    if fmt == "jsonl":
-        out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        return
-    fields = ["id", "chunk", "char_start", "char_end", "tokens", "status", "output", "error",
-              "tokens_in", "tokens_out"]
-    writer = csv.DictWriter(out, fieldnames=fields)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(row | {"output": json.dumps(row["output"], ensure_ascii=False)})
+def _write_chunks(rows: Iterable[ChunkResult], out: TextIO) -> None:
+    out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def _write_openai_batch(job: int, prefix: Path | None) -> None:

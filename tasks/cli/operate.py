@@ -155,6 +155,7 @@ def beat(ctx: typer.Context) -> None:
     from docqueue.tasks.beat import beat_entries, config_path
     from docqueue.tasks.celery import app
     from docqueue.tasks.lane import poll_entry
+    from docqueue.tasks.lifecycle import retention_entry
     from docqueue.tasks.maintenance import reconcile_entry
     from docqueue.tasks.runtime import runtime
     from docqueue.workers.jobs.schedules import ScheduleError, load_schedules
@@ -171,7 +172,7 @@ def beat(ctx: typer.Context) -> None:
         typer.echo(f"no schedule file at {path} (DOCQ_CONFIG): beat runs the reconciler and "
                    "the batch lane's poll only", err=True)
     app.conf.beat_schedule = {**beat_entries(found), "jobs-reconcile": reconcile_entry(settings),
-                              "lane-poll": poll_entry(settings)}
+                              "lane-poll": poll_entry(settings), **retention_entry(settings)}
     now = datetime.now(UTC)
     for s in found:
         typer.echo(f"schedule {s.name}: cron '{s.cron.expr}' {s.cron.timezone}, "

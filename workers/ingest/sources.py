@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import stat
 from array import array
@@ -50,6 +51,9 @@ _DOCUMENT_SUFFIXES = (".docx", ".htm", ".html", ".md", ".pdf", ".txt")
 MAX_ID_CHARS = 1000  # models.tables.Document.external_id is a String(1000)
 _SNIFF_BYTES = 8192  # a NUL byte this early marks a binary file
 _GLOB_MAGIC = frozenset("*?[")
+# pypdf logs its complaints about a broken file ("EOF marker not found"); with no handler of
+# its own they reached the terminal beside the document's error. They belong in the log only.
+logging.getLogger("pypdf").addHandler(logging.NullHandler())
 
 
 @dataclass(frozen=True, slots=True)
