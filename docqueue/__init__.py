@@ -26,25 +26,60 @@ The records are TypedDicts (tasks/records.py says why): plain dicts at run time,
 mypy, and exactly what `docq status --json` and `docq results` print.
 """
 
-from docqueue.models.tables import (
-    FINAL_JOB_STATES,
-    DocumentStatus,
-    JobStatus,
-    Lane,
-    ResultStatus,
-)
-from docqueue.tasks.api import JobHandle, JobStalledError, submit
-from docqueue.tasks.records import ChunkResult, DocumentResult, JobInfo, ProviderBatchInfo
-from docqueue.workers.errors import (
-    InputError,
-    JobNotFoundError,
-    JobNotPublishedError,
-    NothingToSubmitError,
-    PipelineError,
-    ServiceUnavailableError,
-    WorkerError,
-)
-from docqueue.workers.jobs.submission import SubmitReport
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from docqueue.models.tables import (
+        FINAL_JOB_STATES,
+        DocumentStatus,
+        JobStatus,
+        Lane,
+        ResultStatus,
+    )
+    from docqueue.tasks.api import JobHandle, JobStalledError, submit
+    from docqueue.tasks.records import ChunkResult, DocumentResult, JobInfo, ProviderBatchInfo
+    from docqueue.workers.errors import (
+        InputError,
+        JobNotFoundError,
+        JobNotPublishedError,
+        NothingToSubmitError,
+        PipelineError,
+        ServiceUnavailableError,
+        WorkerError,
+    )
+    from docqueue.workers.jobs.submission import SubmitReport
+
+# Each public name's home. A name is imported on first use, so that importing one module of
+# docqueue.workers (the provider simulator, a worker's child process) does not also load
+# Celery, langchain and the store's drivers for the face's sake.
+_HOMES = {
+    "docqueue.models.tables": ("FINAL_JOB_STATES", "DocumentStatus", "JobStatus", "Lane",
+                               "ResultStatus"),
+    "docqueue.tasks.api": ("JobHandle", "JobStalledError", "submit"),
+    "docqueue.tasks.records": ("ChunkResult", "DocumentResult", "JobInfo", "ProviderBatchInfo"),
+    "docqueue.workers.errors": ("InputError", "JobNotFoundError", "JobNotPublishedError",
+                                "NothingToSubmitError", "PipelineError",
+                                "ServiceUnavailableError", "WorkerError"),
+    "docqueue.workers.jobs.submission": ("SubmitReport",),
+}
+_HOME_OF = {name: home for home, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME_OF.get(name)
+    if home is None:
+        raise AttributeError(f"module 'docqueue' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOME_OF])
+
 
 __all__ = [
     "FINAL_JOB_STATES",
