@@ -53,7 +53,7 @@ from benchmarks.harness import DEFAULT_PG_URL, WORDS, machine, results_store, wr
 from benchmarks.harness import table as render_table
 from docqueue.models import Chunk, Document, DocumentStatus, Job, JobStatus, make_sessionmaker
 from docqueue.workers.batch import leases
-from docqueue.workers.ingest.sources import SourceDocument
+from docqueue.workers.ingest.documents import SourceDocument
 from docqueue.workers.jobs.merging import merge_job
 from docqueue.workers.jobs.submission import create_job, ingest, mark_submitted
 from docqueue.workers.pipelines import build_pipeline

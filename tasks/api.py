@@ -36,7 +36,7 @@ from docqueue.workers.errors import (
     NothingToSubmitError,
     WorkerError,
 )
-from docqueue.workers.ingest.sources import SourceDocument
+from docqueue.workers.ingest.documents import SourceDocument
 from docqueue.workers.jobs.lane import provider_batches
 from docqueue.workers.jobs.submission import (
     SubmitReport,
@@ -48,7 +48,8 @@ from docqueue.workers.jobs.submission import (
 )
 from docqueue.workers.pipelines import build_pipeline
 from docqueue.workers.pipelines.openai_batch import PIPELINE_NAME as OPENAI_BATCH
-from docqueue.workers.pipelines.openai_batch import read_batch_file, write_batch_results
+from docqueue.workers.pipelines.openai_batch_reading import read_batch_file
+from docqueue.workers.pipelines.openai_batch_results import write_batch_results
 from docqueue.workers.settings import Settings
 
 LANES = tuple(Lane)
@@ -77,10 +78,10 @@ def submit(
 
     `sources` is a path, a glob, a list of them, or an iterable of `(id, text)` pairs or dicts
     with `id`, `text` and optional `metadata`. The pipeline's options: `labels` (classify),
-    `schema` and `key` (extract), `prompt` and `reduce` (custom). `cache` is "use" (answer from the response cache
-    where possible), "refresh" (call the model and overwrite the cache) or "off". A budget in
-    tokens and/or dollars stops the job's model calls once spent; the chunks left end
-    `skipped_budget`. `lane` is "online" (the workers call the model per chunk) or "batch"
+    `schema` and `key` (extract), `prompt` and `reduce` (custom). `cache` is "use" (answer from
+    the response cache where possible), "refresh" (call the model and overwrite the cache) or
+    "off". A budget in tokens and/or dollars stops the job's model calls once spent; the chunks
+    left end `skipped_budget`. `lane` is "online" (the workers call the model per chunk) or "batch"
     (the provider's Batch API at batch prices, sent and polled by `docq beat`: hours, not
     seconds; the budget counts enqueued work as spent). `batch_fallback="online"` sends what
     is left to the online lane once a provider batch leaves at most `fallback_below` chunks

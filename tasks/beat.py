@@ -25,20 +25,17 @@ from docqueue.tasks.runtime import resolve_broker, runtime
 from docqueue.workers import keys
 from docqueue.workers.clock import as_utc
 from docqueue.workers.errors import JobNotPublishedError
-from docqueue.workers.jobs.schedules import (
-    Cron,
+from docqueue.workers.jobs.cron import Cron
+from docqueue.workers.jobs.schedule_runs import (
     RunCounts,
-    Schedule,
-    ScheduleError,
     as_record,
     changed_documents,
     claim_window,
     end_run,
-    find_schedule,
     finish_ingest,
-    load_schedules,
     settle_runs,
 )
+from docqueue.workers.jobs.schedules import Schedule, ScheduleError, find_schedule, load_schedules
 from docqueue.workers.jobs.submission import read_sources
 from docqueue.workers.settings import Settings
 

@@ -1,10 +1,11 @@
 """The batch lane's tasks: beat's `lane.poll` sends one `lane.advance(job_id)` per batch-lane job.
 
 `lane.advance` runs workers/jobs/lane.py's `advance` under a per-job Redis lock, renewed while
-it runs (two copies of the task wait for nothing: the second returns at once), and once every chunk of the job has a
-final result and no provider batch is live, it queues `jobs.merge`, the online lane's chord
-callback. Both tasks carry ids only; losing Redis (the lock, queued messages) loses nothing the
-ledger in the store does not hold, and the next tick finds the same work again.
+it runs (two copies of the task wait for nothing: the second returns at once), and once every
+chunk of the job has a final result and no provider batch is live, it queues `jobs.merge`, the
+online lane's chord callback. Both tasks carry ids only; losing Redis (the lock, queued
+messages) loses nothing the ledger in the store does not hold, and the next tick finds the same
+work again.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from docqueue.tasks.jobs import merge_job
 from docqueue.tasks.publish import publish
 from docqueue.tasks.runtime import resolve_endpoint, runtime
 from docqueue.workers import keys
-from docqueue.workers.jobs.lane import Advance, advance, lane_jobs
+from docqueue.workers.jobs.lane import advance, lane_jobs
+from docqueue.workers.jobs.lane_ledger import Advance
 from docqueue.workers.settings import Settings
 
 logger = logging.getLogger(__name__)

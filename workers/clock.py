@@ -6,6 +6,7 @@ both the same aware UTC value.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import overload
 
@@ -23,3 +24,8 @@ def as_utc(t: datetime | None) -> datetime | None:
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def monotonic_s() -> float:
+    """Seconds on the monotonic clock: for deadlines and durations, never for a stored time."""
+    return time.monotonic()

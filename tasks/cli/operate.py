@@ -71,12 +71,8 @@ def schedules(as_json: JsonFlag = False) -> None:
     """List the schedules of DOCQ_CONFIG with their last and next runs."""
     from docqueue.tasks.beat import config_path
     from docqueue.tasks.runtime import runtime
-    from docqueue.workers.jobs.schedules import (
-        ScheduleError,
-        last_runs,
-        load_schedules,
-        missing_source,
-    )
+    from docqueue.workers.jobs.schedule_runs import last_runs
+    from docqueue.workers.jobs.schedules import ScheduleError, load_schedules, missing_source
 
     rt = runtime()
     path = config_path(rt.settings)
@@ -121,7 +117,7 @@ def _schedule_lines(row: dict[str, Any]) -> str:
     if last is None:
         lines.append("  last run: never")
     else:
-        from docqueue.workers.jobs.schedules import run_state
+        from docqueue.workers.jobs.schedule_runs import run_state
 
         state = run_state(last["status"], last["job_status"])
         job = ""

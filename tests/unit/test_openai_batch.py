@@ -14,18 +14,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from docqueue.models import Chunk, Document, Job, JobStatus, Result, make_sessionmaker
 from docqueue.workers.errors import InputError, PipelineError
-from docqueue.workers.ingest.sources import SourceDocument
+from docqueue.workers.ingest.documents import SourceDocument
 from docqueue.workers.jobs.merging import merge_job
 from docqueue.workers.jobs.submission import create_job, ingest
 from docqueue.workers.pipelines import build_pipeline
-from docqueue.workers.pipelines.openai_batch import (
+from docqueue.workers.pipelines.openai_batch_reading import (
     MAX_FILE_BYTES,
     MAX_REQUESTS,
     BatchFileError,
-    JobNotFinishedError,
     read_batch_file,
-    write_batch_results,
 )
+from docqueue.workers.pipelines.openai_batch_results import JobNotFinishedError, write_batch_results
 from docqueue.workers.settings import Settings
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -228,7 +227,8 @@ def test_the_pipeline_stores_the_reply_as_it_is_and_takes_documents_whole() -> N
     pipe = build_pipeline("openai-batch", {})
     # Then it does not chunk, its version is fixed, and a reply is kept unvalidated
     assert pipe.chunked is False and pipe.version == "openai-batch-r1"
-    assert pipe.parse("not JSON {", "length") == {"content": "not JSON {", "finish_reason": "length"}
+    assert pipe.parse("not JSON {", "length") == {"content": "not JSON {",
+                                                  "finish_reason": "length"}
     assert pipe.merge([{"content": "x", "finish_reason": "stop"}]) == {
         "content": "x", "finish_reason": "stop"}
     with pytest.raises(PipelineError, match="takes no options"):

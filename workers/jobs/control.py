@@ -20,17 +20,20 @@ from docqueue.models import (
     Result,
     ResultStatus,
 )
-from docqueue.workers.batch.processing import prompt_tokens
+from docqueue.workers.batch.calls import prompt_tokens
 from docqueue.workers.errors import JobNotFoundError
 from docqueue.workers.ingest.chunking import Chunker
-from docqueue.workers.ingest.sources import SourceDocument
+from docqueue.workers.ingest.documents import SourceDocument
 from docqueue.workers.jobs import sizing
 from docqueue.workers.pipelines import Pipeline
 from docqueue.workers.settings import Settings
 
 
 def cancel_job(session: Session, job_id: int) -> bool:
-    """Mark the job cancelled; False if it had already ended. Batches stop before their next call."""
+    """Mark the job cancelled; False if it had already ended.
+
+    Batches stop before their next call.
+    """
     done = _rowcount(session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status.not_in(FINAL_JOB_STATES))

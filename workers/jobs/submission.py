@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from docqueue.models import Batch, Chunk, Document, DocumentStatus, Job, JobStatus
 from docqueue.workers.ingest.batching import Batcher, BatchSizes
 from docqueue.workers.ingest.chunking import Chunker, ChunkSpan
-from docqueue.workers.ingest.sources import SourceDocument, iter_documents
+from docqueue.workers.ingest.documents import SourceDocument
+from docqueue.workers.ingest.sources import iter_documents
 from docqueue.workers.jobs import sizing
 from docqueue.workers.pipelines import Pipeline, build_pipeline
 from docqueue.workers.settings import Settings
@@ -211,7 +212,8 @@ def ingest(
     pipeline = _pipeline(sessions, job_id)
     split = _whole
     if pipeline.chunked:
-        split = Chunker(sizing.chunk_tokens(settings, pipeline), settings.chunk_overlap_tokens).split
+        split = Chunker(sizing.chunk_tokens(settings, pipeline),
+                        settings.chunk_overlap_tokens).split
     sizes = BatchSizes(most=settings.batch_max_chunks, least=settings.batch_min_chunks,
                        slots=max(1, slots))
     assigner = _BatchAssigner(sizes, settings.batch_max_tokens)

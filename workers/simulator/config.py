@@ -134,7 +134,8 @@ class BatchConfig:
 
     def __post_init__(self) -> None:
         if self.turnaround_s < 0:
-            raise ConfigError(f"--batch-turnaround-s: must not be negative, got {self.turnaround_s}")
+            raise ConfigError(
+                f"--batch-turnaround-s: must not be negative, got {self.turnaround_s}")
         if self.window_s <= 0:
             raise ConfigError(f"--batch-window-s: must be positive, got {self.window_s}")
         if not 0.0 <= self.fail_rate <= 1.0:

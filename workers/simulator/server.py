@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from docqueue.workers.simulator.batches import add_routes as add_batch_routes
+from docqueue.workers.simulator.batch_api import add_routes as add_batch_api_routes
 from docqueue.workers.simulator.config import SimulatorConfig
 from docqueue.workers.simulator.faults import Fault, FaultInjector
 from docqueue.workers.simulator.generate import build_reply
@@ -74,7 +74,7 @@ def build_app(config: SimulatorConfig) -> web.Application:
     app.router.add_post("/stats/reset", _stats_reset)
     app.router.add_get("/requests", _requests)
     app.router.add_post("/limits", _change_limits)
-    add_batch_routes(app, config, _check_key)
+    add_batch_api_routes(app, config, _check_key)
     app.on_response_prepare.append(_limit_headers)
     return app
 
