@@ -42,7 +42,7 @@ from benchmarks.harness import (
     wait_for_job,
     write_json,
 )
-from docqueue.workers.simulator.process import SimulatorProcess
+from docqueue.workers.testing.simulator.process import SimulatorProcess
 
 TARGET_SHARE = 0.9
 SAMPLE_S = 0.1
@@ -137,7 +137,8 @@ def _quantile(values: list[int], q: float) -> float:
 
 
 COLUMNS = [
-    ("layout", "worker"), ("chunks", "chunks"), ("cap", "cap"), ("latency_ms", "latency ms"), ("wall_s", "wall s"),
+    ("layout", "worker"), ("chunks", "chunks"), ("cap", "cap"), ("latency_ms", "latency ms"),
+    ("wall_s", "wall s"),
     ("ideal_s", "ideal s"), ("steady_s", "steady s"), ("in_flight_mean", "in flight mean"),
     ("in_flight_p10", "p10"), ("in_flight_max", "max"), ("share_of_cap", "share of cap"),
     ("steady_calls_per_s", "calls/s"), ("cap_over_latency", "cap/latency"), ("job", "job"),

@@ -4,8 +4,8 @@
 
 The provider simulator answers at once (no latency, no limits). The corpus is --chunks documents
 of about 200 tokens, one chunk each, summarized in chat mode. Two worker processes (one
-`celery -A docqueue.tasks worker --concurrency 2`, prefork) do the work; the results store is a fresh
-PostgreSQL schema in database `test`, the broker Redis DB 13.
+`celery -A docqueue.tasks worker --concurrency 2`, prefork) do the work; the results store is a
+fresh PostgreSQL schema in database `test`, the broker Redis DB 13.
 
 Beside each docqueue run, on the same simulator, a minimal asyncio client (aiohttp, 256 requests
 in flight, another process) sends the same requests as fast as it can: the ceiling of this
@@ -54,7 +54,7 @@ from benchmarks.harness import (
     write_json,
 )
 from docqueue.workers.pipelines import build_pipeline
-from docqueue.workers.simulator.process import SimulatorProcess
+from docqueue.workers.testing.simulator.process import SimulatorProcess
 
 MAX_TOKENS = 256  # docqueue's default DOCQ_LLM_MAX_TOKENS; the simulator answers ~60 tokens
 CEILING_INFLIGHT = 256
@@ -323,7 +323,8 @@ def main() -> None:
     print("ceiling runs (req/s): " + ", ".join(f"{c['requests_per_s']:.0f}" for c in ceilings))
     print(f"target: chunks/s >= {TARGET_SHARE} x ceiling; cpu columns are ms per chunk")
     path = write_json(args.json_name, {
-        "corpus": {"chunks": args.chunks, "tokens_per_chunk": "about 200", "max_tokens": MAX_TOKENS},
+        "corpus": {"chunks": args.chunks, "tokens_per_chunk": "about 200",
+                   "max_tokens": MAX_TOKENS},
         "workers": {"celery_workers": args.workers, "concurrency": args.concurrency,
                     "pool": args.pool, "env": args.env},
         "target_share": TARGET_SHARE, "ceilings": ceilings, "runs": rows,

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from docqueue.workers.simulator.process import SimulatorProcess
+from docqueue.workers.testing.simulator.process import SimulatorProcess
 from tests.plugins.simulator import SimulatorFactory
 
 pytestmark = pytest.mark.integration
@@ -78,7 +78,9 @@ def lines(api: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-def test_a_batch_answers_like_the_online_endpoint(simulator: SimulatorFactory, client: Client) -> None:
+def test_a_batch_answers_like_the_online_endpoint(
+    simulator: SimulatorFactory, client: Client
+) -> None:
     sim = simulator("--seed", "1")
     api = client(sim)
     created = submit(api, 5, docq_ledger="7")
@@ -102,7 +104,9 @@ def test_a_batch_answers_like_the_online_endpoint(simulator: SimulatorFactory, c
     assert api.batches.list().data[0].metadata == {"docq_ledger": "7"}
 
 
-def test_expiry_keeps_the_lines_done_and_names_the_rest(simulator: SimulatorFactory, client: Client) -> None:
+def test_expiry_keeps_the_lines_done_and_names_the_rest(
+    simulator: SimulatorFactory, client: Client
+) -> None:
     sim = simulator("--batch-turnaround-s", "5", "--batch-window-s", "3")
     api = client(sim)
     created = submit(api, 20)
@@ -119,7 +123,9 @@ def test_expiry_keeps_the_lines_done_and_names_the_rest(simulator: SimulatorFact
     assert all(e["response"] is None for e in rest)
 
 
-def test_failed_lines_go_to_the_error_file(simulator: SimulatorFactory, client: Client) -> None:
+def test_failed_lines_go_to_the_error_file(
+    simulator: SimulatorFactory, client: Client
+) -> None:
     sim = simulator("--batch-fail-rate", "0.5")
     api = client(sim)
     done = wait_for(api, submit(api, 40).id, {"completed"})
@@ -132,7 +138,9 @@ def test_failed_lines_go_to_the_error_file(simulator: SimulatorFactory, client: 
     assert len(lines(api, done.output_file_id)) == counts.completed
 
 
-def test_cancel_keeps_what_had_completed(simulator: SimulatorFactory, client: Client) -> None:
+def test_cancel_keeps_what_had_completed(
+    simulator: SimulatorFactory, client: Client
+) -> None:
     sim = simulator("--batch-turnaround-s", "10")
     api = client(sim)
     created = submit(api, 50)
@@ -172,7 +180,9 @@ def test_the_enqueued_token_limit_fails_a_batch_with_openais_error(
     assert error.message.startswith(f"Enqueued token limit reached for {MODEL}")
 
 
-def test_files_over_the_request_limit_are_refused(simulator: SimulatorFactory, client: Client) -> None:
+def test_files_over_the_request_limit_are_refused(
+    simulator: SimulatorFactory, client: Client
+) -> None:
     sim = simulator("--batch-max-requests", "3")
     api = client(sim)
     with pytest.raises(openai.BadRequestError, match="at most 3"):

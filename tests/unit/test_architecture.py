@@ -15,8 +15,8 @@ The layers, top to bottom (docs/ARCHITECTURE.md explains them):
 
 Every name is under the one import package, `docqueue.` (left out above).
 A module may import from its own layer and the layers below it. `workers.local` and
-`workers.simulator` stand beside the layers: they import only the shared names and models, and
-only `tasks` imports them.
+`workers.testing` (tools for testing: the provider simulator) stand beside the layers: they
+import only the shared names and models, and only `tasks` imports them.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ LAYERS: list[tuple[str, ...]] = [
     FOUNDATION,
     ("docqueue.models",),
 ]
-BESIDE = ("docqueue.workers.local", "docqueue.workers.simulator")
+BESIDE = ("docqueue.workers.local", "docqueue.workers.testing")
 
 
 def module_files() -> dict[str, Path]:
@@ -130,13 +130,17 @@ def layer_of(module: str) -> int | None:
     return max(found)[1] if found else None
 
 
+def _side_of(module: str) -> str:
+    return next(p for p in BESIDE if _within(module, (p,)))
+
+
 def forbidden_imports(graph: dict[str, set[str]]) -> list[str]:
     """Each import that goes up a layer, or into a side package from anywhere but `tasks`."""
     wrong = []
     for source, targets in sorted(graph.items()):
         for target in sorted(targets):
             if _within(source, BESIDE) and _within(target, BESIDE):
-                if source.split(".")[:2] != target.split(".")[:2]:
+                if _side_of(source) != _side_of(target):
                     wrong.append(f"{source} -> {target} (side packages are independent)")
                 continue
             if _within(target, BESIDE):

@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
-from docqueue.workers.simulator.config import SimulatorConfig
+from docqueue.workers.testing.simulator.config import SimulatorConfig
 
 COMPLETION_WINDOW = "24h"
 LIVE = frozenset({"validating", "in_progress", "finalizing", "cancelling"})

@@ -65,7 +65,7 @@ class SimulatorProcess:
         """Start the server and wait until it answers. Raises SimulatorStartError."""
         if self._proc is not None:
             raise RuntimeError("the simulator was already started")
-        argv = [sys.executable, "-m", "docqueue.workers.simulator"]
+        argv = [sys.executable, "-m", "docqueue.workers.testing.simulator"]
         if "--host" not in self.args:
             argv += ["--host", self.host]
         if "--port" not in self.args:

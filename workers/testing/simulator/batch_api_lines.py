@@ -16,16 +16,16 @@ import random
 import time
 from typing import Any
 
-from docqueue.workers.simulator.batch_api_state import (
+from docqueue.workers.testing.simulator.batch_api_state import (
     BatchApiService,
     Line,
     ProviderBatch,
     StoredFile,
     digest,
 )
-from docqueue.workers.simulator.config import SimulatorConfig
-from docqueue.workers.simulator.generate import build_reply
-from docqueue.workers.simulator.protocol import ApiError, Endpoint, parse
+from docqueue.workers.testing.simulator.config import SimulatorConfig
+from docqueue.workers.testing.simulator.generate import build_reply
+from docqueue.workers.testing.simulator.protocol import ApiError, Endpoint, parse
 
 ENDPOINTS: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
-from docqueue.workers.simulator.batch_api_lines import ENDPOINTS, new_provider_batch
-from docqueue.workers.simulator.batch_api_state import (
+from docqueue.workers.testing.simulator.batch_api_lines import ENDPOINTS, new_provider_batch
+from docqueue.workers.testing.simulator.batch_api_state import (
     COMPLETION_WINDOW,
     SERVICE,
     BatchApiService,
@@ -23,8 +23,8 @@ from docqueue.workers.simulator.batch_api_state import (
     StoredFile,
     batch_object,
 )
-from docqueue.workers.simulator.config import SimulatorConfig
-from docqueue.workers.simulator.protocol import ApiError
+from docqueue.workers.testing.simulator.config import SimulatorConfig
+from docqueue.workers.testing.simulator.protocol import ApiError
 
 MAX_METADATA_PAIRS = 16
 

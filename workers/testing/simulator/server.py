@@ -20,15 +20,15 @@ from typing import Any
 
 from aiohttp import web
 
-from docqueue.workers.simulator.batch_api import add_routes as add_batch_api_routes
-from docqueue.workers.simulator.config import SimulatorConfig
-from docqueue.workers.simulator.faults import Fault, FaultInjector
-from docqueue.workers.simulator.generate import build_reply
-from docqueue.workers.simulator.limits import Decision, RateLimiter, retry_after_headers
-from docqueue.workers.simulator.protocol import ApiError, CompletionRequest, Endpoint, parse
-from docqueue.workers.simulator.stats import Stats
-from docqueue.workers.simulator.tokens import encoding
-from docqueue.workers.simulator.words import vocabulary
+from docqueue.workers.testing.simulator.batch_api import add_routes as add_batch_api_routes
+from docqueue.workers.testing.simulator.config import SimulatorConfig
+from docqueue.workers.testing.simulator.faults import Fault, FaultInjector
+from docqueue.workers.testing.simulator.generate import build_reply
+from docqueue.workers.testing.simulator.limits import Decision, RateLimiter, retry_after_headers
+from docqueue.workers.testing.simulator.protocol import ApiError, CompletionRequest, Endpoint, parse
+from docqueue.workers.testing.simulator.stats import Stats
+from docqueue.workers.testing.simulator.tokens import encoding
+from docqueue.workers.testing.simulator.words import vocabulary
 
 logger = logging.getLogger("docq.simulator")
 

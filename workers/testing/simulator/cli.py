@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from docqueue.workers.simulator.config import (
+from docqueue.workers.testing.simulator.config import (
     DEFAULT_MODEL,
     MIB,
     BatchConfig,
@@ -259,7 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
-    from docqueue.workers.simulator.server import serve  # aiohttp only when the server really runs
+    from docqueue.workers.testing.simulator.server import (
+        serve,  # aiohttp only when the server really runs
+    )
 
     try:
         asyncio.run(serve(config))
