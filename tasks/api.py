@@ -48,8 +48,8 @@ from docqueue.workers.jobs.submission import (
 )
 from docqueue.workers.pipelines import build_pipeline
 from docqueue.workers.pipelines.openai_batch import PIPELINE_NAME as OPENAI_BATCH
-from docqueue.workers.pipelines.openai_batch_reading import read_batch_file
-from docqueue.workers.pipelines.openai_batch_results import write_batch_results
+from docqueue.workers.pipelines.openai_batch_reading import read_openai_batch_file
+from docqueue.workers.pipelines.openai_batch_results import write_openai_batch_results
 from docqueue.workers.settings import Settings
 
 LANES = tuple(Lane)
@@ -207,7 +207,7 @@ def _source_documents(
 
     Raises:
         InputError: the openai-batch pipeline was given other than one file.
-        BatchFileError: the batch file is missing, empty or over OpenAI's limits.
+        OpenAIBatchFileError: the batch file is missing, empty or over OpenAI's limits.
     """
     if pipeline != OPENAI_BATCH:
         return read_sources(sources, settings)
@@ -217,7 +217,7 @@ def _source_documents(
         raise InputError(
             f"the {OPENAI_BATCH} pipeline reads one OpenAI Batch file (JSONL), got {what}"
         )
-    return read_batch_file(given[0], max_bytes=settings.max_document_bytes)
+    return read_openai_batch_file(given[0], max_bytes=settings.max_document_bytes)
 
 
 def write_openai_batch(
@@ -229,7 +229,7 @@ def write_openai_batch(
     """
     rt = runtime()
     with service_errors(rt.settings), rt.sessions() as session:
-        return write_batch_results(session, job_id, output_path, error_path)
+        return write_openai_batch_results(session, job_id, output_path, error_path)
 
 
 class JobStalledError(WorkerError):

@@ -14,7 +14,7 @@ WorkerError                     the root; every message is written for the user
 │   └── InputError                a document, option or setting the user gave is unusable
 │       ├── PipelineError           unknown pipeline or bad pipeline options
 │       ├── ScheduleError           a bad schedule in docq.toml (jobs/schedules.py)
-│       ├── BatchFileError          an OpenAI Batch file over its limits
+│       ├── OpenAIBatchFileError    an OpenAI Batch file over its limits
 │       │                             (pipelines/openai_batch_reading.py)
 │       ├── FlowerAuthError         Flower without credentials (tasks/flower.py)
 │       └── NothingToSubmitError    every input of a submit was rejected: no job is recorded

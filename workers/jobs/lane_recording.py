@@ -66,24 +66,25 @@ def cancel_live(ctx: LaneContext) -> None:
 
 def poll(ctx: LaneContext, row: ProviderBatch) -> None:
     assert row.provider_batch_id is not None
-    batch = ctx.api.retrieve(row.provider_batch_id)
+    found = ctx.api.retrieve(row.provider_batch_id)
     ctx.done.polled += 1
-    counts = batch.get("request_counts") or {}
-    status = batch["status"]
+    counts = found.get("request_counts") or {}
+    status = found["status"]
     update_row(ctx, row.id, provider_status=status, completed=counts.get("completed", 0),
-            failed=counts.get("failed", 0), polled_at=utc_now(),
-            output_file_id=batch.get("output_file_id"), error_file_id=batch.get("error_file_id"))
+               failed=counts.get("failed", 0), polled_at=utc_now(),
+               output_file_id=found.get("output_file_id"),
+               error_file_id=found.get("error_file_id"))
     if status not in TERMINAL:
         return
     # Read both files before anything is written: a crash here leaves the row `created`, and
     # the next poll reads them again.
-    lines = [*_file_lines(ctx, batch.get("output_file_id")),
-             *_file_lines(ctx, batch.get("error_file_id"))]
-    errors = (batch.get("errors") or {}).get("data") or []
+    lines = [*_file_lines(ctx, found.get("output_file_id")),
+             *_file_lines(ctx, found.get("error_file_id"))]
+    errors = (found.get("errors") or {}).get("data") or []
     error = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors) or None
     entries: list[dict[str, Any]] = []
     if status == "failed":
-        rows = _failed_batch_rows(ctx, row.id, error or "the provider failed the batch")
+        rows = _failed_provider_batch_rows(ctx, row.id, error or "the provider failed the batch")
     else:
         rows, entries = _result_rows(ctx, row.id, lines)
     close(ctx, row.id, rows, entries, status=status, error=error)
@@ -129,7 +130,7 @@ def _result_rows(ctx: LaneContext, row_id: int, lines: list[dict[str, Any]]
     return rows, entries
 
 
-def _failed_batch_rows(ctx: LaneContext, row_id: int, error: str) -> list[ResultRow]:
+def _failed_provider_batch_rows(ctx: LaneContext, row_id: int, error: str) -> list[ResultRow]:
     """A batch the provider failed as a whole (validation, the enqueued-token limit): an
     attempt for each of its chunks, so a batch that keeps failing ends in error rows rather
     than being sent again at every poll."""

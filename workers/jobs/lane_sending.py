@@ -117,15 +117,16 @@ def _create(ctx: LaneContext, row_id: int) -> None:
         file_id = session.scalar(select(ProviderBatch.input_file_id)
                                  .where(ProviderBatch.id == row_id))
     assert file_id is not None
-    batch = ctx.api.create(file_id, {LEDGER_KEY: str(row_id), "docq_job": str(ctx.job.id)})
-    _adopt(ctx, row_id, batch)
+    created = ctx.api.create(file_id, {LEDGER_KEY: str(row_id), "docq_job": str(ctx.job.id)})
+    _adopt(ctx, row_id, created)
 
 
-def _adopt(ctx: LaneContext, row_id: int, batch: dict[str, Any]) -> None:
-    update_row(ctx, row_id, state=LedgerState.CREATED, provider_batch_id=batch["id"],
-            provider_status=batch["status"], polled_at=utc_now())
+def _adopt(ctx: LaneContext, row_id: int, provider_batch: dict[str, Any]) -> None:
+    update_row(ctx, row_id, state=LedgerState.CREATED, provider_batch_id=provider_batch["id"],
+               provider_status=provider_batch["status"], polled_at=utc_now())
     ctx.done.sent += 1
-    logger.info("job %s: provider batch %s (ledger %s) created", ctx.job.id, batch["id"], row_id)
+    logger.info("job %s: provider batch %s (ledger %s) created", ctx.job.id,
+                provider_batch["id"], row_id)
 
 
 def finish_sending(ctx: LaneContext, row: ProviderBatch, *, cancelled: bool) -> None:

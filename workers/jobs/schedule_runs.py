@@ -31,7 +31,7 @@ from docqueue.models.tables import (
 from docqueue.workers.clock import as_utc
 from docqueue.workers.ingest.documents import SourceDocument
 
-LOOKUP_BATCH = 500  # documents classified per baseline query
+LOOKUP_DOCUMENTS = 500  # documents classified per baseline query
 # A run claims its window a moment before it takes the schedule's lock; older unlocked claims
 # are dead.
 ABANDONED_AFTER_S = 60
@@ -74,7 +74,7 @@ def changed_documents(
                 counts.rejections.append(doc.error)
             continue
         pending.append(doc)
-        if len(pending) >= LOOKUP_BATCH:
+        if len(pending) >= LOOKUP_DOCUMENTS:
             yield from _classify(sessions, schedule, pending, counts)
             pending = []
             if heartbeat is not None:

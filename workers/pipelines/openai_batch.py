@@ -3,7 +3,7 @@
 An input line is `{"custom_id", "method": "POST", "url", "body"}` for `/v1/chat/completions` or
 `/v1/completions`. Each line becomes one document (its id the `custom_id`, its text the request
 as canonical JSON) and one chunk, which the workers send to the job's endpoint through the same
-limiter, retries and store as any other chunk. `write_batch_results` then writes OpenAI's two
+limiter, retries and store as any other chunk. `write_openai_batch_results` then writes OpenAI's two
 files, in input order: the output file holds one line per successful request, the error file
 one line per failed request, so every input line is accounted for exactly once.
 
@@ -69,7 +69,7 @@ class OpenAIBatchPipeline(Pipeline):
         request = json.loads(text)
         try:
             return prompt_of(request["url"], request["body"])
-        except BadLine as bad:  # read_batch_file checked it, so the store was edited
+        except BadLine as bad:  # read_openai_batch_file checked it, so the store was edited
             raise PipelineError(f"{self.name}: the stored request {bad.problem}") from None
 
     def parse(self, raw: str, finish_reason: str | None) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """Reading an OpenAI Batch input file as documents: one per line, the file checked first.
 
 Guarantees: a file over OpenAI's limits (50,000 requests, 200 MB), missing, unreadable or
-empty is refused whole with `BatchFileError` before anything is stored; every other line becomes
-a document, and a line that cannot run becomes a document whose `error` names the line and the
-problem. A repeated custom_id stays with its first line.
+empty is refused whole with `OpenAIBatchFileError` before anything is stored; every other line
+becomes a document, and a line that cannot run becomes a document whose `error` names the line
+and the problem. A repeated custom_id stays with its first line.
 """
 
 from __future__ import annotations
@@ -31,39 +31,41 @@ MAX_REQUESTS = 50_000  # OpenAI's per-batch limits
 MAX_FILE_BYTES = 200 * 1024 * 1024
 
 
-class BatchFileError(InputError):
+class OpenAIBatchFileError(InputError):
     """The batch file as a whole cannot be used (missing, empty, over OpenAI's limits)."""
 
 
-def read_batch_file(path: str | os.PathLike[str], *, max_bytes: int) -> Iterator[SourceDocument]:
+def read_openai_batch_file(
+    path: str | os.PathLike[str], *, max_bytes: int
+) -> Iterator[SourceDocument]:
     """One document per non-blank line of an OpenAI Batch input file, in order.
 
     The file is checked before this returns; the lines are read as the iterator is consumed,
     and a bad line becomes a document whose `error` names the line and the problem.
 
     Raises:
-        BatchFileError: the file is missing, unreadable, empty or over OpenAI's limits.
+        OpenAIBatchFileError: the file is missing, unreadable, empty or over OpenAI's limits.
     """
     source = os.fspath(path)
     try:
         size = os.stat(source).st_size
         if not os.path.isfile(source):
-            raise BatchFileError(f"{source} is not a regular file")
+            raise OpenAIBatchFileError(f"{source} is not a regular file")
         if size > MAX_FILE_BYTES:
-            raise BatchFileError(
+            raise OpenAIBatchFileError(
                 f"{source} is {size:,} bytes, over OpenAI's batch file limit of "
                 f"{MAX_FILE_BYTES:,} bytes (200 MB); split it into several files"
             )
         with open(source, "rb") as stream:
             requests = sum(1 for _, line, _ in bounded_lines(stream, max_bytes) if _used(line))
     except FileNotFoundError:
-        raise BatchFileError(f"{source} does not exist") from None
+        raise OpenAIBatchFileError(f"{source} does not exist") from None
     except OSError as exc:
-        raise BatchFileError(f"{source} cannot be read: {exc.strerror or exc}") from None
+        raise OpenAIBatchFileError(f"{source} cannot be read: {exc.strerror or exc}") from None
     if requests == 0:
-        raise BatchFileError(f"{source} holds no requests")
+        raise OpenAIBatchFileError(f"{source} holds no requests")
     if requests > MAX_REQUESTS:
-        raise BatchFileError(
+        raise OpenAIBatchFileError(
             f"{source} holds {requests:,} requests, over OpenAI's batch limit of "
             f"{MAX_REQUESTS:,}; split it into several files"
         )

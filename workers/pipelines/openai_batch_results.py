@@ -56,7 +56,7 @@ class _Row:
     created_s: int
 
 
-def write_batch_results(
+def write_openai_batch_results(
     session: Session, job_id: int, output_path: str | os.PathLike[str],
     error_path: str | os.PathLike[str],
 ) -> tuple[int, int]:

@@ -50,7 +50,7 @@ def _service(request: web.Request) -> BatchApiService:
 
 async def _upload(request: web.Request) -> web.Response:
     service = _service(request)
-    limit = service.config.batch.max_file_bytes
+    limit = service.config.batch_api.max_file_bytes
     purpose, filename, content = None, "upload.jsonl", b""
     reader = await request.multipart()
     async for part in reader:
@@ -71,11 +71,11 @@ async def _upload(request: web.Request) -> web.Response:
     if not content.strip():
         raise ApiError(400, "The uploaded file is empty.", param="file", code="invalid_value")
     lines = sum(1 for line in content.splitlines() if line.strip())
-    if lines > service.config.batch.max_requests:
+    if lines > service.config.batch_api.max_requests:
         raise ApiError(
             400,
             f"The file has {lines} requests; a batch file may have at most "
-            f"{service.config.batch.max_requests}.",
+            f"{service.config.batch_api.max_requests}.",
             param="file",
             code="invalid_value",
         )
@@ -149,13 +149,13 @@ async def _create(request: web.Request) -> web.Response:
 
 async def _retrieve(request: web.Request) -> web.Response:
     service = _service(request)
-    batch = _batch(service, request.match_info["batch_id"])
+    batch = _provider_batch(service, request.match_info["batch_id"])
     return web.json_response(batch_object(service, batch, time.time()))
 
 
 async def _cancel(request: web.Request) -> web.Response:
     service = _service(request)
-    batch = _batch(service, request.match_info["batch_id"])
+    batch = _provider_batch(service, request.match_info["batch_id"])
     now = time.time()
     status = batch.status(now)
     if status not in ("validating", "in_progress", "cancelling"):
@@ -187,7 +187,7 @@ async def _list(request: web.Request) -> web.Response:
     newest_first = sorted(service.batches.values(), key=lambda b: -b.number)
     after = request.query.get("after")
     if after is not None:
-        start = _batch(service, after).number
+        start = _provider_batch(service, after).number
         newest_first = [b for b in newest_first if b.number < start]
     page = newest_first[:limit]
     now = time.time()
@@ -208,7 +208,7 @@ async def _stats(request: web.Request) -> web.Response:
     return web.json_response(dict(service.counts))
 
 
-def _batch(service: BatchApiService, batch_id: str) -> ProviderBatch:
+def _provider_batch(service: BatchApiService, batch_id: str) -> ProviderBatch:
     batch = service.batches.get(batch_id)
     if batch is None:
         raise ApiError(404, f"No batch found with id '{batch_id}'.", param="batch_id",

@@ -33,7 +33,7 @@ ENDPOINTS: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completio
 def new_provider_batch(
     service: BatchApiService, stored: StoredFile, endpoint: str, metadata: dict[str, str] | None
 ) -> ProviderBatch:
-    config = service.config.batch
+    config = service.config.batch_api
     raw_lines = [line for line in stored.content.splitlines() if line.strip()]
     number = len(service.batches)
     batch = ProviderBatch(
@@ -59,7 +59,7 @@ def new_provider_batch(
 async def _work_out(service: BatchApiService, batch: ProviderBatch, raw_lines: list[bytes]) -> None:
     """Compute every line's outcome off the event loop, then admit the batch or fail it."""
     lines, model, tokens = await asyncio.to_thread(run_lines, service.config, batch, raw_lines)
-    limit = service.config.batch.enqueued_token_limit
+    limit = service.config.batch_api.enqueued_token_limit
     batch.model = model
     if limit is not None and service.enqueued_tokens(model, time.time()) + tokens > limit:
         batch.errors = [token_limit_error(model, limit)]
@@ -111,7 +111,7 @@ def _run_line(
         reply = build_reply(req, config, created)
     except ApiError as exc:
         return Line(custom_id, exc.status, exc.body()), None, 0
-    if _fails(batch, custom_id, config.batch.fail_rate):
+    if _fails(batch, custom_id, config.batch_api.fail_rate):
         body = ApiError(500, "The server had an error while processing your request.",
                         type="server_error").body()
         return Line(custom_id, 500, body), req.model, req.total_prompt_tokens

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from docqueue.workers.testing.simulator.config import (
     DEFAULT_MODEL,
     MIB,
-    BatchConfig,
+    BatchApiConfig,
     ConfigError,
     SimulatorConfig,
 )
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     flt.add_argument(
         "--seed", metavar="N", type=int, help="seed for fault and jitter draws (default random)"
     )
-    _add_batch_arguments(p)
+    _add_batch_api_arguments(p)
     p.add_argument("--log-requests", action="store_true", help="log one line per request")
     p.add_argument(
         "--record-requests",
@@ -187,7 +187,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         max_body_bytes=args.max_body_bytes,
         log_requests=args.log_requests,
         record_requests=args.record_requests,
-        batch=BatchConfig(
+        batch_api=BatchApiConfig(
             turnaround_s=args.batch_turnaround_s,
             window_s=args.batch_window_s,
             fail_rate=args.batch_fail_rate,
@@ -198,7 +198,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
     )
 
 
-def _add_batch_arguments(p: argparse.ArgumentParser) -> None:
+def _add_batch_api_arguments(p: argparse.ArgumentParser) -> None:
     bat = p.add_argument_group("Batch API (/v1/files, /v1/batches)")
     bat.add_argument(
         "--batch-turnaround-s",
