@@ -28,6 +28,7 @@ from docqueue.tasks.runtime import runtime
 from docqueue.tasks.supervisor import default_layout
 from docqueue.workers.batch.cache import POLICIES as CACHE_POLICIES
 from docqueue.workers.batch.liveness import batch_slots
+from docqueue.workers.clock import monotonic_s
 from docqueue.workers.errors import (
     BrokerUnavailableError,
     InputError,
@@ -259,8 +260,8 @@ class JobHandle:
             TimeoutError: the job was not final within `timeout` seconds.
             JobStalledError: no chunk of the job became final for `stall_s` seconds.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        moved_at, last = time.monotonic(), None
+        deadline = None if timeout is None else monotonic_s() + timeout
+        moved_at, last = monotonic_s(), None
         progress_now: tuple[Any, ...]
         while True:
             st = self.status()
@@ -270,7 +271,7 @@ class JobHandle:
             if st["status"] in FINAL_JOB_STATES and (st["status"] != JobStatus.CANCELLED
                                                      or st["finished_at"] is not None):
                 return st
-            now = time.monotonic()
+            now = monotonic_s()
             progress_now = (st["status"], st["chunks_done"], st["reduce_steps_done"])
             if progress_now != last:
                 moved_at, last = now, progress_now
@@ -295,7 +296,7 @@ class JobHandle:
         Raises:
             TimeoutError: the job was not final within `timeout` seconds.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else monotonic_s() + timeout
         seen: set[str] = set()  # a document's external id and source: unique in a job
         while True:
             final = self.status()["status"] in FINAL_JOB_STATES
@@ -306,7 +307,7 @@ class JobHandle:
                     yield record
             if final:
                 return
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and monotonic_s() > deadline:
                 raise TimeoutError(f"job {self.id} is not final after {timeout:g}s")
             time.sleep(poll_s)
 

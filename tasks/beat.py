@@ -10,7 +10,7 @@ moves.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from redis.exceptions import LockError
 from docqueue.tasks.celery import app
 from docqueue.tasks.runtime import resolve_broker, runtime
 from docqueue.workers import keys
-from docqueue.workers.clock import as_utc
+from docqueue.workers.clock import as_utc, utc_now
 from docqueue.workers.errors import JobNotPublishedError
 from docqueue.workers.jobs.cron import Cron
 from docqueue.workers.jobs.schedule_runs import (
@@ -55,7 +55,7 @@ class CronSchedule(BaseSchedule):  # type: ignore[misc]
         self.cron = cron
 
     def now(self) -> datetime:
-        return datetime.now(UTC)
+        return utc_now()
 
     def is_due(self, last_run_at: datetime) -> schedstate:
         now = self.now()
@@ -80,14 +80,14 @@ class CronSchedule(BaseSchedule):  # type: ignore[misc]
 
 def current_window(expr: str, timezone: str) -> str:
     """Called by beat as it sends an entry: the window that is due now, as ISO 8601 UTC."""
-    return Cron(expr, timezone).window_at(datetime.now(UTC)).isoformat()
+    return Cron(expr, timezone).window_at(utc_now()).isoformat()
 
 
 def beat_entries(schedules: list[Schedule]) -> dict[str, dict[str, Any]]:
     """One beat entry per schedule; the window is computed when beat sends it."""
     entries = {}
     for s in schedules:
-        now = datetime.now(UTC)
+        now = utc_now()
         first = s.cron.next_after(now)
         period_s = (s.cron.next_after(first) - first).total_seconds()
         entries[f"schedule:{s.name}"] = {

@@ -1,8 +1,8 @@
 """`docq demo`: the bundled corpus through the whole pipeline on one machine, nothing to set up.
 
-It starts what is missing (the embedded Redis, the local model, one worker), submits
-the bundled corpus (`workers/local/corpus`), shows progress and a table of results, and stops what it started. A second
-run finds the first run's job for the same corpus in the store and shows it at once.
+It starts what is missing (the embedded Redis, the local model, one worker), submits the bundled
+corpus (`workers/local/corpus`), shows progress and a table of results, and stops what it started. A
+second run finds the first run's job for the same corpus in the store and shows it at once.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
@@ -21,6 +20,7 @@ from sqlalchemy import select
 
 from docqueue.models import Document, Job, JobStatus, upgrade
 from docqueue.tasks.runtime import reset_runtime, runtime
+from docqueue.workers.clock import monotonic_s
 from docqueue.workers.ingest.sources import iter_documents
 from docqueue.workers.local import DEMO_CORPUS
 
@@ -50,7 +50,7 @@ def run_demo(console: Console, corpus: Path = CORPUS, fresh: bool = False) -> di
         _show(console, handle.id, final)
         return final
     with _services(console) as (env, supervisor), _worker(console, env):
-        started = time.monotonic()
+        started = monotonic_s()
         handle = submit(str(corpus), "summarize", name=DEMO_NAME)
         report = handle.report
         assert report is not None
@@ -58,7 +58,7 @@ def run_demo(console: Console, corpus: Path = CORPUS, fresh: bool = False) -> di
                       f"{report.chunks} chunks; summarizing with the local model...")
         final = handle.wait(timeout=1800, progress=_progress(console, supervisor),
                             stall_s=STALL_S)
-        console.print(f"done in {time.monotonic() - started:.1f}s")
+        console.print(f"done in {monotonic_s() - started:.1f}s")
     _show(console, handle.id, final)
     return final
 

@@ -8,7 +8,6 @@ minute, the cost so far and the time left at that pace.
 from __future__ import annotations
 
 import sys
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import IO, Any, Self
@@ -17,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
 from docqueue.tasks.api import JobHandle
+from docqueue.workers.clock import monotonic_s
 
 RATE_WINDOW_S = 60.0
 PLAIN_EVERY_S = 5.0  # a plain line at most this often while the counts move
@@ -56,7 +56,7 @@ class Rates:
         self.samples: deque[tuple[float, int, int]] = deque()  # (time, chunks done, tokens)
 
     def add(self, status: dict[str, Any], now: float | None = None) -> Snapshot:
-        now = time.monotonic() if now is None else now
+        now = monotonic_s() if now is None else now
         done = int(status["chunks_done"])
         tokens = int(status["tokens_in"]) + int(status["tokens_out"])
         self.samples.append((now, done, tokens))
@@ -104,7 +104,7 @@ class _PlainLines:
 
     def update(self, status: dict[str, Any]) -> None:
         snap = self.rates.add(status)
-        now = time.monotonic()
+        now = monotonic_s()
         moved = snap.line() != self.last_line and now - self.last_t >= PLAIN_EVERY_S
         if snap.status != self.last_status or moved:
             self.out.write(snap.line() + "\n")

@@ -30,6 +30,7 @@ from types import FrameType
 
 import psutil
 
+from docqueue.workers.clock import monotonic_s
 from docqueue.workers.settings import Settings
 
 logger = logging.getLogger("docq.worker")
@@ -99,7 +100,7 @@ class Supervisor:
         logger.info("docq worker: %s", self.layout.describe())
         for i in range(self.layout.processes):
             self.start(i)
-        last_memory_check = time.monotonic()
+        last_memory_check = monotonic_s()
         while self.procs or self.retiring:
             time.sleep(POLL_S)
             self.retiring = [p for p in self.retiring if p.poll() is None]
@@ -114,8 +115,8 @@ class Supervisor:
                                self.name, i, proc.pid, _status(code))
                 time.sleep(RESTART_PAUSE_S)
                 self.start(i)
-            if not self.stopping and time.monotonic() - last_memory_check > MEMORY_CHECK_S:
-                last_memory_check = time.monotonic()
+            if not self.stopping and monotonic_s() - last_memory_check > MEMORY_CHECK_S:
+                last_memory_check = monotonic_s()
                 self._replace_large()
         return 0
 

@@ -16,6 +16,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from docqueue.workers.clock import monotonic_s
+
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,12 +50,12 @@ class WorkerProcess:
         self._log = log_path.open("wb")
         self.ready_lines = concurrency if pool == "default" else 1
         if pool == "default":
-            argv = [sys.executable, "-m", "docqueue.tasks.cli", "worker", f"--concurrency={concurrency}",
-                    f"--name={name}", "--without-mingle", *extra]
+            argv = [sys.executable, "-m", "docqueue.tasks.cli", "worker",
+                    f"--concurrency={concurrency}", f"--name={name}", "--without-mingle", *extra]
         else:
-            argv = [sys.executable, "-m", "celery", "-A", "docqueue.tasks", "worker", f"--pool={pool}",
-                    f"--concurrency={concurrency}", "--loglevel=INFO", "--without-gossip",
-                    "--without-mingle", f"--hostname={name}@%h", *extra]
+            argv = [sys.executable, "-m", "celery", "-A", "docqueue.tasks", "worker",
+                    f"--pool={pool}", f"--concurrency={concurrency}", "--loglevel=INFO",
+                    "--without-gossip", "--without-mingle", f"--hostname={name}@%h", *extra]
             if events:
                 argv.append("--events")
         self.proc = subprocess.Popen(
@@ -65,8 +67,8 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout_s: float = 90) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        deadline = monotonic_s() + timeout_s
+        while monotonic_s() < deadline:
             if self.log().count(" ready.") >= self.ready_lines:
                 return
             if self.proc.poll() is not None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from docqueue.tasks.cli.app import EXIT_UNAVAILABLE, JsonFlag, cli, fail
+from docqueue.workers.clock import utc_now
 
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -85,7 +85,7 @@ def schedules(as_json: JsonFlag = False) -> None:
         raise fail(str(exc)) from None
     with rt.sessions() as session:
         runs = last_runs(session, [s.name for s in found])
-    now = datetime.now(UTC)
+    now = utc_now()
     rows = [{
         "name": s.name, "source": s.source, "pipeline": s.pipeline,
         "options": _shown_options(s.options), "cron": s.cron.expr, "timezone": s.cron.timezone,
@@ -154,11 +154,11 @@ def beat(ctx: typer.Context) -> None:
         except ScheduleError as exc:
             raise fail(str(exc)) from None
     else:
-        typer.echo(f"no schedule file at {path} (DOCQ_CONFIG): beat runs the reconciler and the batch lane's poll only",
-                   err=True)
+        typer.echo(f"no schedule file at {path} (DOCQ_CONFIG): beat runs the reconciler and the "
+                   "batch lane's poll only", err=True)
     app.conf.beat_schedule = {**beat_entries(found), "jobs-reconcile": reconcile_entry(settings),
                               "lane-poll": poll_entry(settings)}
-    now = datetime.now(UTC)
+    now = utc_now()
     for s in found:
         typer.echo(f"schedule {s.name}: cron '{s.cron.expr}' {s.cron.timezone}, "
                    f"next run {s.cron.next_after(now).isoformat()}", err=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, NotRequired, TypedDict
 
 from sqlalchemy import Boolean, Table, and_, bindparam, exists, func, or_, select, update
@@ -32,7 +32,7 @@ from docqueue.models import (
     plan_for_now,
     upsert_statement,
 )
-from docqueue.workers.clock import as_utc
+from docqueue.workers.clock import as_utc, utc_now
 
 RESULT_COLUMNS = (
     "job_id",
@@ -90,7 +90,7 @@ class Claim:
 
 
 def now() -> datetime:
-    return datetime.now(UTC)
+    return utc_now()
 
 
 def start_delivery(session: Session, batch_id: int) -> BatchInfo | None:
@@ -174,7 +174,8 @@ def _claim_statements() -> _ClaimStatements:
     owner: Any = bindparam("b_owner")
     free = or_(c.lease_owner.is_(None), c.lease_owner == owner,
                c.lease_owner.in_(bindparam("b_dead", expanding=True)),
-               and_(bindparam("b_expiry_counts", type_=Boolean), c.lease_expires_at < bindparam("b_t")))
+               and_(bindparam("b_expiry_counts", type_=Boolean),
+                    c.lease_expires_at < bindparam("b_t")))
     take = (update(chunks).where(unfinished, free)
             .values(lease_owner=owner, lease_expires_at=bindparam("b_until")).returning(c.id))
     counts = select(func.count(), func.count().filter(c.lease_owner != owner)).where(unfinished)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from sqlalchemy.orm import Session
 
@@ -39,6 +38,7 @@ from docqueue.workers.batch.guard import JobGuard
 from docqueue.workers.batch.leases import BatchInfo
 from docqueue.workers.batch.services import Outcome, Services
 from docqueue.workers.batch.writer import ResultWriter
+from docqueue.workers.clock import monotonic_s
 from docqueue.workers.pipelines import Pipeline
 from docqueue.workers.settings import Settings
 
@@ -93,7 +93,7 @@ async def _run_batch(svc: Services, batch_id: int, owner: str, budget_s: float) 
         if reason == "poison":
             logger.error("%s", message)
         return Outcome("done", reason=reason)
-    deadline = time.monotonic() + budget_s
+    deadline = monotonic_s() + budget_s
     pipeline = svc.pipeline(info)
     guard = JobGuard(svc.redis, info.job_id, info.budget_tokens, info.budget_cost)
     if guard.has_budget:
@@ -170,14 +170,14 @@ async def _work(
     waiting = [w for w in claim.items if w not in ready]
     if not claim.items:
         # Another live delivery holds the rest: wait for it rather than report done too early.
-        if time.monotonic() + HELD_POLL_S > deadline:
+        if monotonic_s() + HELD_POLL_S > deadline:
             return Outcome("retry", svc.settings.lease_s, "chunks held by another delivery")
         await asyncio.sleep(HELD_POLL_S)
         return None
     if not ready:
         due = min(w.not_before for w in waiting if w.not_before is not None)
         wait = max(0.0, (due - t).total_seconds())
-        if wait > INLINE_WAIT_S or time.monotonic() + wait > deadline:
+        if wait > INLINE_WAIT_S or monotonic_s() + wait > deadline:
             await svc.db(lambda s: leases.release(s, [w.chunk_id for w in waiting], owner))
             return Outcome("retry", wait, "waiting for retry backoff")
         await asyncio.sleep(wait)
@@ -202,7 +202,7 @@ async def _work(
         calls = misses
 
     async def one(call: Call) -> None:
-        if busy or time.monotonic() > deadline or lapsed():
+        if busy or monotonic_s() > deadline or lapsed():
             return
         row = await call_model(svc, info, pipeline, guard, call, busy, lapsed, deadline)
         if row is None:
@@ -217,7 +217,7 @@ async def _work(
 
     await asyncio.gather(*(one(c) for c in calls))
     await writer.flush()
-    if busy or time.monotonic() > deadline or lapsed():
+    if busy or monotonic_s() > deadline or lapsed():
         # Hand the slot back: the chunks not done yet go to the next delivery.
         await svc.db(lambda s: leases.release(s, [w.chunk_id for w in claim.items], owner))
         if lapsed():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -22,6 +21,7 @@ from docqueue.workers.batch import cache, leases
 from docqueue.workers.batch.guard import JobGuard
 from docqueue.workers.batch.leases import ResultRow
 from docqueue.workers.batch.services import Services
+from docqueue.workers.clock import monotonic_s
 from docqueue.workers.provider.retry import backoff_s
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class ResultWriter:
         self.owner, self.guard = owner, guard  # the delivery whose lease fences the rows
         self.rows: list[ResultRow] = []
         self.cache: list[dict[str, Any]] = []
-        self.last = time.monotonic()
+        self.last = monotonic_s()
         self._flushing = asyncio.Lock()
         cfg = svc.settings
         self.store_retry_s = max(self.STORE_RETRY_MIN_S,
@@ -63,14 +63,14 @@ class ResultWriter:
             self.cache.append(cache_entry)
         if self._flushing.locked():
             return  # a flush is waiting for the store: it takes these rows as well
-        if len(self.rows) >= FLUSH_ROWS or time.monotonic() - self.last > FLUSH_EVERY_S:
+        if len(self.rows) >= FLUSH_ROWS or monotonic_s() - self.last > FLUSH_EVERY_S:
             await self.flush()
 
     async def flush(self) -> None:
         async with self._flushing:
-            failures, written, give_up = 0, 0, time.monotonic() + self.store_retry_s
+            failures, written, give_up = 0, 0, monotonic_s() + self.store_retry_s
             while self.rows:
-                rows, self.rows, self.last = self.rows, [], time.monotonic()
+                rows, self.rows, self.last = self.rows, [], monotonic_s()
                 entries, self.cache = self.cache, []
                 try:
                     dropped = await self.svc.db(
@@ -79,7 +79,7 @@ class ResultWriter:
                     if not store_unreachable(exc):
                         raise
                     self.rows[:0], self.cache[:0] = rows, entries  # keep them, in order
-                    left = give_up - time.monotonic()
+                    left = give_up - monotonic_s()
                     if left <= 0:
                         raise
                     wait = min(left, backoff_s(failures, base_s=0.5, cap_s=self.STORE_RETRY_CAP_S,

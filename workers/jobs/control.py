@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, delete, select, update
@@ -21,6 +20,7 @@ from docqueue.models import (
     ResultStatus,
 )
 from docqueue.workers.batch.calls import prompt_tokens
+from docqueue.workers.clock import utc_now
 from docqueue.workers.errors import JobNotFoundError
 from docqueue.workers.ingest.chunking import Chunker
 from docqueue.workers.ingest.documents import SourceDocument
@@ -38,7 +38,7 @@ def cancel_job(session: Session, job_id: int) -> bool:
         update(Job)
         .where(Job.id == job_id, Job.status.not_in(FINAL_JOB_STATES))
         .values(status=JobStatus.CANCELLED, reason=f"cancelled by the user at "
-                f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC")
+                f"{utc_now():%Y-%m-%d %H:%M:%S} UTC")
     ))
     if not done and session.get(Job, job_id) is None:
         raise JobNotFoundError(f"job {job_id} does not exist")

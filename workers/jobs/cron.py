@@ -15,6 +15,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadCronError, CroniterBadDateError, croniter
 
+from docqueue.workers.clock import utc_now
+
 
 @dataclass(frozen=True)
 class Cron:
@@ -43,7 +45,7 @@ class Cron:
             raise ValueError(f"timezone {timezone!r} is not a known IANA zone name") from None
         cron = cls(" ".join(fields), timezone)
         try:
-            cron.next_after(datetime.now(UTC))
+            cron.next_after(utc_now())
         except CroniterBadCronError as exc:
             raise ValueError(f"cron {expr!r} is not valid: {exc}") from None
         except CroniterBadDateError:

@@ -28,7 +28,7 @@ from docqueue.models.tables import (
     ScheduleDocument,
     ScheduleRun,
 )
-from docqueue.workers.clock import as_utc
+from docqueue.workers.clock import as_utc, utc_now
 from docqueue.workers.ingest.documents import SourceDocument
 
 LOOKUP_DOCUMENTS = 500  # documents classified per baseline query
@@ -130,7 +130,7 @@ def claim_window(
     stmt = (
         insert(ScheduleRun)
         .values(schedule=schedule, window_start=window_start.astimezone(UTC), status=status,
-                reason=reason, started_at=datetime.now(UTC))
+                reason=reason, started_at=utc_now())
         .on_conflict_do_nothing(index_elements=["schedule", "window_start"])
         .returning(ScheduleRun.id)
     )
@@ -145,7 +145,7 @@ def settle_runs(session: Session, schedule: str, current_run: int) -> str | None
     it started lost its process (a live one would hold the lock), and is marked failed.
     Returns why the current run must skip (an earlier run's job is still going), or None.
     """
-    now = datetime.now(UTC)
+    now = utc_now()
     session.execute(
         update(ScheduleRun)
         .where(ScheduleRun.schedule == schedule, ScheduleRun.id != current_run,
@@ -203,7 +203,7 @@ def finish_ingest(
     reason = None
     if counts.rejected:
         reason = f"{counts.rejected} unreadable, first: {counts.rejections[0]}"
-    now = datetime.now(UTC)
+    now = utc_now()
     session.execute(
         update(ScheduleRun).where(ScheduleRun.id == run_id).values(
             status=status, job_id=job_id, reason=reason, ingested_at=now,
@@ -216,7 +216,7 @@ def end_run(session: Session, run_id: int, status: RunStatus, reason: str) -> No
     """Close a run that will not ingest: skipped, or failed before it could."""
     session.execute(
         update(ScheduleRun).where(ScheduleRun.id == run_id).values(
-            status=status, reason=reason, settled_at=datetime.now(UTC))
+            status=status, reason=reason, settled_at=utc_now())
     )
 
 
