@@ -1,8 +1,9 @@
 """The batch processor on its own: a fake model behind our `LLM` protocol, a store on SQLite.
 
-These pin the rules of workers/batch/processing.py that the multi-process integration tests
-only show end to end: how many calls a chunk gets for each kind of failure, what a stopped job
-records, that paid rows survive a store that refuses writes, and that a final row stays final.
+These pin the rules of workers/batch/processing.py (and its calls.py and writer.py) that the
+multi-process integration tests only show end to end: how many calls a chunk gets for each kind of
+failure, what a stopped job records, that paid rows survive a store that refuses writes, and that a
+final row stays final.
 """
 
 from __future__ import annotations
