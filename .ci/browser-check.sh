@@ -65,7 +65,7 @@ PY
 echo "== services (output in $OUT)"
 flush
 docq db upgrade
-start simulator "$PY" -m workers.simulator --host 127.0.0.1 --port "$SIM_PORT" --seed 1 --latency-ms 50 \
+start simulator "$PY" -m docqueue.workers.testing.simulator --host 127.0.0.1 --port "$SIM_PORT" --seed 1 --latency-ms 50 \
   --fail-rate 0.25
 start worker "$PY" -m celery -A docqueue.tasks worker --pool=prefork --concurrency=2 --loglevel=INFO \
   --without-gossip --without-mingle --events --hostname=check@%h

@@ -37,7 +37,7 @@ from benchmarks.harness import (
     wait_for_job,
     write_json,
 )
-from docqueue.workers.simulator.process import SimulatorProcess
+from docqueue.workers.testing.simulator.process import SimulatorProcess
 
 PRICES = {"docq-sim": {"input_per_mtok": 2.0, "output_per_mtok": 8.0}}
 COLUMNS = (("lane", "lane"), ("chunks", "chunks"), ("wall_s", "submit to merged s"),

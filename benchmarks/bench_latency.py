@@ -42,7 +42,7 @@ from benchmarks.harness import (
     wait_for_job,
     write_json,
 )
-from docqueue.workers.simulator.process import SimulatorProcess
+from docqueue.workers.testing.simulator.process import SimulatorProcess
 
 TARGET_SHARE = 0.9
 SAMPLE_S = 0.1

@@ -68,7 +68,7 @@ from benchmarks.peer import run_peer
 from docqueue.models import Result
 from docqueue.tasks.worker_process import WorkerProcess
 from docqueue.workers.pipelines import build_pipeline
-from docqueue.workers.simulator.process import SimulatorProcess
+from docqueue.workers.testing.simulator.process import SimulatorProcess
 
 MAX_TOKENS = 100
 DOC_TOKENS = 190

@@ -54,7 +54,7 @@ from benchmarks.harness import (
     write_json,
 )
 from docqueue.workers.pipelines import build_pipeline
-from docqueue.workers.simulator.process import SimulatorProcess
+from docqueue.workers.testing.simulator.process import SimulatorProcess
 
 MAX_TOKENS = 256  # docqueue's default DOCQ_LLM_MAX_TOKENS; the simulator answers ~60 tokens
 CEILING_INFLIGHT = 256

@@ -48,7 +48,7 @@ from benchmarks.harness import (
 from benchmarks.harness import table as render_table
 from docqueue.models import Result
 from docqueue.tasks.worker_process import WorkerProcess
-from docqueue.workers.simulator.process import SimulatorProcess
+from docqueue.workers.testing.simulator.process import SimulatorProcess
 
 RPM, TPM, LATENCY_MS = 1200, 120_000, 100
 CHUNK_TOKENS, MAX_TOKENS = 150, 100

@@ -49,7 +49,7 @@ from benchmarks.harness import (
     write_json,
 )
 from docqueue.tasks.worker_process import WorkerProcess
-from docqueue.workers.simulator.process import SimulatorProcess
+from docqueue.workers.testing.simulator.process import SimulatorProcess
 
 TARGET_FACTOR, TARGET_EXTRA_S = 1.5, 30.0
 

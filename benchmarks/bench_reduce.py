@@ -44,7 +44,7 @@ from benchmarks.harness import (
     wait_for_job,
     write_json,
 )
-from docqueue.workers.simulator.process import SimulatorProcess
+from docqueue.workers.testing.simulator.process import SimulatorProcess
 
 LENGTHS = ((0.6, 50, 400), (0.3, 400, 1_500), (0.1, 1_500, 6_000))  # share, words from, to
 ROWS: tuple[tuple[str, dict[str, str]], ...] = (

@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 import psutil
 
-from docqueue.workers.simulator.process import SimulatorProcess
+from docqueue.workers.testing.simulator.process import SimulatorProcess
 
 RESULTS = Path(__file__).resolve().parent / "results" / "simulator.json"
 MODEL = "docq-sim"

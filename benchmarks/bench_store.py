@@ -10,9 +10,9 @@ producer (`create_job` + `ingest`, default chunking settings); its time is repor
 Then, --repeats times (the machine is shared, so each figure is min / median / max):
 
 - upsert, 1 writer and 2 writers: a result row for every chunk through `leases.record`, in
-  flushes of --flush-rows rows, each flush its own transaction, as `_Writer` in
-  workers/batch/processing.py does; each writer is its own process with its own engine. The results
-  table is emptied before each of these passes. 200 rows is `FLUSH_ROWS`; but a `_Writer`
+  flushes of --flush-rows rows, each flush its own transaction, as `ResultWriter` in
+  workers/batch/writer.py does; each writer is its own process with its own engine. The results
+  table is emptied before each of these passes. 200 rows is `FLUSH_ROWS`; but a `ResultWriter`
   belongs to one batch (at most `batch_max_chunks`, 25, rows), so 25 is the most a flush holds
   with the default settings, and both sizes are measured.
 - rewrite: the same rows again with other outputs (a second delivery of every batch); the
@@ -53,7 +53,7 @@ from benchmarks.harness import DEFAULT_PG_URL, WORDS, machine, results_store, wr
 from benchmarks.harness import table as render_table
 from docqueue.models import Chunk, Document, DocumentStatus, Job, JobStatus, make_sessionmaker
 from docqueue.workers.batch import leases
-from docqueue.workers.ingest.sources import SourceDocument
+from docqueue.workers.ingest.documents import SourceDocument
 from docqueue.workers.jobs.merging import merge_job
 from docqueue.workers.jobs.submission import create_job, ingest, mark_submitted
 from docqueue.workers.pipelines import build_pipeline
@@ -121,7 +121,7 @@ def chunk_list(sessions: Any, job_id: int) -> list[tuple[int, int]]:
 
 def make_rows(target: Target, chunks: list[tuple[int, int]], error_share: float, seed: int,
               mark: str = "") -> list[dict[str, Any]]:
-    """One result row per chunk, as `_call` in workers/batch/processing.py shapes them."""
+    """One result row per chunk, as `call_model` in workers/batch/calls.py shapes them."""
     rng = random.Random(seed)
     failing_doc = chunks[0][1]  # every chunk of the first document fails
     rows = []

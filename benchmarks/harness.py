@@ -26,7 +26,7 @@ from sqlalchemy import create_engine, text
 
 from docqueue.models import upgrade
 from docqueue.tasks.worker_process import WorkerProcess
-from docqueue.workers.batch.processing import prompt_tokens
+from docqueue.workers.batch.calls import prompt_tokens
 from docqueue.workers.pipelines import build_pipeline
 from docqueue.workers.tokens import count_tokens
 

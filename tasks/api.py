@@ -27,6 +27,7 @@ from docqueue.tasks.runtime import runtime
 from docqueue.tasks.supervisor import default_layout
 from docqueue.workers.batch.cache import POLICIES as CACHE_POLICIES
 from docqueue.workers.batch.liveness import batch_slots
+from docqueue.workers.clock import monotonic_s
 from docqueue.workers.errors import (
     BrokerUnavailableError,
     InputError,
@@ -34,7 +35,7 @@ from docqueue.workers.errors import (
     NothingToSubmitError,
     WorkerError,
 )
-from docqueue.workers.ingest.sources import SourceDocument
+from docqueue.workers.ingest.documents import SourceDocument
 from docqueue.workers.ingest.tables import TableSpec, is_table, read_tables
 from docqueue.workers.jobs.submission import (
     SubmitReport,
@@ -46,7 +47,8 @@ from docqueue.workers.jobs.submission import (
 )
 from docqueue.workers.pipelines import build_pipeline
 from docqueue.workers.pipelines.openai_batch import PIPELINE_NAME as OPENAI_BATCH
-from docqueue.workers.pipelines.openai_batch import read_batch_file, write_batch_results
+from docqueue.workers.pipelines.openai_batch_reading import read_openai_batch_file
+from docqueue.workers.pipelines.openai_batch_results import write_openai_batch_results
 from docqueue.workers.settings import Settings
 
 # The records are defined with their queries in tasks/records.py; they are named here too, as
@@ -94,11 +96,10 @@ def submit(
 
     `sources` is a path, a glob, a list of them, or an iterable of `(id, text)` pairs or dicts
     with `id`, `text` and optional `metadata`. The pipeline's options: `labels` (classify),
-    `schema` and `key` (extract), `prompt` and `reduce` (custom). `cache` is "use" (answer
-    from the response cache where possible), "refresh" (call the model and overwrite the
-    cache) or "off". A budget in
-    tokens and/or dollars stops the job's model calls once spent; the chunks left end
-    `skipped_budget`. `lane` is "online" (the workers call the model per chunk) or "batch"
+    `schema` and `key` (extract), `prompt` and `reduce` (custom). `cache` is "use" (answer from
+    the response cache where possible), "refresh" (call the model and overwrite the cache) or
+    "off". A budget in tokens and/or dollars stops the job's model calls once spent; the chunks
+    left end `skipped_budget`. `lane` is "online" (the workers call the model per chunk) or "batch"
     (the provider's Batch API at batch prices, sent and polled by `docq beat`: hours, not
     seconds; the budget counts enqueued work as spent). `batch_fallback="online"` sends what
     is left to the online lane once a provider batch leaves at most `fallback_below` chunks
@@ -244,7 +245,7 @@ def _source_documents(
 
     Raises:
         InputError: the openai-batch pipeline was given other than one file.
-        BatchFileError: the batch file is missing, empty or over OpenAI's limits.
+        OpenAIBatchFileError: the batch file is missing, empty or over OpenAI's limits.
     """
     if pipeline != OPENAI_BATCH:
         return read_sources(sources, settings)
@@ -254,7 +255,7 @@ def _source_documents(
         raise InputError(
             f"the {OPENAI_BATCH} pipeline reads one OpenAI Batch file (JSONL), got {what}"
         )
-    return read_batch_file(given[0], max_bytes=settings.max_document_bytes)
+    return read_openai_batch_file(given[0], max_bytes=settings.max_document_bytes)
 
 
 def write_openai_batch(
@@ -266,7 +267,7 @@ def write_openai_batch(
     """
     rt = runtime()
     with service_errors(rt.settings), rt.sessions() as session:
-        return write_batch_results(session, job_id, output_path, error_path)
+        return write_openai_batch_results(session, job_id, output_path, error_path)
 
 
 class JobStalledError(WorkerError):
@@ -301,8 +302,8 @@ class JobHandle:
             TimeoutError: the job was not final within `timeout` seconds.
             JobStalledError: no chunk of the job became final for `stall_s` seconds.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        moved_at, last = time.monotonic(), None
+        deadline = None if timeout is None else monotonic_s() + timeout
+        moved_at, last = monotonic_s(), None
         progress_now: tuple[Any, ...]
         while True:
             st = self.status()
@@ -312,7 +313,7 @@ class JobHandle:
             if st["status"] in FINAL_JOB_STATES and (st["status"] != JobStatus.CANCELLED
                                                      or st["finished_at"] is not None):
                 return st
-            now = time.monotonic()
+            now = monotonic_s()
             progress_now = (st["status"], st["chunks_done"], st["reduce_steps_done"])
             if progress_now != last:
                 moved_at, last = now, progress_now
@@ -351,7 +352,7 @@ class JobHandle:
         Raises:
             TimeoutError: the job was not final within `timeout` seconds.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else monotonic_s() + timeout
         seen: set[str] = set()  # a document's external id and source: unique in a job
         while True:
             final = self.status()["status"] in FINAL_JOB_STATES
@@ -362,6 +363,6 @@ class JobHandle:
                     yield record
             if final:
                 return
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and monotonic_s() > deadline:
                 raise TimeoutError(f"job {self.id} is not final after {timeout:g}s")
             time.sleep(poll_s)

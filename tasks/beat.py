@@ -10,7 +10,7 @@ moves.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -24,22 +24,19 @@ from docqueue.models.tables import RunStatus
 from docqueue.tasks.celery import app
 from docqueue.tasks.runtime import resolve_redis, runtime
 from docqueue.workers import keys
-from docqueue.workers.clock import as_utc
+from docqueue.workers.clock import as_utc, utc_now
 from docqueue.workers.errors import JobNotPublishedError
-from docqueue.workers.jobs.schedules import (
-    Cron,
+from docqueue.workers.jobs.cron import Cron
+from docqueue.workers.jobs.schedule_runs import (
     RunCounts,
-    Schedule,
-    ScheduleError,
     as_record,
     changed_documents,
     claim_window,
     end_run,
-    find_schedule,
     finish_ingest,
-    load_schedules,
     settle_runs,
 )
+from docqueue.workers.jobs.schedules import Schedule, ScheduleError, find_schedule, load_schedules
 from docqueue.workers.jobs.submission import read_sources
 from docqueue.workers.settings import Settings
 
@@ -59,7 +56,7 @@ class CronSchedule(BaseSchedule):  # type: ignore[misc]  # Celery ships no types
         self.cron = cron
 
     def now(self) -> datetime:
-        return datetime.now(UTC)
+        return utc_now()
 
     def is_due(self, last_run_at: datetime) -> schedstate:
         now = self.now()
@@ -84,14 +81,14 @@ class CronSchedule(BaseSchedule):  # type: ignore[misc]  # Celery ships no types
 
 def current_window(expr: str, timezone: str) -> str:
     """Called by beat as it sends an entry: the window that is due now, as ISO 8601 UTC."""
-    return Cron(expr, timezone).window_at(datetime.now(UTC)).isoformat()
+    return Cron(expr, timezone).window_at(utc_now()).isoformat()
 
 
 def beat_entries(schedules: list[Schedule]) -> dict[str, dict[str, Any]]:
     """One beat entry per schedule; the window is computed when beat sends it."""
     entries = {}
     for s in schedules:
-        now = datetime.now(UTC)
+        now = utc_now()
         first = s.cron.next_after(now)
         period_s = (s.cron.next_after(first) - first).total_seconds()
         entries[f"schedule:{s.name}"] = {

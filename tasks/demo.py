@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
@@ -22,6 +21,7 @@ from sqlalchemy import select
 
 from docqueue.models import Document, DocumentStatus, Job, JobStatus, upgrade
 from docqueue.tasks.runtime import reset_runtime, runtime
+from docqueue.workers.clock import monotonic_s
 from docqueue.workers.ingest.sources import iter_documents
 from docqueue.workers.local import DEMO_CORPUS
 
@@ -52,7 +52,7 @@ def run_demo(console: Console, corpus: Path = CORPUS, fresh: bool = False) -> Jo
         _show(console, handle.id, final)
         return final
     with _services(console) as (env, supervisor), _worker(console, env):
-        started = time.monotonic()
+        started = monotonic_s()
         handle = submit(str(corpus), "summarize", name=DEMO_NAME)
         report = handle.report
         assert report is not None
@@ -60,7 +60,7 @@ def run_demo(console: Console, corpus: Path = CORPUS, fresh: bool = False) -> Jo
                       f"{report.chunks} chunks; summarizing with the local model...")
         final = handle.wait(timeout=1800, progress=_progress(console, supervisor),
                             stall_s=STALL_S)
-        console.print(f"done in {time.monotonic() - started:.1f}s")
+        console.print(f"done in {monotonic_s() - started:.1f}s")
     _show(console, handle.id, final)
     return final
 

@@ -24,7 +24,8 @@ from docqueue.tasks.jobs import merge_job
 from docqueue.tasks.publish import publish
 from docqueue.tasks.runtime import resolve_endpoint, runtime
 from docqueue.workers import keys
-from docqueue.workers.jobs.lane import Advance, advance, lane_jobs
+from docqueue.workers.jobs.lane import advance, lane_jobs
+from docqueue.workers.jobs.lane_ledger import Advance
 from docqueue.workers.settings import Settings
 
 logger = logging.getLogger(__name__)

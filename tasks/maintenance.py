@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +43,7 @@ from docqueue.workers.batch.liveness import (
     reserve,
     take_rescue,
 )
+from docqueue.workers.clock import wall_s
 from docqueue.workers.jobs.reconcile import (
     abandoned_batches,
     forget_abandoned,
@@ -203,7 +203,7 @@ class _RssReporter:
     def publish(self) -> None:
         main = psutil.Process()
         entries: dict[str, str] = {}
-        now = time.time()
+        now = wall_s()
         for role, proc in [("main", main)] + [("pool", c) for c in main.children()]:
             try:
                 rss_mb = _rss_mb(proc)
@@ -295,7 +295,7 @@ def worker_memory(settings: Settings) -> list[dict[str, Any]]:
                                   socket_connect_timeout=5)
     try:
         entries = client.hgetall(RSS_KEY)
-        now = time.time()
+        now = wall_s()
         rows, stale = [], []
         for field, raw in entries.items():
             row = json.loads(raw)

@@ -8,7 +8,6 @@ minute, the cost so far and the time left at that pace.
 from __future__ import annotations
 
 import sys
-import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
 from docqueue.models import FINAL_JOB_STATES, ResultStatus
 from docqueue.tasks.api import JobHandle, JobInfo
+from docqueue.workers.clock import monotonic_s
 
 RATE_WINDOW_S = 60.0
 PLAIN_EVERY_S = 5.0  # a plain line at most this often while the counts move
@@ -55,7 +55,7 @@ class Rates:
         self.samples: deque[tuple[float, int, int]] = deque()  # (time, chunks done, tokens)
 
     def add(self, status: Mapping[str, Any], now: float | None = None) -> Snapshot:
-        now = time.monotonic() if now is None else now
+        now = monotonic_s() if now is None else now
         done = int(status["chunks_done"])
         tokens = int(status["tokens_in"]) + int(status["tokens_out"])
         self.samples.append((now, done, tokens))
@@ -103,7 +103,7 @@ class _PlainLines:
 
     def update(self, status: JobInfo) -> None:
         snap = self.rates.add(status)
-        now = time.monotonic()
+        now = monotonic_s()
         moved = snap.line() != self.last_line and now - self.last_t >= PLAIN_EVERY_S
         if snap.status != self.last_status or moved:
             self.out.write(snap.line() + "\n")

@@ -9,7 +9,6 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -23,6 +22,7 @@ from docqueue.tasks.batches import process_batch
 from docqueue.tasks.celery import RESCUE_QUEUE, app, state_redis
 from docqueue.tasks.jobs import merge_job
 from docqueue.tasks.runtime import resolve_broker, resolve_redis, runtime
+from docqueue.workers.clock import utc_now
 from docqueue.workers.jobs.reconcile import mark_published
 from docqueue.workers.jobs.submission import batch_ids
 from docqueue.workers.settings import Settings
@@ -99,7 +99,7 @@ def publish(job_id: int, *, batches: Collection[int] | None = None) -> int:
                 header.add(bid, seq, n)
         if wanted is not None and header:
             session.execute(update(Batch).where(Batch.id.in_(list(header.ids)))
-                            .values(updated_at=datetime.now(UTC)))
+                            .values(updated_at=utc_now()))
     # Batches sent again may end before the rest of the job: their callback waits for it.
     body = merge_job.si(job_id, store=store, until_final=wanted is not None).set(
         argsrepr=f"job={job_id}", kwargsrepr="{}")

@@ -27,7 +27,7 @@ from docqueue.models import make_sessionmaker, store_id
 from docqueue.tasks.limits import limiter_for
 from docqueue.workers.batch.liveness import Heartbeat
 from docqueue.workers.batch.metering import MeteredLLM
-from docqueue.workers.batch.processing import Services
+from docqueue.workers.batch.services import Services
 from docqueue.workers.errors import WorkerError
 from docqueue.workers.settings import Settings, masked_url
 

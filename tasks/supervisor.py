@@ -30,6 +30,7 @@ from types import FrameType
 
 import psutil
 
+from docqueue.workers.clock import monotonic_s
 from docqueue.workers.settings import Settings
 
 logger = logging.getLogger("docq.worker")
@@ -91,7 +92,7 @@ class Supervisor:
 
     def start(self, index: int) -> None:
         self.procs[index] = subprocess.Popen(self.argv(index), env=self.env(index))
-        self.started[index] = time.monotonic()
+        self.started[index] = monotonic_s()
 
     def env(self, index: int) -> dict[str, str]:
         """Each process serves its metrics on a port of its own: DOCQ_METRICS_PORT + index."""
@@ -107,7 +108,7 @@ class Supervisor:
         logger.info("docq worker: %s", self.layout.describe())
         for i in range(self.layout.processes):
             self.start(i)
-        last_memory_check = time.monotonic()
+        last_memory_check = monotonic_s()
         while self.procs or self.retiring:
             time.sleep(POLL_S)
             self.retiring = [p for p in self.retiring if p.poll() is None]
@@ -129,13 +130,13 @@ class Supervisor:
                                self.name, i, proc.pid, _status(code))
                 time.sleep(RESTART_PAUSE_S)
                 self.start(i)
-            if not self.stopping and time.monotonic() - last_memory_check > MEMORY_CHECK_S:
-                last_memory_check = time.monotonic()
+            if not self.stopping and monotonic_s() - last_memory_check > MEMORY_CHECK_S:
+                last_memory_check = monotonic_s()
                 self._replace_large()
         return 1 if self.failed else 0
 
     def _cannot_start(self, index: int) -> bool:
-        early = time.monotonic() - self.started.get(index, 0.0) < EARLY_EXIT_S
+        early = monotonic_s() - self.started.get(index, 0.0) < EARLY_EXIT_S
         self.early_exits[index] = self.early_exits.get(index, 0) + 1 if early else 0
         return self.early_exits[index] >= EARLY_EXITS
 

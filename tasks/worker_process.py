@@ -18,6 +18,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from docqueue.workers.clock import monotonic_s
+
 
 class WorkerStartError(RuntimeError):
     """The worker exited or was not ready in time; the message ends with its log's tail."""
@@ -65,8 +67,8 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout_s: float = 90) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        deadline = monotonic_s() + timeout_s
+        while monotonic_s() < deadline:
             if self.log().count(" ready.") >= self.ready_lines:
                 return
             if self.proc.poll() is not None:

@@ -14,11 +14,13 @@ WorkerError                     the root; every message is written for the user
 │   └── InputError                a document, option or setting the user gave is unusable
 │       ├── PipelineError           unknown pipeline or bad pipeline options
 │       ├── ScheduleError           a bad schedule in docq.toml (jobs/schedules.py)
-│       ├── BatchFileError          an OpenAI Batch file over its limits (pipelines/openai_batch.py)
+│       ├── OpenAIBatchFileError    an OpenAI Batch file over its limits
+│       │                             (pipelines/openai_batch_reading.py)
 │       ├── FlowerAuthError         Flower without credentials (tasks/flower.py)
 │       └── NothingToSubmitError    every input of a submit was rejected: no job is recorded
 ├── JobNotFoundError            no job with that id (also a LookupError)
-├── JobNotFinishedError         results asked of a job still running (pipelines/openai_batch.py)
+├── JobNotFinishedError         results asked of a job that is still running
+│                                 (pipelines/openai_batch_results.py)
 ├── ServiceUnavailableError     a service docqueue needs cannot be used (tasks/failures.py maps
 │   │                             the drivers' exceptions to these, URLs masked)
 │   ├── StoreUnavailableError     the results store: unreachable, refusing the credentials, absent

@@ -347,7 +347,7 @@ def worker(
                                "help_option_names": []})
 def simulate(ctx: typer.Context) -> None:
     """Run the provider simulator (`docq simulate --help` for its options)."""
-    from docqueue.workers.simulator import main as simulator_main
+    from docqueue.workers.testing.simulator import main as simulator_main
 
     raise typer.Exit(simulator_main(list(ctx.args)))
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from docqueue.tasks.cli.app import EXIT_UNAVAILABLE, JsonFlag, cli, fail
+from docqueue.workers.clock import utc_now
 
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -81,12 +81,8 @@ def schedules(as_json: JsonFlag = False) -> None:
     """List the schedules of DOCQ_CONFIG with their last and next runs."""
     from docqueue.tasks.beat import config_path
     from docqueue.tasks.runtime import runtime
-    from docqueue.workers.jobs.schedules import (
-        ScheduleError,
-        last_runs,
-        load_schedules,
-        missing_source,
-    )
+    from docqueue.workers.jobs.schedule_runs import last_runs
+    from docqueue.workers.jobs.schedules import ScheduleError, load_schedules, missing_source
 
     rt = runtime()
     path = config_path(rt.settings)
@@ -99,7 +95,7 @@ def schedules(as_json: JsonFlag = False) -> None:
         raise fail(str(exc)) from None
     with rt.sessions() as session:
         runs = last_runs(session, [s.name for s in found])
-    now = datetime.now(UTC)
+    now = utc_now()
     rows = [{
         "name": s.name, "source": s.source, "pipeline": s.pipeline,
         "options": _shown_options(s.options), "cron": s.cron.expr, "timezone": s.cron.timezone,
@@ -131,7 +127,7 @@ def _schedule_lines(row: dict[str, Any]) -> str:
     if last is None:
         lines.append("  last run: never")
     else:
-        from docqueue.workers.jobs.schedules import run_state
+        from docqueue.workers.jobs.schedule_runs import run_state
 
         state = run_state(last["status"], last["job_status"])
         job = ""
@@ -173,7 +169,7 @@ def beat(ctx: typer.Context) -> None:
                    "the batch lane's poll only", err=True)
     app.conf.beat_schedule = {**beat_entries(found), "jobs-reconcile": reconcile_entry(settings),
                               "lane-poll": poll_entry(settings), **retention_entry(settings)}
-    now = datetime.now(UTC)
+    now = utc_now()
     for s in found:
         typer.echo(f"schedule {s.name}: cron '{s.cron.expr}' {s.cron.timezone}, "
                    f"next run {s.cron.next_after(now).isoformat()}", err=True)

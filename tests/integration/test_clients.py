@@ -24,7 +24,7 @@ from docqueue.workers.errors import (
 from docqueue.workers.pipelines import Prompt
 from docqueue.workers.provider.client import LLM, EndpointConfig, OpenAICompatibleLLM
 from docqueue.workers.provider.lean import LeanLLM
-from docqueue.workers.simulator.process import SimulatorProcess
+from docqueue.workers.testing.simulator.process import SimulatorProcess
 from tests.plugins.simulator import SimulatorFactory
 
 CLIENTS = {"langchain": OpenAICompatibleLLM, "lean": LeanLLM}

@@ -29,7 +29,7 @@ from docqueue.models import Chunk, Result
 from docqueue.tasks import submit
 from docqueue.tasks.limits import format_limiter_status, limiter_for, limiter_status
 from docqueue.tasks.runtime import runtime
-from docqueue.workers.batch.processing import prompt_tokens
+from docqueue.workers.batch.calls import prompt_tokens
 from docqueue.workers.pipelines import build_pipeline
 from docqueue.workers.provider.headers import retry_after_s
 from tests.conftest import free_port

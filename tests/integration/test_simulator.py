@@ -21,8 +21,8 @@ from langchain_core.messages import AIMessage
 from langchain_openai import ChatOpenAI, OpenAI
 from pydantic import BaseModel, Field
 
-from docqueue.workers.simulator.process import SimulatorProcess, SimulatorStartError
-from docqueue.workers.simulator.tokens import count_messages, count_text
+from docqueue.workers.testing.simulator.process import SimulatorProcess, SimulatorStartError
+from docqueue.workers.testing.simulator.tokens import count_messages, count_text
 from tests.plugins.simulator import SimulatorFactory
 
 pytestmark = pytest.mark.integration

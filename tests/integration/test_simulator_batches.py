@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from docqueue.workers.simulator.process import SimulatorProcess
+from docqueue.workers.testing.simulator.process import SimulatorProcess
 from tests.plugins.simulator import SimulatorFactory
 
 pytestmark = pytest.mark.integration
@@ -123,7 +123,9 @@ def test_expiry_keeps_the_lines_done_and_names_the_rest(
     assert all(e["response"] is None for e in rest)
 
 
-def test_failed_lines_go_to_the_error_file(simulator: SimulatorFactory, client: Client) -> None:
+def test_failed_lines_go_to_the_error_file(
+    simulator: SimulatorFactory, client: Client
+) -> None:
     sim = simulator("--batch-fail-rate", "0.5")
     api = client(sim)
     done = wait_for(api, submit(api, 40).id, {"completed"})
@@ -136,7 +138,9 @@ def test_failed_lines_go_to_the_error_file(simulator: SimulatorFactory, client: 
     assert len(lines(api, done.output_file_id)) == counts.completed
 
 
-def test_cancel_keeps_what_had_completed(simulator: SimulatorFactory, client: Client) -> None:
+def test_cancel_keeps_what_had_completed(
+    simulator: SimulatorFactory, client: Client
+) -> None:
     sim = simulator("--batch-turnaround-s", "10")
     api = client(sim)
     created = submit(api, 50)

@@ -15,8 +15,8 @@ The layers, top to bottom (docs/ARCHITECTURE.md explains them):
 
 Every name is under the one import package, `docqueue.` (left out above).
 A module may import from its own layer and the layers below it. `workers.local` and
-`workers.simulator` stand beside the layers: they import only the shared names and models, and
-only `tasks` imports them.
+`workers.testing` (tools for testing: the provider simulator) stand beside the layers: they
+import only the shared names and models, and only `tasks` imports them.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, ...]] = [
     FOUNDATION,
     ("docqueue.models",),
 ]
-BESIDE = ("docqueue.workers.local", "docqueue.workers.simulator")
+BESIDE = ("docqueue.workers.local", "docqueue.workers.testing")
 
 
 def module_files() -> dict[str, Path]:
@@ -131,13 +131,17 @@ def layer_of(module: str) -> int | None:
     return max(found)[1] if found else None
 
 
+def _side_of(module: str) -> str:
+    return next(p for p in BESIDE if _within(module, (p,)))
+
+
 def forbidden_imports(graph: dict[str, set[str]]) -> list[str]:
     """Each import that goes up a layer, or into a side package from anywhere but `tasks`."""
     wrong = []
     for source, targets in sorted(graph.items()):
         for target in sorted(targets):
             if _within(source, BESIDE) and _within(target, BESIDE):
-                if source.split(".")[:2] != target.split(".")[:2]:
+                if _side_of(source) != _side_of(target):
                     wrong.append(f"{source} -> {target} (side packages are independent)")
                 continue
             if _within(target, BESIDE):
@@ -217,3 +221,65 @@ def test_every_import_of_ours_goes_through_the_one_package_name() -> None:
     # Then none names `models`, `workers` or `tasks` at the top: a user's own modules of those
     # names must never be ours, nor ours theirs
     assert bare == []
+
+
+# The one clock: every read of the wall or monotonic clock in workers/ and tasks/ goes through
+# workers/clock.py (its docstring names what is left out, and why).
+CLOCK_READS = {("time", "time"), ("time", "monotonic"), ("datetime", "now"), ("datetime", "utcnow")}
+CLOCK_EXEMPT = (
+    "docqueue.workers.clock",
+    "docqueue.workers.testing",  # the provider simulator keeps its own clock
+)
+
+
+def clock_reads(source: str) -> list[str]:
+    """Each direct read of a clock in `source`: `time.time()`, `time.monotonic()`,
+    `datetime.now(...)`, `datetime.utcnow()` (also as `datetime.datetime.now`), or one of those
+    functions imported by name from `time`."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner = node.func.value
+            owner_name = (owner.id if isinstance(owner, ast.Name)
+                          else owner.attr if isinstance(owner, ast.Attribute) else None)
+            if (owner_name, node.func.attr) in CLOCK_READS:
+                found.append((node.lineno, f"{owner_name}.{node.func.attr}()"))
+        elif isinstance(node, ast.ImportFrom) and node.module == "time":
+            found += [(node.lineno, f"from time import {a.name}") for a in node.names
+                      if ("time", a.name) in CLOCK_READS]
+    return [f"line {line}: {what}" for line, what in sorted(found)]
+
+
+def test_only_the_clock_module_reads_the_clock() -> None:
+    # Given every module of workers/ and tasks/ but the clock and the declared exceptions
+    offenders = []
+    for name, path in module_files().items():
+        if _within(name, ("docqueue.workers", "docqueue.tasks")) and not _within(name,
+                                                                              CLOCK_EXEMPT):
+            offenders += [f"{name}: {read}"
+                          for read in clock_reads(path.read_text(encoding="utf-8"))]
+    # Then none reads the wall clock or the monotonic clock itself
+    assert offenders == []
+
+
+def test_the_clock_check_sees_every_kind_of_read() -> None:
+    # Given a source with each kind of direct read, and one through the clock module
+    source = (
+        "import time, datetime as dt\n"
+        "from datetime import UTC, datetime\n"
+        "from time import monotonic\n"
+        "a = time.time()\n"
+        "b = time.monotonic()\n"
+        "c = datetime.now(UTC)\n"
+        "d = dt.datetime.utcnow()\n"
+        "e = clock.utc_now()\n"
+        "f = time.perf_counter()\n"
+    )
+    # When it is scanned / Then every direct read is named, and only those
+    assert clock_reads(source) == [
+        "line 3: from time import monotonic",
+        "line 4: time.time()",
+        "line 5: time.monotonic()",
+        "line 6: datetime.now()",
+        "line 7: datetime.utcnow()",
+    ]

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from docqueue.workers.provider.headers import parse_duration_s, parse_rate_limit_headers
-from docqueue.workers.simulator.limits import NS_PER_S, RateLimiter, format_duration
+from docqueue.workers.testing.simulator.limits import NS_PER_S, RateLimiter, format_duration
 
 
 class ReferenceBucket:

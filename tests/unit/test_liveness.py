@@ -68,7 +68,7 @@ def test_a_delivery_lapses_once_its_last_refresh_is_a_ttl_old_and_stays_lapsed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clock = [100.0]
-    monkeypatch.setattr(liveness.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(liveness, "monotonic_s", lambda: clock[0])
 
     async def scenario() -> tuple[bool, bool, bool, int]:
         # Given a registered delivery whose heartbeat was refreshed at t=100

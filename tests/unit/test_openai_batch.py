@@ -14,17 +14,19 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from docqueue.models import Chunk, Document, Job, JobStatus, Result, make_sessionmaker
 from docqueue.workers.errors import InputError, PipelineError
-from docqueue.workers.ingest.sources import SourceDocument
+from docqueue.workers.ingest.documents import SourceDocument
 from docqueue.workers.jobs.merging import merge_job
 from docqueue.workers.jobs.submission import create_job, ingest
 from docqueue.workers.pipelines import build_pipeline
-from docqueue.workers.pipelines.openai_batch import (
+from docqueue.workers.pipelines.openai_batch_reading import (
     MAX_FILE_BYTES,
     MAX_REQUESTS,
-    BatchFileError,
+    OpenAIBatchFileError,
+    read_openai_batch_file,
+)
+from docqueue.workers.pipelines.openai_batch_results import (
     JobNotFinishedError,
-    read_batch_file,
-    write_batch_results,
+    write_openai_batch_results,
 )
 from docqueue.workers.settings import Settings
 
@@ -41,7 +43,7 @@ def line(custom_id: Any, url: str = CHAT, body: Any = None, method: str = "POST"
 def read(tmp_path: Path, *lines: str, max_bytes: int = 100_000) -> list[SourceDocument]:
     path = tmp_path / "batch.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return list(read_batch_file(path, max_bytes=max_bytes))
+    return list(read_openai_batch_file(path, max_bytes=max_bytes))
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -144,13 +146,13 @@ def test_an_empty_file_is_refused(tmp_path: Path, content: bytes, problem: str) 
     path = tmp_path / "empty.jsonl"
     path.write_bytes(content)
     # When it is read / Then it is refused whole, naming the file
-    with pytest.raises(BatchFileError, match=f"empty.jsonl {problem}"):
-        read_batch_file(path, max_bytes=1000)
+    with pytest.raises(OpenAIBatchFileError, match=f"empty.jsonl {problem}"):
+        read_openai_batch_file(path, max_bytes=1000)
 
 
 def test_a_missing_file_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(BatchFileError, match=r"nope\.jsonl does not exist"):
-        read_batch_file(tmp_path / "nope.jsonl", max_bytes=1000)
+    with pytest.raises(OpenAIBatchFileError, match=r"nope\.jsonl does not exist"):
+        read_openai_batch_file(tmp_path / "nope.jsonl", max_bytes=1000)
 
 
 def test_a_file_over_openais_request_limit_is_refused_before_any_line_is_read(
@@ -160,8 +162,9 @@ def test_a_file_over_openais_request_limit_is_refused_before_any_line_is_read(
     path = tmp_path / "many.jsonl"
     path.write_text("".join(line(f"r{i}") + "\n" for i in range(MAX_REQUESTS + 1)))
     # When it is read / Then the call itself refuses it, so no job is ever created
-    with pytest.raises(BatchFileError, match="holds 50,001 requests, over OpenAI's batch limit"):
-        read_batch_file(path, max_bytes=1000)
+    with pytest.raises(OpenAIBatchFileError,
+                       match="holds 50,001 requests, over OpenAI's batch limit"):
+        read_openai_batch_file(path, max_bytes=1000)
 
 
 def test_a_file_over_openais_size_limit_is_refused(tmp_path: Path) -> None:
@@ -170,8 +173,9 @@ def test_a_file_over_openais_size_limit_is_refused(tmp_path: Path) -> None:
     with open(path, "wb") as f:
         f.truncate(MAX_FILE_BYTES + 1)
     # When it is read / Then it is refused with its size and the limit
-    with pytest.raises(BatchFileError, match="209,715,201 bytes, over OpenAI's batch file limit"):
-        read_batch_file(path, max_bytes=1000)
+    with pytest.raises(OpenAIBatchFileError,
+                       match="209,715,201 bytes, over OpenAI's batch file limit"):
+        read_openai_batch_file(path, max_bytes=1000)
 
 
 # -- rendering -------------------------------------------------------------------------------
@@ -255,7 +259,7 @@ def submit_file(
     sessions, settings = store
     with sessions.begin() as session:
         job_id = create_job(session, settings, build_pipeline("openai-batch", {})).id
-    ingest(sessions, settings, job_id, read_batch_file(path, max_bytes=100_000))
+    ingest(sessions, settings, job_id, read_openai_batch_file(path, max_bytes=100_000))
     with sessions() as session:
         rows = session.execute(
             select(Document.external_id, Chunk.id).join(Chunk, Chunk.document_id == Document.id)
@@ -340,7 +344,7 @@ def write(store: tuple[sessionmaker[Session], Settings], tmp_path: Path,
     sessions, _ = store
     out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
     with sessions() as session:
-        counts = write_batch_results(session, job_id, out, err)
+        counts = write_openai_batch_results(session, job_id, out, err)
     return (counts, [json.loads(x) for x in out.read_text().splitlines()],
             [json.loads(x) for x in err.read_text().splitlines()])
 
@@ -439,9 +443,9 @@ def test_results_are_refused_while_the_job_runs_and_for_other_pipelines(
     with sessions() as session:
         # When their files are asked for / Then each refusal says why
         with pytest.raises(JobNotFinishedError, match=f"job {job_id} is still running"):
-            write_batch_results(session, job_id, out, err)
+            write_openai_batch_results(session, job_id, out, err)
         with pytest.raises(InputError, match="ran the 'summarize' pipeline"):
-            write_batch_results(session, other, out, err)
+            write_openai_batch_results(session, other, out, err)
         with pytest.raises(LookupError, match="job 999 does not exist"):
-            write_batch_results(session, 999, out, err)
+            write_openai_batch_results(session, 999, out, err)
     assert not os.path.exists(out)

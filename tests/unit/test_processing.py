@@ -1,8 +1,9 @@
 """The batch processor on its own: a fake model behind our `LLM` protocol, a store on SQLite.
 
-These pin the rules of workers/batch/processing.py that the multi-process integration tests
-only show end to end: how many calls a chunk gets for each kind of failure, what a stopped job
-records, that paid rows survive a store that refuses writes, and that a final row stays final.
+These pin the rules of workers/batch/processing.py (and its calls.py and writer.py) that the
+multi-process integration tests only show end to end: how many calls a chunk gets for each kind of
+failure, what a stopped job records, that paid rows survive a store that refuses writes, and that a
+final row stays final.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from docqueue.models import Batch, Job, JobStatus, Result, ResultStatus, make_se
 from docqueue.workers import keys
 from docqueue.workers.batch import leases
 from docqueue.workers.batch.guard import StopReason
-from docqueue.workers.batch.processing import Outcome, Services, _Writer, run_batch
+from docqueue.workers.batch.processing import run_batch
+from docqueue.workers.batch.services import Outcome, Services
+from docqueue.workers.batch.writer import ResultWriter
 from docqueue.workers.errors import (
     EndpointUnreachableError,
     PermanentLLMError,
@@ -280,7 +283,7 @@ def test_the_writer_keeps_paid_rows_in_order_through_a_store_that_refuses_writes
     with sessions() as s:
         chunks = [(c.id, c.document_id) for c in s.scalars(
             select(leases.Chunk).where(leases.Chunk.job_id == job_id).order_by(leases.Chunk.id))]
-    writer = _Writer(svc, "summarize-test")
+    writer = ResultWriter(svc, "summarize-test")
 
     async def write() -> None:
         for n, (chunk_id, doc_id) in enumerate(chunks):

@@ -31,7 +31,7 @@ def test_a_chunk_is_as_large_as_the_context_allows_after_prompt_output_and_reser
     cfg = settings(llm_model="some-model", llm_context_tokens=4096, llm_max_tokens=256)
     empty = SUMMARIZE.render("", "chat")
     # When the chunk size is asked for / Then it is what is left of the window
-    from docqueue.workers.batch.processing import prompt_tokens
+    from docqueue.workers.batch.calls import prompt_tokens
 
     expected = 4096 - prompt_tokens(empty) - 256 - 409
     assert sizing.chunk_tokens(cfg, SUMMARIZE) == expected

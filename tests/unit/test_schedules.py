@@ -19,18 +19,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from docqueue.models import Document, Job, make_sessionmaker
 from docqueue.models.tables import RunStatus, ScheduleDocument, ScheduleRun
 from docqueue.tasks.beat import CronSchedule, beat_entries, current_window
-from docqueue.workers.ingest.sources import SourceDocument
-from docqueue.workers.jobs.schedules import (
-    Cron,
+from docqueue.workers.ingest.documents import SourceDocument
+from docqueue.workers.jobs.cron import Cron
+from docqueue.workers.jobs.schedule_runs import (
     RunCounts,
-    ScheduleError,
     changed_documents,
     claim_window,
     finish_ingest,
-    load_schedules,
     run_state,
     settle_runs,
 )
+from docqueue.workers.jobs.schedules import ScheduleError, load_schedules
 
 
 def utc(*args: int) -> datetime:

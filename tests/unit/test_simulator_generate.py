@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from docqueue.workers.simulator import main
-from docqueue.workers.simulator.config import ConfigError, SimulatorConfig
-from docqueue.workers.simulator.generate import build_reply
-from docqueue.workers.simulator.protocol import ApiError, parse
-from docqueue.workers.simulator.tokens import count_messages, count_text
-from docqueue.workers.simulator.words import filler
+from docqueue.workers.testing.simulator import main
+from docqueue.workers.testing.simulator.config import ConfigError, SimulatorConfig
+from docqueue.workers.testing.simulator.generate import build_reply
+from docqueue.workers.testing.simulator.protocol import ApiError, parse
+from docqueue.workers.testing.simulator.tokens import count_messages, count_text
+from docqueue.workers.testing.simulator.words import filler
 
 CONFIG = SimulatorConfig()
 

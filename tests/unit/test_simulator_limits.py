@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from docqueue.workers.simulator.limits import (
+from docqueue.workers.testing.simulator.limits import (
     NS_PER_S,
     Bucket,
     RateLimiter,

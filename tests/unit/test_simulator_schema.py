@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 from pydantic import BaseModel, Field
 
-from docqueue.workers.simulator.schema import SchemaError, instance
+from docqueue.workers.testing.simulator.schema import SchemaError, instance
 
 
 class Address(BaseModel):

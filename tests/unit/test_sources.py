@@ -18,7 +18,8 @@ import pypdf
 import pytest
 
 from docqueue.workers.ingest import sources
-from docqueue.workers.ingest.sources import SourceDocument, iter_documents
+from docqueue.workers.ingest.documents import SourceDocument
+from docqueue.workers.ingest.sources import iter_documents
 
 LIMIT = 1_000_000
 

@@ -7,10 +7,10 @@ fraction of a second; they are primed from the store, so losing Redis loses no s
 from __future__ import annotations
 
 import enum
-import time
 from typing import Any
 
 from docqueue.workers import keys
+from docqueue.workers.clock import monotonic_s
 
 STOP_POLL_S = 0.5
 
@@ -49,9 +49,9 @@ class JobGuard:
     async def stop_reason(self) -> StopReason | None:
         """Why the job stopped, or None. With a budget, Redis is read before every call;
         without one (only a cancel can stop the job), at most every STOP_POLL_S."""
-        due = self.has_budget or time.monotonic() - self._checked > STOP_POLL_S
+        due = self.has_budget or monotonic_s() - self._checked > STOP_POLL_S
         if self._reason is None and due:
-            self._checked = time.monotonic()
+            self._checked = monotonic_s()
             value = await self.redis.get(keys.job_stop(self.job_id))
             self._reason = StopReason(value.decode()) if value else None
         return self._reason

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, NotRequired, TypedDict
 
 from sqlalchemy import Boolean, and_, bindparam, exists, func, or_, select, update
@@ -33,7 +33,7 @@ from docqueue.models import (
     table_of,
     upsert_statement,
 )
-from docqueue.workers.clock import as_utc
+from docqueue.workers.clock import as_utc, utc_now
 
 RESULT_COLUMNS = (
     "job_id",
@@ -91,7 +91,7 @@ class Claim:
 
 
 def now() -> datetime:
-    return datetime.now(UTC)
+    return utc_now()
 
 
 def start_delivery(session: Session, batch_id: int) -> BatchInfo | None:

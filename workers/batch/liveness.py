@@ -38,12 +38,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from docqueue.workers import keys
+from docqueue.workers.clock import monotonic_s, wall_s
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +101,11 @@ class Heartbeat:
     async def register(self, owner: str, batch_id: int, message: str = "") -> None:
         """Make `owner` alive before it claims a lease; raises if Redis cannot be reached.
         `message`: the reservation tag of the task message it runs, if any."""
-        t0 = time.monotonic()
+        t0 = monotonic_s()
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(keys.delivery_alive(owner), os.getpid(), ex=_whole_s(self.ttl_s))
         pipe.hset(keys.DELIVERIES, owner, f"{batch_id} {message}".rstrip())
-        pipe.set(keys.LIVENESS_SINCE, repr(time.time()), nx=True)
+        pipe.set(keys.LIVENESS_SINCE, repr(wall_s()), nx=True)
         await pipe.execute()
         self._beats[owner] = _Beat(batch_id, t0)
         if self._task is None or self._task.done():
@@ -129,22 +129,22 @@ class Heartbeat:
         beat = self._beats.get(owner)
         if beat is None:
             return False
-        if not beat.lapsed and time.monotonic() - beat.last_ok > self.ttl_s - LAPSE_MARGIN_S:
+        if not beat.lapsed and monotonic_s() - beat.last_ok > self.ttl_s - LAPSE_MARGIN_S:
             beat.lapsed = True
             logger.warning("delivery %s (batch %s): no heartbeat reached Redis for %.0fs (this "
                            "process was frozen or cut off); it hands its batch on", owner,
-                           beat.batch_id, time.monotonic() - beat.last_ok)
+                           beat.batch_id, monotonic_s() - beat.last_ok)
         return beat.lapsed
 
     async def beat(self) -> None:
         """Refresh every live delivery's key; a lapsed one is left to expire (it is dead to the
         others, and must stay so: they may hold its chunks already)."""
         live = [o for o in list(self._beats) if not self.lapsed(o)]
-        t0 = time.monotonic()
+        t0 = monotonic_s()
         pipe = self.redis.pipeline(transaction=False)
         for owner in live:
             pipe.set(keys.delivery_alive(owner), os.getpid(), ex=_whole_s(self.ttl_s))
-        pipe.set(keys.LIVENESS_SINCE, repr(time.time()), nx=True)
+        pipe.set(keys.LIVENESS_SINCE, repr(wall_s()), nx=True)
         await pipe.execute()
         for owner in live:
             beat = self._beats.get(owner)
@@ -180,7 +180,7 @@ class Heartbeat:
             logger.warning("liveness unknown (%s): leases stand until they expire",
                            type(exc).__name__)
             return None
-        if not trusted(since, time.time(), self.ttl_s):
+        if not trusted(since, wall_s(), self.ttl_s):
             return None
         return {o for o, alive in zip(wanted, present, strict=True) if not alive}
 
@@ -251,7 +251,7 @@ def beat_worker(client: Any, hostname: str, ttl_s: float, batches: int) -> None:
     says how many batches it runs at once (`batch_slots`)."""
     pipe = client.pipeline(transaction=False)
     pipe.set(keys.worker_alive(hostname), os.getpid(), ex=_whole_s(ttl_s))
-    pipe.set(keys.LIVENESS_SINCE, repr(time.time()), nx=True)
+    pipe.set(keys.LIVENESS_SINCE, repr(wall_s()), nx=True)
     pipe.hset(keys.WORKER_SLOTS, hostname, batches)
     pipe.execute()
 
@@ -313,4 +313,4 @@ def _heartbeats(client: Any, heartbeat_keys: list[str], ttl_s: float) -> list[in
     for key in heartbeat_keys:
         pipe.exists(key)
     since, *present = pipe.execute()
-    return present if trusted(since, time.time(), ttl_s) else None
+    return present if trusted(since, wall_s(), ttl_s) else None

@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 from docqueue.workers import metrics
-from docqueue.workers.batch.processing import cost_of
+from docqueue.workers.batch.calls import cost_of
 from docqueue.workers.pipelines import Prompt
 from docqueue.workers.settings import Settings
 

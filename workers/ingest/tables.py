@@ -31,7 +31,7 @@ from typing import Any
 
 from docqueue.workers.errors import InputError
 from docqueue.workers.ingest.decoding import binary_problem
-from docqueue.workers.ingest.sources import MAX_ID_CHARS, SourceDocument
+from docqueue.workers.ingest.documents import MAX_ID_CHARS, SourceDocument
 
 # Files read as tables whether or not a text column is named; a .jsonl only with one.
 TABLE_SUFFIXES = (".parquet", ".csv", ".tsv")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, delete, select, update
@@ -20,22 +19,26 @@ from docqueue.models import (
     Result,
     ResultStatus,
 )
-from docqueue.workers.batch.processing import prompt_tokens
+from docqueue.workers.batch.calls import prompt_tokens
+from docqueue.workers.clock import utc_now
 from docqueue.workers.errors import JobNotFoundError
 from docqueue.workers.ingest.chunking import Chunker
-from docqueue.workers.ingest.sources import SourceDocument
+from docqueue.workers.ingest.documents import SourceDocument
 from docqueue.workers.jobs import sizing
 from docqueue.workers.pipelines import Pipeline
 from docqueue.workers.settings import Settings
 
 
 def cancel_job(session: Session, job_id: int) -> bool:
-    """Mark the job cancelled; False if it had ended already. Batches stop before the next call."""
+    """Mark the job cancelled; False if it had already ended.
+
+    Batches stop before their next call.
+    """
     done = _rowcount(session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status.not_in(FINAL_JOB_STATES))
         .values(status=JobStatus.CANCELLED, reason=f"cancelled by the user at "
-                f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC")
+                f"{utc_now():%Y-%m-%d %H:%M:%S} UTC")
     ))
     if not done and session.get(Job, job_id) is None:
         raise JobNotFoundError(f"job {job_id} does not exist")

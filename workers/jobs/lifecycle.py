@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
@@ -32,7 +32,7 @@ from docqueue.models import (
 )
 from docqueue.models.tables import ScheduleRun
 from docqueue.workers.batch import cache
-from docqueue.workers.clock import as_utc
+from docqueue.workers.clock import as_utc, utc_now
 from docqueue.workers.errors import InputError, JobNotFoundError
 from docqueue.workers.pipelines import build_pipeline
 from docqueue.workers.settings import Settings
@@ -62,7 +62,7 @@ class JobSummary:
 def list_jobs(session: Session, *, status: str | None = None, limit: int = 20,
               now: datetime | None = None) -> list[JobSummary]:
     """The newest `limit` jobs (of `status`, if given), newest first, with live progress."""
-    now = now or datetime.now(UTC)
+    now = now or utc_now()
     query = select(Job).order_by(Job.id.desc()).limit(limit)
     if status is not None:
         query = query.where(Job.status == status)
@@ -91,7 +91,7 @@ def list_jobs(session: Session, *, status: str | None = None, limit: int = 20,
 
 def finished_before(session: Session, days: float, now: datetime | None = None) -> list[int]:
     """Ids of the final jobs that finished (or, never run, were created) over `days` ago."""
-    cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
+    cutoff = (now or utc_now()) - timedelta(days=days)
     ended = func.coalesce(Job.finished_at, Job.created_at)
     return list(session.scalars(select(Job.id).where(
         Job.status.in_([str(s) for s in FINAL_JOB_STATES]), ended < cutoff).order_by(Job.id)))

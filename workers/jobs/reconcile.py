@@ -18,10 +18,9 @@ is absorbed like any duplicate.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, exists, func, or_, select
@@ -38,7 +37,7 @@ from docqueue.models import (
     Result,
 )
 from docqueue.workers import keys
-from docqueue.workers.clock import as_utc
+from docqueue.workers.clock import as_utc, utc_now, wall_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +201,7 @@ def rescue_targets(session: Session, batch_ids: Collection[int]) -> dict[int, li
 
 
 def now() -> datetime:
-    return datetime.now(UTC)
+    return utc_now()
 
 
 def _age_s(then: datetime, t: datetime) -> float:
@@ -219,7 +218,7 @@ def marker_key(job_id: int) -> str:
 
 def mark_published(client: Any, job_id: int) -> None:
     """Record that the job's batches are in Redis; kept (no expiry) until the job is merged."""
-    client.set(marker_key(job_id), repr(time.time()))
+    client.set(marker_key(job_id), repr(wall_s()))
 
 
 def forget_published(client: Any, job_id: int) -> None:

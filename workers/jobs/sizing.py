@@ -8,7 +8,7 @@ overrides the chunk size; reduce groups are always sized from the context.
 
 from __future__ import annotations
 
-from docqueue.workers.batch.processing import prompt_tokens
+from docqueue.workers.batch.calls import prompt_tokens
 from docqueue.workers.errors import PipelineError
 from docqueue.workers.ingest.chunking import MIN_CHUNK_TOKENS
 from docqueue.workers.pipelines import Pipeline, Prompt

@@ -11,16 +11,17 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from docqueue.models import Batch, Chunk, Document, DocumentStatus, Job, JobStatus
+from docqueue.workers.clock import utc_now
 from docqueue.workers.ingest.batching import Batcher, BatchSizes
 from docqueue.workers.ingest.chunking import Chunker, ChunkSpan
-from docqueue.workers.ingest.sources import SourceDocument, iter_documents
+from docqueue.workers.ingest.documents import SourceDocument
+from docqueue.workers.ingest.sources import iter_documents
 from docqueue.workers.jobs import sizing
 from docqueue.workers.pipelines import Pipeline, build_pipeline
 from docqueue.workers.settings import Settings
@@ -362,7 +363,7 @@ def mark_submitted(session: Session, job_id: int) -> None:
     session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.PENDING)
-        .values(status=JobStatus.RUNNING, submitted_at=datetime.now(UTC))
+        .values(status=JobStatus.RUNNING, submitted_at=utc_now())
     )
 
 

@@ -31,6 +31,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from docqueue.workers.clock import monotonic_s
 from docqueue.workers.errors import WorkerError
 
 HOST = "127.0.0.1"
@@ -268,8 +269,8 @@ class EmbeddedServer:
         return float(psutil.Process(self._process.pid).create_time())
 
     def _wait_until_ready(self, process: subprocess.Popen[bytes], port: int, since: int) -> None:
-        deadline = time.monotonic() + self._start_timeout_s
-        while time.monotonic() < deadline:
+        deadline = monotonic_s() + self._start_timeout_s
+        while monotonic_s() < deadline:
             if process.poll() is not None:
                 log = read_log(self.log_path, since)
                 if "address already in use" in log.lower():

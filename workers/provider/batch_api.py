@@ -67,12 +67,12 @@ class OpenAIBatchApi:
     def find(self, ledger_id: int) -> dict[str, Any] | None:
         """The provider batch made for ledger row `ledger_id`, if one was: read from its
         metadata, newest batches first (a crash after create is found in the latest pages)."""
-        for batch in self._batches():
-            if (batch.get("metadata") or {}).get(LEDGER_KEY) == str(ledger_id):
-                return batch
+        for provider_batch in self._provider_batches():
+            if (provider_batch.get("metadata") or {}).get(LEDGER_KEY) == str(ledger_id):
+                return provider_batch
         return None
 
-    def _batches(self) -> Iterator[dict[str, Any]]:
+    def _provider_batches(self) -> Iterator[dict[str, Any]]:
         page = self._call(lambda: self._client.batches.list(limit=100))
         while True:
             yield from (_plain(b) for b in page.data)

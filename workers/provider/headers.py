@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
+
+from docqueue.workers.clock import wall_s
 
 # Go's time.Duration spelling, which OpenAI uses: "1s", "6m0s", "120ms", "2.5s", "1h2m3s".
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|us|µs|ns|m|s)")
@@ -95,7 +96,7 @@ def retry_after_s(headers: Mapping[str, str], *, now_s: float | None = None) -> 
         return None
     if when.tzinfo is None:  # RFC 9110 dates are GMT; "-0000" parses as naive
         when = when.replace(tzinfo=UTC)
-    current = time.time() if now_s is None else now_s
+    current = wall_s() if now_s is None else now_s
     return max(0.0, when.timestamp() - current)
 
 

@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import random
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +42,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from docqueue.workers import keys
+from docqueue.workers.clock import monotonic_s
 from docqueue.workers.errors import PermanentError, RetryableError
 from docqueue.workers.provider import scripts
 from docqueue.workers.provider.headers import RateLimitHeaders, parse_rate_limit_headers
@@ -329,7 +329,7 @@ class Limiter:
         _check_key(key)
         _check_count("cap", cap, minimum=1)
         _check_count("default", default)
-        now = time.monotonic()
+        now = monotonic_s()
         if now - self._outputs_read_at.get(key, -math.inf) > OUTPUT_CACHE_S:
             mean, variance = await self._redis.hmget(self._keys[2], [f"{key}|m", f"{key}|v"])
             stats = None if mean is None else (float(mean), float(variance or 0))
@@ -446,7 +446,7 @@ class Limiter:
 
     def _remember_output(self, key: str, stats: tuple[float, float] | None) -> None:
         self._outputs[key] = stats
-        self._outputs_read_at[key] = time.monotonic()
+        self._outputs_read_at[key] = monotonic_s()
 
 
 def _headers(headers: Mapping[str, str] | None) -> RateLimitHeaders | None:

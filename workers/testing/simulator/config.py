@@ -53,7 +53,7 @@ class SimulatorConfig:
     # Keep every completion request (times, status, prompt) for GET /requests: tests count
     # the calls per prompt with it. Off by default: it grows with every request.
     record_requests: bool = False
-    batch: BatchConfig = field(default_factory=lambda: BatchConfig())
+    batch_api: BatchApiConfig = field(default_factory=lambda: BatchApiConfig())
 
     def __post_init__(self) -> None:
         _check_port(self.port)
@@ -122,7 +122,7 @@ def _check_port(port: int) -> None:
 
 
 @dataclass(frozen=True)
-class BatchConfig:
+class BatchApiConfig:
     """How the Batch API behaves (`/v1/files`, `/v1/batches`). Limits default to OpenAI's."""
 
     # A batch's lines are done one after another, evenly, over this many seconds.

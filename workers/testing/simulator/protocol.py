@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from docqueue.workers.simulator import tokens
+from docqueue.workers.testing.simulator import tokens
 
 Endpoint = Literal["chat", "text"]
 FormatKind = Literal["text", "json_object", "json_schema"]

@@ -13,11 +13,11 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from docqueue.workers.simulator import tokens
-from docqueue.workers.simulator.config import SimulatorConfig
-from docqueue.workers.simulator.protocol import ApiError, CompletionRequest
-from docqueue.workers.simulator.schema import SchemaError, instance
-from docqueue.workers.simulator.words import filler, words
+from docqueue.workers.testing.simulator import tokens
+from docqueue.workers.testing.simulator.config import SimulatorConfig
+from docqueue.workers.testing.simulator.protocol import ApiError, CompletionRequest
+from docqueue.workers.testing.simulator.schema import SchemaError, instance
+from docqueue.workers.testing.simulator.words import filler, words
 
 SYSTEM_FINGERPRINT = "fp_docqsim"
 

@@ -22,7 +22,8 @@ class SimulatorStartError(RuntimeError):
 
 
 class SimulatorProcess:
-    """`python -m docqueue.workers.simulator ARGS` on 127.0.0.1, port 0 unless ARGS give --port.
+    """`python -m docqueue.workers.testing.simulator ARGS` on 127.0.0.1, port 0 unless ARGS
+    give --port.
 
     Use as a context manager, or call start() and stop(). `url` is the base_url for an OpenAI
     client (http://127.0.0.1:PORT/v1).
@@ -63,7 +64,7 @@ class SimulatorProcess:
         """Start the server and wait until it answers. Raises SimulatorStartError."""
         if self._proc is not None:
             raise RuntimeError("the simulator was already started")
-        argv = [sys.executable, "-m", "docqueue.workers.simulator"]
+        argv = [sys.executable, "-m", "docqueue.workers.testing.simulator"]
         if "--host" not in self.args:
             argv += ["--host", self.host]
         if "--port" not in self.args:

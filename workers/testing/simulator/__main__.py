@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from docqueue.workers.simulator.cli import main
+from docqueue.workers.testing.simulator.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

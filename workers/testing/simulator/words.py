@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import random
 
-from docqueue.workers.simulator.tokens import count_text
+from docqueue.workers.testing.simulator.tokens import count_text
 
 _CANDIDATE_TEXT = """
 the of and to in is for on that with as by this from at are be it an or was which not have

@@ -11,7 +11,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from docqueue.workers.simulator.limits import LimitKind
+from docqueue.workers.testing.simulator.limits import LimitKind
 
 # The per-second series keeps the last hour.
 SERIES_SECONDS = 3600

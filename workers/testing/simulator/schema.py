@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from docqueue.workers.simulator.words import words
+from docqueue.workers.testing.simulator.words import words
 
 # Past this depth, recursion is cut short: optional properties and optional items are left out
 # and a null branch is preferred, so that recursive schemas end.

@@ -20,20 +20,20 @@ from typing import Any
 
 from aiohttp import web
 
-from docqueue.workers.simulator.batches import add_routes as add_batch_routes
-from docqueue.workers.simulator.config import SimulatorConfig
-from docqueue.workers.simulator.faults import Fault, FaultInjector
-from docqueue.workers.simulator.generate import build_reply
-from docqueue.workers.simulator.limits import (
+from docqueue.workers.testing.simulator.batch_api import add_routes as add_batch_api_routes
+from docqueue.workers.testing.simulator.config import SimulatorConfig
+from docqueue.workers.testing.simulator.faults import Fault, FaultInjector
+from docqueue.workers.testing.simulator.generate import build_reply
+from docqueue.workers.testing.simulator.limits import (
     NS_PER_S,
     Decision,
     RateLimiter,
     retry_after_headers,
 )
-from docqueue.workers.simulator.protocol import ApiError, CompletionRequest, Endpoint, parse
-from docqueue.workers.simulator.stats import Stats
-from docqueue.workers.simulator.tokens import encoding
-from docqueue.workers.simulator.words import vocabulary
+from docqueue.workers.testing.simulator.protocol import ApiError, CompletionRequest, Endpoint, parse
+from docqueue.workers.testing.simulator.stats import Stats
+from docqueue.workers.testing.simulator.tokens import encoding
+from docqueue.workers.testing.simulator.words import vocabulary
 
 logger = logging.getLogger("docq.simulator")
 
@@ -80,7 +80,7 @@ def build_app(config: SimulatorConfig) -> web.Application:
     app.router.add_post("/stats/reset", _stats_reset)
     app.router.add_get("/requests", _requests)
     app.router.add_post("/limits", _change_limits)
-    add_batch_routes(app, config, _check_key)
+    add_batch_api_routes(app, config, _check_key)
     app.on_response_prepare.append(_limit_headers)
     return app
 

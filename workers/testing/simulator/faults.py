@@ -7,8 +7,8 @@ import json
 import random
 from typing import Any
 
-from docqueue.workers.simulator.config import SimulatorConfig
-from docqueue.workers.simulator.protocol import ApiError
+from docqueue.workers.testing.simulator.config import SimulatorConfig
+from docqueue.workers.testing.simulator.protocol import ApiError
 
 _SERVER_ERRORS: tuple[tuple[int, str, str | None], ...] = (
     (500, "The server had an error while processing your request (simulated fault).", None),

@@ -6,7 +6,7 @@ point both use. Tests and benchmarks start it with `SimulatorProcess` (workers.s
 
 from __future__ import annotations
 
-from docqueue.workers.simulator.cli import main
-from docqueue.workers.simulator.config import SimulatorConfig
+from docqueue.workers.testing.simulator.cli import main
+from docqueue.workers.testing.simulator.config import SimulatorConfig
 
 __all__ = ["SimulatorConfig", "main"]

@@ -8,10 +8,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from docqueue.workers.simulator.config import (
+from docqueue.workers.testing.simulator.config import (
     DEFAULT_MODEL,
     MIB,
-    BatchConfig,
+    BatchApiConfig,
     ConfigError,
     SimulatorConfig,
 )
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     flt.add_argument(
         "--seed", metavar="N", type=int, help="seed for fault and jitter draws (default random)"
     )
-    _add_batch_arguments(p)
+    _add_batch_api_arguments(p)
     p.add_argument("--log-requests", action="store_true", help="log one line per request")
     p.add_argument(
         "--record-requests",
@@ -196,7 +196,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         max_body_bytes=args.max_body_bytes,
         log_requests=args.log_requests,
         record_requests=args.record_requests,
-        batch=BatchConfig(
+        batch_api=BatchApiConfig(
             turnaround_s=args.batch_turnaround_s,
             window_s=args.batch_window_s,
             fail_rate=args.batch_fail_rate,
@@ -207,7 +207,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
     )
 
 
-def _add_batch_arguments(p: argparse.ArgumentParser) -> None:
+def _add_batch_api_arguments(p: argparse.ArgumentParser) -> None:
     bat = p.add_argument_group("Batch API (/v1/files, /v1/batches)")
     bat.add_argument(
         "--batch-turnaround-s",
@@ -268,7 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
-    from docqueue.workers.simulator.server import serve  # aiohttp only when the server really runs
+    from docqueue.workers.testing.simulator.server import (
+        serve,  # aiohttp only when the server really runs
+    )
 
     try:
         asyncio.run(serve(config))

@@ -40,11 +40,13 @@ def _count_cached(text: str) -> int:
 
 
 def encode(text: str) -> list[int]:
-    return encoding().encode_ordinary(text)
+    ids: list[int] = encoding().encode_ordinary(text)
+    return ids
 
 
 def decode(tokens: Sequence[int]) -> str:
-    return encoding().decode(list(tokens))
+    text: str = encoding().decode(list(tokens))
+    return text
 
 
 def content_text(content: Any) -> str:
