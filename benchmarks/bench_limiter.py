@@ -29,7 +29,8 @@ from typing import Any
 import redis
 from redis.asyncio import Redis
 
-from docqueue.workers.provider.limiter import Limiter, Limits
+from docqueue.workers.provider.admission import Limits
+from docqueue.workers.provider.limiter import Limiter
 
 RESULTS = Path(__file__).resolve().parent / "results" / "limiter.json"
 COROUTINES = 32

@@ -14,7 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from docqueue.workers.provider.limiter import Limiter, Limits, scope_for
+from docqueue.workers.provider.admission import Limits, scope_for
+from docqueue.workers.provider.limiter import Limiter
 from docqueue.workers.settings import Settings
 
 READ_TIMEOUT_S = 5.0

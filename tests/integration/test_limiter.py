@@ -19,13 +19,8 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from docqueue.workers.provider.limiter import (
-    Limiter,
-    LimiterBusy,
-    Limits,
-    RequestTooLargeError,
-    Ticket,
-)
+from docqueue.workers.provider.admission import LimiterBusy, Limits, RequestTooLargeError, Ticket
+from docqueue.workers.provider.limiter import Limiter
 
 pytestmark = pytest.mark.integration
 
@@ -357,7 +352,8 @@ def test_a_large_request_is_not_starved_by_a_stream_of_small_ones(redis_url: str
 COOL_DOWN_CHILD = """
 import asyncio, sys
 from redis.asyncio import Redis
-from docqueue.workers.provider.limiter import Limiter, Limits
+from docqueue.workers.provider.admission import Limits
+from docqueue.workers.provider.limiter import Limiter
 
 async def main():
     client = Redis.from_url(sys.argv[1])
@@ -415,7 +411,8 @@ def test_a_cool_down_only_ever_extends(redis_url: str) -> None:
 KILLED_CHILD = """
 import asyncio, os, sys
 from redis.asyncio import Redis
-from docqueue.workers.provider.limiter import Limiter, Limits
+from docqueue.workers.provider.admission import Limits
+from docqueue.workers.provider.limiter import Limiter
 
 async def main():
     client = Redis.from_url(sys.argv[1])

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from docqueue.workers.provider.limiter import Limiter, Limits
+from docqueue.workers.provider.admission import Limits
+from docqueue.workers.provider.limiter import Limiter
 
 pytestmark = pytest.mark.integration
 

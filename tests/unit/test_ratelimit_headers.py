@@ -7,13 +7,14 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
+from docqueue.workers.provider.admission import Limits, scope_for
 from docqueue.workers.provider.headers import (
     RateLimitHeaders,
     parse_duration_s,
     parse_rate_limit_headers,
     retry_after_s,
 )
-from docqueue.workers.provider.limiter import Limiter, Limits, scope_for
+from docqueue.workers.provider.limiter import Limiter
 
 
 @pytest.mark.parametrize(

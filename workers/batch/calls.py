@@ -29,7 +29,7 @@ from docqueue.workers.errors import (
     RetryableError,
 )
 from docqueue.workers.pipelines import OutputParseError, Pipeline, Prompt
-from docqueue.workers.provider.limiter import LimiterBusy
+from docqueue.workers.provider.admission import LimiterBusy
 from docqueue.workers.provider.retry import backoff_s
 from docqueue.workers.settings import Settings
 from docqueue.workers.tokens import count_tokens

@@ -23,29 +23,39 @@ one waiter at a time polls Redis (the others queue behind it, first come first s
 processes the first process to be refused holds a claim on what its waiter needs, and the others
 may only use what is left beyond it, so a large request is not starved by a stream of small ones.
 
-Build one Limiter per process and scope, after the fork, on that process's event loop.
+Build one Limiter per process and scope, after the fork, on that process's event loop. The
+limits, the ticket and the refusals it speaks in are in workers/provider/admission.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import math
 import os
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
 
-from docqueue.workers import keys
 from docqueue.workers.clock import monotonic_s
-from docqueue.workers.errors import PermanentError, RetryableError
 from docqueue.workers.provider import scripts
-from docqueue.workers.provider.headers import RateLimitHeaders, parse_rate_limit_headers
+from docqueue.workers.provider.admission import (
+    LimiterBusy,
+    Limits,
+    RequestTooLargeError,
+    Ticket,
+    as_text,
+    as_us,
+    check_count,
+    check_key,
+    is_positive,
+    output_pair,
+    parsed_headers,
+)
+from docqueue.workers.provider.headers import RateLimitHeaders
 
 ANSWERED, OVERLOADED = 1, 2  # how a call ended, for adaptive concurrency
 logger = logging.getLogger(__name__)
@@ -58,109 +68,23 @@ OUTPUT_MARGIN_SD = 2.0  # reserve mean + 2 sd of the output: few calls overrun, 
 OUTPUT_CACHE_S = 5.0  # how long a process reuses the shared average before reading it again
 
 
-@dataclass(frozen=True)
-class Limits:
-    """The provider's budget for one scope; None means unknown (learned from headers) or none."""
-
-    rpm: int | None
-    tpm: int | None
-    max_inflight: int
-    period_s: float = 60.0
-    # False for a provider that charges prompt + max_tokens when it admits a call and gives
-    # nothing back (OpenAI, docqueue's simulator): settle then charges overruns only.
-    refund_unused_tokens: bool = True
-    # Adaptive concurrency (AIMD) for endpoints that publish no limits: the calls in flight are
-    # held to a window that grows while answers come back steadily and shrinks on 429s, 5xx,
-    # timeouts and rising latency; at least window_floor, starting at window_start, at most
-    # max_inflight. Shared by every process of the scope.
-    adaptive: bool | None = False  # None: only while no rate limit is configured or learned
-    window_floor: int = 2
-    window_start: int = 32
-
-    def __post_init__(self) -> None:
-        for name in ("rpm", "tpm"):
-            value = getattr(self, name)
-            if value is not None and not _is_count(value, minimum=1):
-                raise ValueError(f"Limits.{name} must be a whole number >= 1 or None: {value!r}")
-        if not _is_count(self.max_inflight, minimum=1):
-            raise ValueError(
-                f"Limits.max_inflight must be a whole number >= 1: {self.max_inflight!r}"
-            )
-        for name in ("window_floor", "window_start"):
-            if not _is_count(getattr(self, name), minimum=1):
-                raise ValueError(f"Limits.{name} must be a whole number >= 1: "
-                                 f"{getattr(self, name)!r}")
-        if not _is_positive(self.period_s):
-            raise ValueError(f"Limits.period_s must be a finite number > 0, got {self.period_s!r}")
-
-
-@dataclass(frozen=True)
-class Ticket:
-    """One admitted call: its in-flight slot and its reservation. Settle or release it once."""
-
-    slot_id: str
-    tokens: int
-    admitted_at_us: int  # Redis clock
-    # Where this call's charges sit in the shared buckets (for refunds) and how much had been
-    # admitted up to and including it (for reading the provider's remaining-* headers).
-    request_mark: float
-    token_mark: float
-    requests_admitted: float
-    tokens_admitted: float
-
-    @property
-    def admitted_at_s(self) -> float:
-        return self.admitted_at_us / 1e6
-
-
-class LimiterBusy(RetryableError):
-    """The wait for capacity is longer than the caller accepts; nothing is held.
-
-    `wait_s` is the wait still needed (a lower bound when the in-flight cap is what is full),
-    a fair countdown for retrying later; `reason` is "rate", "cool-down", "in-flight" or "queue".
-    """
-
-    def __init__(self, wait_s: float, reason: str) -> None:
-        super().__init__(f"rate limiter busy ({reason}): capacity in about {wait_s:.2f}s")
-        self.wait_s = wait_s
-        self.reason = reason
-
-
-class RequestTooLargeError(PermanentError):
-    """One request needs more tokens than the whole per-period budget: it can never be sent."""
-
-    def __init__(self, tokens: int, tpm: int) -> None:
-        super().__init__(
-            f"a request of {tokens} tokens exceeds the whole token budget of {tpm} per period; "
-            "use smaller chunks or a lower max_tokens"
-        )
-        self.tokens = tokens
-        self.tpm = tpm
-
-
-def scope_for(endpoint: str, model: str, key_fingerprint: str) -> str:
-    """The limiter scope of one provider endpoint, model and API key (given as a fingerprint)."""
-    endpoint_hash = hashlib.sha256(endpoint.rstrip("/").encode()).hexdigest()[:12]
-    return keys.limiter_scope(endpoint_hash, model, key_fingerprint)
-
-
 class Limiter:
     """Shared RPM/TPM buckets and in-flight slots for one scope, over an asyncio Redis client."""
 
     def __init__(self, redis: Redis, scope: str, limits: Limits, *, slot_ttl_s: float) -> None:
         if not scope or any(ch in scope for ch in "{} \t\r\n"):
             raise ValueError(f"limiter scope must be non-empty without braces or spaces: {scope!r}")
-        if not _is_positive(slot_ttl_s):
+        if not is_positive(slot_ttl_s):
             raise ValueError(f"slot_ttl_s must be a finite number > 0, got {slot_ttl_s!r}")
         self.scope = scope
         self.limits = limits
         self._redis = redis
         self._keys = [f"{{{scope}}}:state", f"{{{scope}}}:slots", f"{{{scope}}}:out",
                       f"{{{scope}}}:admissions"]
-        self._common = [limits.rpm or 0, limits.tpm or 0, _us(limits.period_s)]
+        self._common = [limits.rpm or 0, limits.tpm or 0, as_us(limits.period_s)]
         mode = 2 if limits.adaptive is None else int(limits.adaptive)
         self._adaptive = [mode, limits.window_floor, limits.window_start, limits.max_inflight]
-        self._slot_ttl_us = _us(slot_ttl_s)
+        self._slot_ttl_us = as_us(slot_ttl_s)
         self._acquire_lua = redis.register_script(scripts.ACQUIRE)
         self._finish_lua = redis.register_script(scripts.FINISH)
         self._cool_down_lua = redis.register_script(scripts.COOL_DOWN)
@@ -200,7 +124,7 @@ class Limiter:
             LimiterBusy: the wait would be longer than allowed (nothing is held).
             RequestTooLargeError: `tokens` exceeds the whole token budget.
         """
-        _check_count("tokens", tokens)
+        check_count("tokens", tokens)
         if not (math.isfinite(max_wait_s) and max_wait_s >= 0):
             raise ValueError(f"max_wait_s must be a finite number >= 0, got {max_wait_s!r}")
         loop = asyncio.get_running_loop()
@@ -251,23 +175,23 @@ class Limiter:
             keys=self._keys,
             args=[
                 *self._common, tokens, self.limits.max_inflight, self._slot_ttl_us, slot_id,
-                _us(left_s), _us(POLL_CAP_S), _us(CLAIM_GRACE_S), self._claimant,
+                as_us(left_s), as_us(POLL_CAP_S), as_us(CLAIM_GRACE_S), self._claimant,
                 *self._adaptive[:3],
             ],
         )
-        status = _text(reply[0])
+        status = as_text(reply[0])
         loop_now = asyncio.get_running_loop().time()
         if status == "ok":
-            now_us, k_r, k_t, a_r, a_t, next_us = (float(_text(x)) for x in reply[1:7])
+            now_us, k_r, k_t, a_r, a_t, next_us = (float(as_text(x)) for x in reply[1:7])
             self._free_at = loop_now + next_us / 1e6
             self._hold(slot_id)
             return Ticket(slot_id, tokens, int(now_us), k_r, k_t, a_r, a_t)
-        value = float(_text(reply[1]))
+        value = float(as_text(reply[1]))
         if status == "big":
             raise RequestTooLargeError(tokens, int(value))
         seconds = value / 1e6
         if status == "busy":
-            raise LimiterBusy(seconds, _text(reply[2]))
+            raise LimiterBusy(seconds, as_text(reply[2]))
         if status == "wait":
             self._free_at = loop_now + seconds
         return status, seconds
@@ -289,15 +213,15 @@ class Limiter:
         `output_tokens` to do `record_output_tokens` in it too, and the call's `latency_s` for
         adaptive concurrency.
         """
-        _check_count("used_tokens", used_tokens)
-        output = _output_pair(output_key, output_tokens)
+        check_count("used_tokens", used_tokens)
+        output = output_pair(output_key, output_tokens)
         charged = used_tokens
         if not self.limits.refund_unused_tokens:
             charged = max(used_tokens, ticket.tokens)
         ended = None
         if latency_s is not None:  # with the output's size, when known: answers then compare
             ended = (ANSWERED, latency_s, -1 if output_tokens is None else output_tokens)
-        await self._finish(ticket, charged, False, _headers(headers), output, ended=ended)
+        await self._finish(ticket, charged, False, parsed_headers(headers), output, ended=ended)
 
     async def release(
         self, ticket: Ticket, *, refund: bool, headers: Mapping[str, str] | None = None,
@@ -308,27 +232,27 @@ class Limiter:
         (a 429, 5xx or timeout) shrinks the adaptive concurrency window."""
         charged = 0 if refund else ticket.tokens
         ended = (OVERLOADED, 0.0, -1) if overloaded else None
-        await self._finish(ticket, charged, refund, _headers(headers), None, ended=ended)
+        await self._finish(ticket, charged, refund, parsed_headers(headers), None, ended=ended)
 
     async def observe(self, headers: Mapping[str, str], *, ticket: Ticket | None = None) -> None:
         """Learn the limits from x-ratelimit-* headers and lower the shared buckets to what the
         provider reports remaining. Pass the ticket of the call that got these headers: the
         calls admitted after it are then counted as not yet seen by the provider."""
-        parsed = _headers(headers)
+        parsed = parsed_headers(headers)
         if parsed is not None:
             await self._finish(None, 0, False, parsed, None, since=ticket)
 
     async def record_output_tokens(self, key: str, tokens: int) -> None:
         """Add one real output size to the shared moving average of pipeline `key`."""
-        await self._finish(None, 0, False, None, _output_pair(key, tokens))
+        await self._finish(None, 0, False, None, output_pair(key, tokens))
 
     async def expected_output_tokens(self, key: str, *, cap: int, default: int) -> int:
         """What to reserve for the output of a call of pipeline `key`: the moving mean of real
         outputs plus OUTPUT_MARGIN_SD standard deviations, at most `cap` (max_tokens); `default`
         (also capped) until a size has been recorded."""
-        _check_key(key)
-        _check_count("cap", cap, minimum=1)
-        _check_count("default", default)
+        check_key(key)
+        check_count("cap", cap, minimum=1)
+        check_count("default", default)
         now = monotonic_s()
         if now - self._outputs_read_at.get(key, -math.inf) > OUTPUT_CACHE_S:
             mean, variance = await self._redis.hmget(self._keys[2], [f"{key}|m", f"{key}|v"])
@@ -345,16 +269,16 @@ class Limiter:
         kept), and the buckets are emptied as the provider's is. Returns the cool-down in force."""
         if not (math.isfinite(seconds) and seconds >= 0):
             raise ValueError(f"cool-down seconds must be a finite number >= 0, got {seconds!r}")
-        left = await self._cool_down_lua(keys=self._keys[:2], args=[*self._common, _us(seconds)])
-        return float(_text(left)) / 1e6
+        left = await self._cool_down_lua(keys=self._keys[:2], args=[*self._common, as_us(seconds)])
+        return float(as_text(left)) / 1e6
 
     async def snapshot(self) -> dict[str, Any]:
         """The shared state for `docq status`: limits, use over the last period, availability."""
         reply = await self._snapshot_lua(keys=self._keys[:2], args=self._common)
         # In the script's order: limit r, t; learned r, t; available r, t; used r, t; in flight;
         # cool-down µs left.
-        values = [float(_text(x)) for x in reply[:10]]
-        window = _text(reply[10])
+        values = [float(as_text(x)) for x in reply[:10]]
+        window = as_text(reply[10])
         configured = (self.limits.rpm, self.limits.tpm)
         return {
             "scope": self.scope,
@@ -411,11 +335,11 @@ class Limiter:
                     (call.admitted_at_us, call.requests_admitted, call.tokens_admitted)
                     if call else (-1, 0, 0)
                 ),
-                outcome, _us(latency_s), *self._adaptive, output_size,
+                outcome, as_us(latency_s), *self._adaptive, output_size,
             ],
         )
         if output is not None:
-            self._remember_output(output[0], (float(_text(reply[0])), float(_text(reply[1]))))
+            self._remember_output(output[0], (float(as_text(reply[0])), float(as_text(reply[1]))))
 
     async def aclose(self) -> None:
         """Stop renewing slots (the process is closing its loop; they expire on their own)."""
@@ -449,44 +373,3 @@ class Limiter:
         self._outputs_read_at[key] = monotonic_s()
 
 
-def _headers(headers: Mapping[str, str] | None) -> RateLimitHeaders | None:
-    if headers is None:
-        return None
-    parsed = parse_rate_limit_headers(headers)
-    return None if parsed.empty else parsed
-
-
-def _output_pair(key: str | None, tokens: int | None) -> tuple[str, int] | None:
-    if key is None and tokens is None:
-        return None
-    if key is None or tokens is None:
-        raise ValueError("output_key and output_tokens go together: give both or neither")
-    _check_key(key)
-    _check_count("output_tokens", tokens)
-    return key, tokens
-
-
-def _check_key(key: str) -> None:
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"output key must be a non-empty string, got {key!r}")
-
-
-def _check_count(name: str, value: int, *, minimum: int = 0) -> None:
-    if not _is_count(value, minimum=minimum):
-        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
-
-
-def _is_count(value: object, *, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def _is_positive(value: object) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value) and value > 0
-
-
-def _us(seconds: float) -> int:
-    return round(seconds * 1_000_000)
-
-
-def _text(value: bytes | str | int) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
