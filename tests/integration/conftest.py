@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import kombu.pools
 import pytest
 
 from docqueue.tasks.runtime import reset_runtime
@@ -67,9 +68,11 @@ def _follow_settings() -> None:
             resolve_broker(settings), resolve_redis(settings)):
         return
     _configure(app)
-    if app._pool is not None:  # the producers' connections to the former broker
-        app._pool.force_close_all()
-        app._pool = None
+    # The app's connection and producer pools live in kombu's process-wide registry, keyed by
+    # broker URL: closing one there and coming back to the same URL later (Redis, RabbitMQ,
+    # Redis again) would find it closed ("Acquire on closed pool"). Empty the registry instead.
+    kombu.pools.reset()
+    app._pool = None
     if "amqp" in app.__dict__:
         app.amqp._producer_pool = None
     app._backend_cache = None  # the former result backend's client
