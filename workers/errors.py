@@ -35,6 +35,8 @@ WorkerError                     the root; every message is written for the user
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class WorkerError(Exception):
     """The root of docqueue's errors; the message is written for the user."""
@@ -63,11 +65,15 @@ class RetryableLLMError(LLMErrorMixin, RetryableError):
         http_status: int | None = None,
         code: str | None = None,
         retry_after_s: float | None = None,
+        rate_headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.http_status = http_status
         self.code = code
         self.retry_after_s = retry_after_s
+        # The response's x-ratelimit-* headers: a 429 says what the provider's budget is, and
+        # the limiter must learn it before the pause ends, not from the next success.
+        self.rate_headers = dict(rate_headers or {})
 
 
 class RateLimitedError(RetryableLLMError):

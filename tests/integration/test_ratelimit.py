@@ -259,6 +259,15 @@ class RecordingProxy:
         self._loop.close()
 
 
+def timeline(calls: list[Call], zero: float) -> str:
+    """The calls one a line, in seconds from `zero`, for a failure message."""
+    return "\n".join(
+        f"{c.sent_s - zero:+8.3f} -> {c.answered_s - zero:+8.3f}  {c.status}"
+        f"  retry-after {c.retry_after_s}  {c.key.split('Note ')[-1][:4]!r}"
+        for c in calls
+    )
+
+
 @pytest.fixture
 def proxy() -> Iterator[Any]:
     started: list[RecordingProxy] = []
@@ -308,7 +317,7 @@ def test_a_429_pauses_every_process_and_no_chunk_retries_before_retry_after(
         assert not during, (r, during)
     # and only that first wave was refused: nothing sent after the first pause got a 429
     first_pause = min(c.answered_s for c in refused)
-    assert all(c.sent_s < first_pause + 0.5 for c in refused), refused
+    assert all(c.sent_s < first_pause + 0.5 for c in refused), timeline(calls, first_pause)
     # and no chunk was sent again before the Retry-After of its own 429
     by_chunk: dict[str, list[Call]] = defaultdict(list)
     for c in calls:
@@ -321,6 +330,46 @@ def test_a_429_pauses_every_process_and_no_chunk_retries_before_retry_after(
     # and the attempts on the result rows are the calls the provider saw
     assert sorted(r.attempts for r in rows(handle.id)) == sorted(
         len(t) for t in by_chunk.values())
+
+
+def test_a_429_teaches_the_providers_limit_before_the_pause_ends(
+    simulator: Any, docq_env: Any, workers: Any, proxy: Any
+) -> None:
+    # Given a provider allowing 30 requests a minute whose bucket someone else has just emptied
+    # (30 calls of another client, answered slowly), and docqueue wrongly told 300
+    sim = simulator("--rpm", "30", "--latency-ms", "3000", "--seed", "17")
+
+    async def drain() -> None:
+        async with ClientSession(timeout=ClientTimeout(total=30)) as http:
+            async def one(i: int) -> None:
+                body = {"model": "docq-sim", "max_tokens": 5,
+                        "messages": [{"role": "user", "content": f"another client {i}"}]}
+                async with http.post(f"{sim.url}/chat/completions", json=body) as answer:
+                    assert answer.status == 200, await answer.text()
+            await asyncio.gather(*(one(i) for i in range(30)))
+
+    recorder = proxy(sim.url)
+    env = docq_env(recorder.url, llm_rpm=300, llm_max_tokens=MAX_TOKENS, chunk_tokens=60,
+                   chunk_overlap_tokens=0, batch_max_chunks=2, max_attempts=10)
+    workers(env)
+    workers(env)
+    asyncio.run(drain())  # 3 s: the bucket refills by 1.5 calls meanwhile, 8 are about to come
+    # When a job of 8 chunks runs (four batches of 2, one a process): its first calls are
+    # refused before any of them is answered, so only the 429s themselves can say the limit
+    handle = submit(notes(8), "summarize")
+    final = handle.wait(timeout=90)
+    # Then every chunk succeeded in the end
+    assert final["status"] == "succeeded", final
+    assert all(r.status == "ok" for r in rows(handle.id))
+    calls = sorted(recorder.calls, key=lambda c: c.sent_s)
+    refused = [c for c in calls if c.status == 429]
+    assert refused, "the provider's bucket was empty: the first calls should have been refused"
+    first_pause = min(c.answered_s for c in refused)
+    # and after the pause docqueue sent at the provider's pace (one call a refill, learned
+    # from the 429s' x-ratelimit-* headers), so no call sent after it was refused again
+    # (calls already on their way when the first 429 came back are allowed half a second)
+    assert all(c.sent_s < first_pause + 0.5 for c in refused), timeline(calls, first_pause)
+    assert len({c.key for c in refused}) == len(refused), timeline(calls, first_pause)
 
 
 def test_a_lower_limit_learned_after_a_cool_down_leaves_the_bucket_empty_not_in_debt(

@@ -363,3 +363,13 @@ def test_a_429_carries_the_providers_retry_after() -> None:
                                                {"retry-after-ms": "1500"}), None)
     assert isinstance(error, RateLimitedError)
     assert error.retry_after_s == pytest.approx(1.5)
+
+
+def test_a_429_carries_the_providers_budget_headers_and_nothing_else() -> None:
+    headers = {"retry-after-ms": "1500", "X-RateLimit-Limit-Requests": "30",
+               "x-ratelimit-remaining-requests": "0", "set-cookie": "session=abc"}
+    error = classify_status_error(status_error(429, "rate_limit_exceeded", headers), None)
+    assert isinstance(error, RateLimitedError)
+    assert {k.lower(): v for k, v in error.rate_headers.items()} == {
+        "x-ratelimit-limit-requests": "30",
+        "x-ratelimit-remaining-requests": "0"}

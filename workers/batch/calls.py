@@ -184,8 +184,11 @@ async def _limited_call(svc: Services, info: BatchInfo, prompt: Prompt, max_toke
         completion = await svc.llm.complete(prompt, max_tokens=max_tokens,
                                           service_tier=info.service_tier)
     except RateLimitedError as exc:
-        # The provider consumed nothing; every process pauses for its Retry-After.
-        await lim.release(ticket, refund=True, overloaded=True)
+        # The provider consumed nothing; every process pauses for its Retry-After. Its budget
+        # headers teach the limiter the provider's real limit now: learned only from the next
+        # success, the pause would end with the bucket refilling at the configured (too high)
+        # rate, and the calls sent as it ends would be refused again.
+        await lim.release(ticket, refund=True, overloaded=True, headers=exc.rate_headers)
         await lim.cool_down(exc.retry_after_s if exc.retry_after_s is not None else 1.0)
         raise
     except EndpointUnreachableError:

@@ -294,12 +294,11 @@ def classify_status(
         # The flex tier has no capacity now: not our rate, and not charged. A wait, not an
         # attempt: the batch hands its chunks back, as for an endpoint that is down.
         return FlexUnavailableError(text, http_status=status, code=FLEX_UNAVAILABLE)
+    budget = {k: str(v) for k, v in headers.items() if str(k).lower().startswith("x-ratelimit-")}
     if status == 429 and code != "insufficient_quota":
-        return RateLimitedError(
-            text, http_status=status, code=code, retry_after_s=retry_after_s(headers)
-        )
+        return RateLimitedError(text, http_status=status, code=code,
+                                retry_after_s=retry_after_s(headers), rate_headers=budget)
     if status in RETRYABLE_STATUSES and code not in PERMANENT_CODES:
-        return RetryableLLMError(
-            text, http_status=status, code=code, retry_after_s=retry_after_s(headers)
-        )
+        return RetryableLLMError(text, http_status=status, code=code,
+                                 retry_after_s=retry_after_s(headers), rate_headers=budget)
     return PermanentLLMError(text, http_status=status, code=code)
