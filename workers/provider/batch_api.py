@@ -6,22 +6,26 @@ built with `max_retries=0`: the ledger (workers/jobs/lane.py) decides what is do
 A batch line's body is the one the online lane sends: it is built by the same langchain-openai
 chat model the online client calls (`_get_request_payload`), so the provider sees the same
 request, and the answer is the one the response cache keeps for that chunk.
+
+The SDK and langchain load on first use, not on import: the submit path and the ledger import
+this module for its constants and types, and a producer must not pay ~80 MB and a second of
+start-up for a client it never builds.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import openai
-from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
 from docqueue.workers.errors import InputError
 from docqueue.workers.pipelines import Prompt
-from docqueue.workers.provider.client import classify_status_error, to_messages, transport_error
 from docqueue.workers.settings import Settings
+
+if TYPE_CHECKING:
+    from langchain_openai import ChatOpenAI
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 LEDGER_KEY = "docq_ledger"  # batch metadata: the ledger row a provider batch belongs to
@@ -43,6 +47,8 @@ class OpenAIBatchApi:
     """The Batch API of an OpenAI-compatible endpoint, through the OpenAI SDK."""
 
     def __init__(self, settings: Settings, base_url: str) -> None:
+        import openai
+
         self._base_url = base_url
         self._timeout_s = settings.llm_timeout_s
         self._secret = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
@@ -87,6 +93,10 @@ class OpenAIBatchApi:
         return bytes(self._call(lambda: self._client.files.content(file_id)).content)
 
     def _call(self, fn: Any) -> Any:
+        import openai
+
+        from docqueue.workers.provider.client import classify_status_error, transport_error
+
         try:
             return fn()
         except openai.APIStatusError as exc:
@@ -105,11 +115,15 @@ class RequestBodies:
     def __init__(self, settings: Settings, base_url: str) -> None:
         if settings.mode != "chat":
             raise InputError("the batch lane sends chat requests: set DOCQ_LLM_MODE=chat")
-        self._chat = ChatOpenAI(model=settings.model_name, base_url=base_url,
+        from langchain_openai import ChatOpenAI
+
+        self._chat: ChatOpenAI = ChatOpenAI(model=settings.model_name, base_url=base_url,
                                 api_key=SecretStr("no-key"),
                                 temperature=settings.llm_temperature, max_retries=0)
 
     def body(self, prompt: Prompt, max_tokens: int) -> dict[str, Any]:
+        from docqueue.workers.provider.client import to_messages
+
         assert prompt.messages is not None
         kwargs: dict[str, Any] = {**(prompt.params or {}), "max_tokens": max_tokens}
         if prompt.stop:
