@@ -15,9 +15,6 @@ from collections.abc import Iterator
 from pathlib import PurePath
 from typing import IO, Any
 
-import bs4
-import pypdf
-
 from docqueue.workers.ingest.decoding import Rejected as _Rejected
 from docqueue.workers.ingest.decoding import decode_text
 from docqueue.workers.ingest.documents import over_limit
@@ -30,6 +27,8 @@ SNIFF_BYTES = 8192  # a NUL byte this early marks a binary file
 
 # pypdf logs its complaints about a broken file ("EOF marker not found"); with no handler of
 # its own they reached the terminal beside the document's error. They belong in the log only.
+# (The parsers themselves, pypdf, BeautifulSoup and python-docx, load with the first file of
+# their kind: a job of text files does not pay their ~40 MB and half second.)
 logging.getLogger("pypdf").addHandler(logging.NullHandler())
 
 
@@ -65,6 +64,8 @@ _PARAGRAPH, _LINE_BREAK = "\ue000", "\ue001"  # private-use marks, replaced befo
 
 def _html_text(markup: str) -> tuple[str, dict[str, Any]]:
     """Visible text, one paragraph per block element, whitespace collapsed as a browser does."""
+    import bs4
+
     soup = bs4.BeautifulSoup(markup, "html.parser")
     title = " ".join(soup.title.get_text().split()) if soup.title else ""
     for tag in soup(["head", "script", "style", "noscript", "template", "title"]):
@@ -92,6 +93,8 @@ def _html_text(markup: str) -> tuple[str, dict[str, Any]]:
 
 def _pdf_text(stream: IO[bytes], source: str, max_bytes: int) -> tuple[str, dict[str, Any]]:
     """The text of every page, pages separated by a blank line."""
+    import pypdf
+
     try:
         reader = pypdf.PdfReader(stream)
         if reader.is_encrypted and not reader.decrypt(""):

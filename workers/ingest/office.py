@@ -10,10 +10,6 @@ from __future__ import annotations
 import zipfile
 from typing import IO, Any
 
-import docx
-from docx.table import Table
-from docx.text.paragraph import Paragraph
-
 from docqueue.workers.ingest.archives import MAX_EXPANSION
 from docqueue.workers.ingest.decoding import Rejected
 
@@ -34,6 +30,10 @@ def docx_text(stream: IO[bytes], source: str, max_bytes: int) -> tuple[str, dict
     if declared > max(max_bytes, size * MAX_EXPANSION):
         raise Rejected(f"{source} declares {declared:,} bytes once decompressed: refused as a "
                        "zip bomb")
+    import docx  # with the first Word document, not with every producer
+    from docx.table import Table
+    from docx.text.paragraph import Paragraph
+
     try:
         document = docx.Document(stream)
         blocks: list[str] = []
