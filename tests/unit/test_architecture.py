@@ -22,7 +22,10 @@ import only the shared names and models, and only `tasks` imports them.
 from __future__ import annotations
 
 import ast
+import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -283,3 +286,20 @@ def test_the_clock_check_sees_every_kind_of_read() -> None:
         "line 6: datetime.now()",
         "line 7: datetime.utcnow()",
     ]
+
+
+# What a producer process may not load: the model client stack (langchain, the OpenAI SDK) is
+# the worker's, and the document parsers load with the first file of their kind. Together they
+# were about 70 MB of `docq submit`'s peak memory and a second or more of its start-up.
+PRODUCER_NEVER_LOADS = ("langchain_openai", "langchain_core", "openai", "pypdf", "bs4", "docx")
+
+
+def test_a_producer_does_not_load_the_model_client_or_the_parsers() -> None:
+    code = ("import json, sys; import docqueue.tasks, docqueue.tasks.cli; "
+            "from docqueue import submit, JobHandle; "
+            "print(json.dumps(sorted(m.split('.')[0] for m in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    loaded = set(json.loads(out))
+    assert "docqueue" in loaded  # the check itself ran
+    assert loaded.isdisjoint(PRODUCER_NEVER_LOADS), sorted(loaded & set(PRODUCER_NEVER_LOADS))
