@@ -138,3 +138,17 @@ def test_the_prompt_cache_key_is_sent_where_the_endpoint_takes_it(
     settings = Settings(llm_base_url=url, llm_prompt_cache_key=setting)  # type: ignore[arg-type]
     assert settings.sends_prompt_cache_key is sent
     assert prompt_cache.cache_key(42, "summarize") == "docq-42-summarize"
+
+
+def test_cached_tokens_are_read_from_raw_usage_and_from_langchain_usage_metadata() -> None:
+    from docqueue.workers.provider.client import cache_read
+
+    # OpenAI's raw usage (the lean client, the batch lane's output lines)
+    assert prompt_cache.usage_cached_tokens(
+        {"prompt_tokens": 1600, "prompt_tokens_details": {"cached_tokens": 1408}}) == 1408
+    assert prompt_cache.usage_cached_tokens({"prompt_tokens": 1600}) == 0
+    assert prompt_cache.usage_cached_tokens({"prompt_tokens_details": None}) == 0
+    # langchain-openai's input_token_details, whose key carries the tier at flex and priority
+    assert cache_read({"cache_read": 1408, "audio": 0}) == 1408
+    assert cache_read({"flex_cache_read": 1024, "flex": 576}) == 1024
+    assert cache_read({}) == 0
