@@ -124,6 +124,8 @@ class Job(Base):
     chunks_error: Mapped[int] = mapped_column(default=0)
     chunks_other: Mapped[int] = mapped_column(default=0)
     tokens_in: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Of tokens_in: those the provider read from its prompt cache (billed at the cached rate).
+    tokens_in_cached: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     tokens_out: Mapped[int] = mapped_column(BigInteger, default=0)
     cost: Mapped[float | None] = mapped_column(Float)
     latency_p50_ms: Mapped[float | None] = mapped_column(Float)
@@ -151,6 +153,7 @@ class Document(Base):
     chunk_count: Mapped[int] = mapped_column(default=0)
     output: Mapped[Any | None] = mapped_column(JSON)
     tokens_in: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens_in_cached: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     tokens_out: Mapped[int] = mapped_column(BigInteger, default=0)
     cost: Mapped[float | None] = mapped_column(Float)
 
@@ -227,6 +230,8 @@ class Result(Base):
     http_status: Mapped[int | None] = mapped_column(Integer)
     finish_reason: Mapped[str | None] = mapped_column(String(32))
     tokens_in: Mapped[int] = mapped_column(default=0)
+    # Of tokens_in: those the provider read from its prompt cache (billed at the cached rate).
+    tokens_in_cached: Mapped[int] = mapped_column(default=0, server_default="0")
     tokens_out: Mapped[int] = mapped_column(default=0)
     cost: Mapped[float | None] = mapped_column(Float)
     latency_ms: Mapped[float | None] = mapped_column(Float)

@@ -69,8 +69,13 @@ class JobInfo(TypedDict):
     chunks_by_state: dict[str, int]  # final chunks by ResultStatus value
     reduce_steps_done: int
     tokens_in: int
+    tokens_in_cached: int  # of tokens_in: read from the provider's prompt cache
     tokens_out: int
     cost: float | None
+    prompt_cache_share: float  # tokens_in_cached / tokens_in (0 before any prompt token)
+    # What the cached tokens cost less than at the input rate (the job's lane and tier), in
+    # dollars; None when the model's price is unknown.
+    prompt_cache_saved: float | None
     latency_p50_ms: float | None  # set when the job is merged
     latency_p95_ms: float | None
     chunks_per_s: float | None
@@ -136,9 +141,12 @@ def job_status(job_id: int) -> JobInfo:
             target[status] = target.get(status, 0) + n
         live = session.execute(
             select(func.coalesce(func.sum(Result.tokens_in), 0),
-                   func.coalesce(func.sum(Result.tokens_out), 0), func.sum(Result.cost))
+                   func.coalesce(func.sum(Result.tokens_out), 0), func.sum(Result.cost),
+                   func.coalesce(func.sum(Result.tokens_in_cached), 0))
             .where(Result.job_id == job_id)
         ).one()
+        tokens_in, cached = int(live[0]), int(live[3])
+        price = rt.settings.price_for(job.model)
         retrying = counts.pop(ResultStatus.RETRY, 0)
         return {
             "id": job.id, "name": job.name, "status": JobStatus(job.status), "reason": job.reason,
@@ -150,8 +158,11 @@ def job_status(job_id: int) -> JobInfo:
             "chunks_by_state": counts,
             "reduce_steps_done": sum(n for k, n in reduce_counts.items()
                                      if k != ResultStatus.RETRY),
-            "tokens_in": int(live[0]), "tokens_out": int(live[1]),
+            "tokens_in": tokens_in, "tokens_in_cached": cached, "tokens_out": int(live[1]),
             "cost": float(live[2]) if live[2] is not None else None,
+            "prompt_cache_share": round(cached / tokens_in, 4) if tokens_in else 0.0,
+            "prompt_cache_saved": None if price is None else price.saved(
+                cached, job.lane, job.service_tier),
             "latency_p50_ms": job.latency_p50_ms, "latency_p95_ms": job.latency_p95_ms,
             "chunks_per_s": job.chunks_per_s,
             "created_at": _iso(job.created_at), "submitted_at": _iso(job.submitted_at),

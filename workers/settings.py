@@ -7,6 +7,7 @@ the object (or the part it needs) as an argument.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import itertools
 from pathlib import Path
 from typing import Literal
@@ -26,17 +27,20 @@ LLMMode = Literal["chat", "completion"]
 
 
 class Price(BaseModel):
-    """Dollars per million tokens, input and output; the batch entries default to half."""
+    """Dollars per million tokens: input, cached input and output; the batch entries default
+    to half."""
 
     input_per_mtok: float
     output_per_mtok: float
+    # Prompt tokens the provider read from its prompt cache; None: billed as any input token.
+    cached_input_per_mtok: float | None = None
     # The provider's Batch API and the flex service tier (OpenAI prices both at half).
     batch_input_per_mtok: float | None = None
     batch_output_per_mtok: float | None = None
 
     def rates(self, lane: str = "online", tier: str | None = None) -> tuple[float, float]:
         """(input, output) dollars per million tokens for a lane and an online service tier."""
-        if lane == "batch" or tier == "flex":
+        if _half_price(lane, tier):
             return (
                 self.input_per_mtok / 2 if self.batch_input_per_mtok is None
                 else self.batch_input_per_mtok,
@@ -45,19 +49,43 @@ class Price(BaseModel):
             )
         return self.input_per_mtok, self.output_per_mtok
 
+    def cached_rate(self, lane: str = "online", tier: str | None = None) -> float:
+        """Dollars per million cached prompt tokens: the cached price (halved where the batch
+        price applies), else the input rate."""
+        if self.cached_input_per_mtok is None:
+            return self.rates(lane, tier)[0]
+        return self.cached_input_per_mtok / (2 if _half_price(lane, tier) else 1)
+
     def cost(self, tokens_in: int, tokens_out: int, lane: str = "online",
-             tier: str | None = None) -> float:
+             tier: str | None = None, cached: int = 0) -> float:
+        """What a call's usage costs: `cached` of its `tokens_in` at the cached rate, the rest
+        of them at the input rate."""
         rate_in, rate_out = self.rates(lane, tier)
-        return (tokens_in * rate_in + tokens_out * rate_out) / 1e6
+        cached = min(max(cached, 0), tokens_in)
+        return ((tokens_in - cached) * rate_in + cached * self.cached_rate(lane, tier)
+                + tokens_out * rate_out) / 1e6
+
+    def saved(self, cached: int, lane: str = "online", tier: str | None = None) -> float:
+        """What `cached` prompt tokens cost less than at the input rate."""
+        return cached * (self.rates(lane, tier)[0] - self.cached_rate(lane, tier)) / 1e6
 
 
-# Published list prices per million tokens; override or extend with DOCQ_PRICES (JSON).
+def _half_price(lane: str, tier: str | None) -> bool:
+    return lane == "batch" or tier == "flex"
+
+
+# Published list prices per million tokens (cached input: the rate of prompt tokens read from
+# the provider's prompt cache); override or extend with DOCQ_PRICES (JSON).
 DEFAULT_PRICES: dict[str, Price] = {
-    "gpt-4o-mini": Price(input_per_mtok=0.15, output_per_mtok=0.60),
-    "gpt-4o": Price(input_per_mtok=2.50, output_per_mtok=10.00),
-    "gpt-4.1-mini": Price(input_per_mtok=0.40, output_per_mtok=1.60),
-    "gpt-4.1-nano": Price(input_per_mtok=0.10, output_per_mtok=0.40),
-    "gpt-4.1": Price(input_per_mtok=2.00, output_per_mtok=8.00),
+    "gpt-4o-mini": Price(input_per_mtok=0.15, cached_input_per_mtok=0.075, output_per_mtok=0.60),
+    "gpt-4o": Price(input_per_mtok=2.50, cached_input_per_mtok=1.25, output_per_mtok=10.00),
+    "gpt-4.1-mini": Price(input_per_mtok=0.40, cached_input_per_mtok=0.10, output_per_mtok=1.60),
+    "gpt-4.1-nano": Price(input_per_mtok=0.10, cached_input_per_mtok=0.025,
+                          output_per_mtok=0.40),
+    "gpt-4.1": Price(input_per_mtok=2.00, cached_input_per_mtok=0.50, output_per_mtok=8.00),
+    "gpt-5": Price(input_per_mtok=1.25, cached_input_per_mtok=0.125, output_per_mtok=10.00),
+    "gpt-5-mini": Price(input_per_mtok=0.25, cached_input_per_mtok=0.025, output_per_mtok=2.00),
+    "gpt-5-nano": Price(input_per_mtok=0.05, cached_input_per_mtok=0.005, output_per_mtok=0.40),
     # The simulator and the local model cost nothing; a known zero is still a price.
     "docq-sim": Price(input_per_mtok=0.0, output_per_mtok=0.0),
     "gemma-3-270m": Price(input_per_mtok=0.0, output_per_mtok=0.0),
@@ -80,6 +108,18 @@ KNOWN_CONTEXT_TOKENS: dict[str, int] = {
 }
 # A model not listed above is taken to hold this much, until DOCQ_LLM_CONTEXT_TOKENS says.
 UNKNOWN_CONTEXT_TOKENS = 4096
+
+
+OPENAI_HOST = "api.openai.com"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def masked_url(url: str) -> str:
@@ -184,6 +224,13 @@ class Settings(BaseSettings):
         "one aiohttp request per call, the same body, errors, usage and headers, 6-8 ms of a "
         "worker's CPU a call less (benchmarks/bench_limit.py); for endpoints fast enough that "
         "the worker's CPU sets the pace.")
+    llm_prompt_cache_key: Literal["auto", "on", "off"] = Field(
+        default="auto", description="Send each call a prompt_cache_key, docq-<job>-<pipeline>: "
+        "OpenAI routes the calls of one key to the machines that hold their shared prefix, so "
+        "a job's calls find its instructions in the prompt cache. auto: on for api.openai.com "
+        "and for an endpoint on this machine's loopback (the simulator; local servers ignore "
+        "fields they do not know), off for other endpoints, which may refuse an unknown field, "
+        "and for the local model.")
     llm_timeout_s: float = Field(default=60.0, gt=0)
     llm_max_tokens: int = Field(default=256, gt=0)
     llm_temperature: float = 0.0
@@ -385,6 +432,16 @@ class Settings(BaseSettings):
         """A short hash of the API key: safe to use in Redis keys and logs."""
         secret = self.llm_api_key.get_secret_value() if self.llm_api_key else ""
         return hashlib.sha256(secret.encode()).hexdigest()[:12]
+
+    @property
+    def sends_prompt_cache_key(self) -> bool:
+        """Whether calls carry a prompt_cache_key (DOCQ_LLM_PROMPT_CACHE_KEY)."""
+        if self.llm_prompt_cache_key != "auto":
+            return self.llm_prompt_cache_key == "on"
+        if self.llm_base_url is None:
+            return False
+        host = (urlsplit(self.llm_base_url).hostname or "").lower()
+        return host == OPENAI_HOST or _is_loopback(host)
 
     def price_for(self, model: str) -> Price | None:
         return self.prices.get(model)

@@ -135,8 +135,10 @@ def _print_estimate(paths: list[str], pipeline: str, options: dict[str, Any],
     def dollars(x: float | None) -> str:
         return "unknown (no price for this model)" if x is None else f"${x:.4f}"
 
+    cached = est["tokens_in_cached"]
+    share = f" ({cached} from the prompt cache, {cached / est['tokens_in']:.1%})" if cached else ""
     typer.echo(f"{est['documents']} documents ({est['rejected']} rejected), {est['chunks']} "
-               f"chunks\ntokens in: {est['tokens_in']}\ntokens out: at most "
+               f"chunks\ntokens in: {est['tokens_in']}{share}\ntokens out: at most "
                f"{est['tokens_out_max']}\ncost: {dollars(est['cost_min'])} to "
                f"{dollars(est['cost_max'])}")
 
@@ -156,17 +158,31 @@ def _progress_line() -> Any:
 
 
 def _summary(st: JobInfo) -> str:
-    """`job 7 partial: 160 ok, 3 failed; tokens in 51,200, out 9,600; cost $0.0123`, and the
-    reason on a second line when the job has one."""
+    """`job 7 partial: 160 ok, 3 failed; tokens in 51,200 (38,400 cached, 75.0%), out 9,600;
+    cost $0.0123 (prompt cache saved $0.0040)`, and the reason on a second line when the job
+    has one. The prompt cache's words appear only when it served any token."""
     from docqueue.tasks.progress import chunks_in_words
 
     cost = "unknown" if st["cost"] is None else f"${st['cost']:.4f}"
     rejected = st.get("documents_rejected") or 0
     documents = f"; {rejected:,} documents rejected" if rejected else ""
     text = (f"job {st['id']} {st['status']}: {chunks_in_words(st)}{documents}; tokens in "
-            f"{st['tokens_in']:,}, out {st['tokens_out']:,}; cost {cost}")
+            f"{st['tokens_in']:,}{_prompt_cache_words(st)}, out {st['tokens_out']:,}; "
+            f"cost {cost}{_saved_words(st)}")
     text += f"\n  {st['reason']}" if st.get("reason") else ""
     return text + "".join(f"\n  {_provider_batch_line(b)}" for b in st.get("provider_batches", []))
+
+
+def _prompt_cache_words(st: JobInfo) -> str:
+    """` (38,400 cached, 75.0%)`: the prompt tokens the provider read from its prompt cache."""
+    return (f" ({st['tokens_in_cached']:,} cached, {st['prompt_cache_share']:.1%})"
+            if st["tokens_in_cached"] else "")
+
+
+def _saved_words(st: JobInfo) -> str:
+    """` (prompt cache saved $0.0040)`, when it saved anything and the price is known."""
+    saved = st["prompt_cache_saved"]
+    return f" (prompt cache saved ${saved:.4f})" if saved else ""
 
 
 def _provider_batch_line(b: ProviderBatchInfo) -> str:

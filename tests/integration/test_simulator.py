@@ -421,6 +421,7 @@ def test_stats_count_what_was_served_and_reset(
     assert stats["requests_total"] == 4 and stats["by_status"] == {"200": 3, "400": 1}
     assert stats["tokens_served"] == {
         "prompt": prompt,
+        "cached_prompt": 0,  # prompts under 1,024 tokens are never cached
         "completion": completion,
         "total": prompt + completion,
     }

@@ -52,7 +52,8 @@ class FakeLLM:
     calls: list[Prompt] = field(default_factory=list)
 
     async def complete(self, prompt: Prompt, *, max_tokens: int,
-                       service_tier: str | None = None) -> Completion:
+                       service_tier: str | None = None,
+                       cache_key: str | None = None) -> Completion:
         self.calls.append(prompt)
         result = self.answer(prompt, len(self.calls))
         if isinstance(result, BaseException):

@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[2]
 JOB_KEYS = [
     "id", "name", "status", "reason", "pipeline", "model", "endpoint", "documents_total",
     "documents_rejected", "chunks_total", "batches_total", "chunks_done", "chunks_retrying",
-    "chunks_by_state", "reduce_steps_done", "tokens_in", "tokens_out", "cost", "latency_p50_ms",
-    "latency_p95_ms", "chunks_per_s", "created_at", "submitted_at", "finished_at", "lane",
-    "provider_batches",
+    "chunks_by_state", "reduce_steps_done", "tokens_in", "tokens_in_cached", "tokens_out", "cost",
+    "prompt_cache_share", "prompt_cache_saved", "latency_p50_ms", "latency_p95_ms",
+    "chunks_per_s", "created_at", "submitted_at", "finished_at", "lane", "provider_batches",
 ]
 DOCUMENT_KEYS = ["id", "source", "status", "output", "error", "chunks", "tokens_in",
                  "tokens_out", "cost", "content_hash", "metadata"]
@@ -53,7 +53,8 @@ def a_job() -> JobInfo:
         "documents_total": 2, "documents_rejected": 0, "chunks_total": 5, "batches_total": 1,
         "chunks_done": 5, "chunks_retrying": 0,
         "chunks_by_state": {ResultStatus.OK: 2, ResultStatus.ERROR: 3},
-        "reduce_steps_done": 0, "tokens_in": 100, "tokens_out": 20, "cost": None,
+        "reduce_steps_done": 0, "tokens_in": 100, "tokens_in_cached": 0, "tokens_out": 20,
+        "cost": None, "prompt_cache_share": 0.0, "prompt_cache_saved": None,
         "latency_p50_ms": 12.5, "latency_p95_ms": 40.0, "chunks_per_s": 3.0,
         "created_at": "2025-01-01T00:00:00+00:00", "submitted_at": None, "finished_at": None,
         "lane": Lane.BATCH,

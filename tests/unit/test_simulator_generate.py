@@ -50,6 +50,7 @@ def test_usage_is_tiktoken_counts_of_prompt_and_reply() -> None:
         "prompt_tokens": count_messages(body["messages"]),
         "completion_tokens": count_text(content),
         "total_tokens": count_messages(body["messages"]) + count_text(content),
+        "prompt_tokens_details": {"cached_tokens": 0},  # the server's prefix cache sets it
     }
     assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-")
     assert out["choices"][0]["finish_reason"] == "stop"

@@ -29,6 +29,7 @@ from docqueue.workers.errors import (
     RetryableError,
 )
 from docqueue.workers.pipelines import OutputParseError, Pipeline, Prompt
+from docqueue.workers.provider import prompt_cache
 from docqueue.workers.provider.admission import LimiterBusy
 from docqueue.workers.provider.retry import backoff_s
 from docqueue.workers.settings import Settings
@@ -140,6 +141,7 @@ async def call_model(
         row.update({
             "finish_reason": completion.finish_reason,
             "tokens_in": completion.tokens_in,
+            "tokens_in_cached": completion.tokens_in_cached,
             "tokens_out": completion.tokens_out,
             "latency_ms": round(completion.latency_ms, 2),
             "cost": cost_of(svc.settings, completion, info.service_tier),
@@ -163,9 +165,11 @@ async def _limited_call(svc: Services, info: BatchInfo, prompt: Prompt, max_toke
                         slot_wait_s: float,
                         interrupted: Callable[[], Awaitable[bool]]) -> Completion:
     lim = svc.limiter
+    cache_key = (prompt_cache.cache_key(info.job_id, info.pipeline)
+                 if svc.settings.sends_prompt_cache_key else None)
     if lim is None:
         return await svc.llm.complete(prompt, max_tokens=max_tokens,
-                                          service_tier=info.service_tier)
+                                      service_tier=info.service_tier, cache_key=cache_key)
     key = f"{info.pipeline}:{info.pipeline_version}"
     by_max_tokens = svc.settings.llm_tpm_charge == "max_tokens"
     # A provider that charges max_tokens at admission must be reserved for the same; one that
@@ -182,7 +186,7 @@ async def _limited_call(svc: Services, info: BatchInfo, prompt: Prompt, max_toke
         raise _Interrupted
     try:
         completion = await svc.llm.complete(prompt, max_tokens=max_tokens,
-                                          service_tier=info.service_tier)
+                                            service_tier=info.service_tier, cache_key=cache_key)
     except RateLimitedError as exc:
         # The provider consumed nothing; every process pauses for its Retry-After. Its budget
         # headers teach the limiter the provider's real limit now: learned only from the next
@@ -217,7 +221,7 @@ def cost_of(settings: Settings, c: Completion, tier: str | None = None) -> float
     price = settings.price_for(settings.model_name)
     if price is None:
         return None  # an unknown model's cost is unknown, not zero
-    return price.cost(c.tokens_in, c.tokens_out, tier=tier)
+    return price.cost(c.tokens_in, c.tokens_out, tier=tier, cached=c.tokens_in_cached)
 
 
 def _failed(row: ResultRow, exc: Exception, *, final: bool) -> ResultRow:

@@ -45,6 +45,7 @@ RESULT_COLUMNS = (
     "http_status",
     "finish_reason",
     "tokens_in",
+    "tokens_in_cached",
     "tokens_out",
     "cost",
     "latency_ms",
@@ -254,6 +255,7 @@ class ResultRow(TypedDict):
     http_status: int | None
     finish_reason: str | None
     tokens_in: int
+    tokens_in_cached: int  # of tokens_in: read from the provider's prompt cache
     tokens_out: int
     cost: float | None
     latency_ms: float | None
@@ -267,8 +269,8 @@ def blank_result(chunk_id: int, job_id: int, document_id: int, attempts: int) ->
     return {
         "chunk_id": chunk_id, "job_id": job_id, "document_id": document_id, "output": None,
         "error_type": None, "error_message": None, "http_status": None, "finish_reason": None,
-        "tokens_in": 0, "tokens_out": 0, "cost": None, "latency_ms": None,
-        "attempts": attempts, "cached": False, "not_before": None,
+        "tokens_in": 0, "tokens_in_cached": 0, "tokens_out": 0, "cost": None,
+        "latency_ms": None, "attempts": attempts, "cached": False, "not_before": None,
     }
 
 

@@ -28,11 +28,12 @@ class MeteredLLM:
         self._operation = "chat" if settings.mode == "chat" else "text_completion"
 
     async def complete(self, prompt: Prompt, *, max_tokens: int,
-                       service_tier: str | None = None) -> Completion:
+                       service_tier: str | None = None,
+                       cache_key: str | None = None) -> Completion:
         started = time.perf_counter()
         try:
             completion = await self._llm.complete(prompt, max_tokens=max_tokens,
-                                                  service_tier=service_tier)
+                                                  service_tier=service_tier, cache_key=cache_key)
         except Exception as exc:
             self._record(time.perf_counter() - started, exc)
             raise

@@ -26,6 +26,7 @@ from docqueue.workers.ingest.chunking import Chunker
 from docqueue.workers.ingest.documents import SourceDocument
 from docqueue.workers.jobs import sizing
 from docqueue.workers.pipelines import Pipeline
+from docqueue.workers.provider import prompt_cache
 from docqueue.workers.settings import Settings
 
 
@@ -104,12 +105,20 @@ def _rowcount(result: Any) -> int:
 
 @dataclass
 class Estimate:
-    """What a job would cost, without recording or calling anything."""
+    """What a job would cost, without recording or calling anything.
+
+    `tokens_in_cached` is what the provider's prompt cache should serve of `tokens_in`: the
+    prefix every chunk's prompt shares (the pipeline's instructions, schema or labels), in the
+    provider's steps, for every chunk but the job's first (`predicted_cached`). `cost_min`
+    prices the prompts so and no output; `cost_max` every prompt token at the full input rate
+    and every output at max_tokens, a bound whatever the provider's cache does.
+    """
 
     documents: int = 0
     rejected: int = 0
     chunks: int = 0
     tokens_in: int = 0
+    tokens_in_cached: int = 0
     tokens_out_max: int = 0
     cost_min: float | None = 0.0
     cost_max: float | None = 0.0
@@ -139,10 +148,26 @@ def estimate(
             est.tokens_in += prompt_tokens(prompt)
             est.tokens_out_max += min(prompt.max_tokens or settings.llm_max_tokens,
                                       settings.llm_max_tokens)
+    est.tokens_in_cached = predicted_cached(settings, pipeline, est.chunks)
     price = settings.price_for(settings.model_name)
     if price is None:
         est.cost_min = est.cost_max = None
     else:
-        est.cost_min = est.tokens_in * price.input_per_mtok / 1e6
-        est.cost_max = est.cost_min + est.tokens_out_max * price.output_per_mtok / 1e6
+        est.cost_min = price.cost(est.tokens_in, 0, cached=est.tokens_in_cached)
+        est.cost_max = price.cost(est.tokens_in, est.tokens_out_max)
     return est
+
+
+def predicted_cached(settings: Settings, pipeline: Pipeline, calls: int) -> int:
+    """The prompt tokens the provider's cache should serve over `calls` chunk calls.
+
+    Assumed: the first call of a job writes the shared prefix and every later one reads it
+    (the simulator's cache does exactly that). A real provider may also miss on the calls sent
+    together with the first, before its prefix is written, and on calls routed to a machine
+    that has not seen it yet: then it bills more, up to `cost_max`. Only chat calls are
+    counted: the ledger reads cached tokens from chat answers only (client.py).
+    """
+    if settings.mode != "chat" or calls < 2:
+        return 0
+    shared = prompt_cache.cacheable(prompt_cache.shared_prefix_tokens(pipeline, settings.mode))
+    return shared * (calls - 1)

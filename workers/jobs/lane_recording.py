@@ -42,6 +42,7 @@ from docqueue.workers.jobs.lane_ledger import (
     update_row,
 )
 from docqueue.workers.provider.batch_api import TERMINAL
+from docqueue.workers.provider.prompt_cache import usage_cached_tokens
 from docqueue.workers.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -177,9 +178,11 @@ def _line_result(ctx: LaneContext, row: ResultRow, response: dict[str, Any], tex
     usage = body.get("usage") or {}
     tokens_in, tokens_out = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens",
                                                                              0))
+    cached = min(usage_cached_tokens(usage), tokens_in)
     price = cfg.price_for(cfg.model_name)
-    row.update({"finish_reason": finish, "tokens_in": tokens_in, "tokens_out": tokens_out,
-                "cost": None if price is None else price.cost(tokens_in, tokens_out, "batch")})
+    row.update({"finish_reason": finish, "tokens_in": tokens_in, "tokens_in_cached": cached,
+                "tokens_out": tokens_out, "cost": None if price is None else price.cost(
+                    tokens_in, tokens_out, "batch", cached=cached)})
     try:
         row["output"] = ctx.pipeline.parse(answer, finish)
     except PermanentError as exc:

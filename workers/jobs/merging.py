@@ -89,7 +89,8 @@ def merge_job(session: Session, job_id: int) -> MergeSummary | None:
                 stamp = as_utc(step.updated_at)
                 last_result = stamp if last_result is None else max(last_result, stamp)
         values = document_values(pipeline, document_id, steps, plan)
-        totals.add(values["tokens_in"], values["tokens_out"], values["cost"], cached=False)
+        totals.add(values["tokens_in"], values["tokens_out"], values["cost"], cached=False,
+                   tokens_in_cached=values["tokens_in_cached"])
         doc_updates.append(values)
         if len(doc_updates) >= STREAM_ROWS:
             session.execute(update(Document), doc_updates)
@@ -113,6 +114,7 @@ def merge_job(session: Session, job_id: int) -> MergeSummary | None:
             chunks_error=err,
             chunks_other=other,
             tokens_in=totals.tokens_in,
+            tokens_in_cached=totals.tokens_in_cached,
             tokens_out=totals.tokens_out,
             cost=totals.cost,
             latency_p50_ms=_percentile(latencies, 50),
@@ -205,8 +207,9 @@ def document_values(pipeline: Pipeline, document_id: int, steps: Sequence[Step],
     totals = _Totals()
     for s in steps:
         if s.status is not None:
-            totals.add(s.tokens_in, s.tokens_out, s.cost, s.cached)
+            totals.add(s.tokens_in, s.tokens_out, s.cost, s.cached, s.tokens_in_cached)
     values: dict[str, Any] = {"id": document_id, "tokens_in": totals.tokens_in,
+                              "tokens_in_cached": totals.tokens_in_cached,
                               "tokens_out": totals.tokens_out, "cost": totals.cost,
                               "status": DocumentStatus.PENDING, "output": None, "error": None}
     failed = [s for s in chunks if not s.ok]
@@ -247,11 +250,14 @@ def _state(step: Step) -> str:
 @dataclass
 class _Totals:
     tokens_in: int = 0
+    tokens_in_cached: int = 0
     tokens_out: int = 0
     cost: float | None = 0.0
 
-    def add(self, tin: int, tout: int, cost: float | None, cached: bool) -> None:
+    def add(self, tin: int, tout: int, cost: float | None, cached: bool,
+            tokens_in_cached: int = 0) -> None:
         self.tokens_in += tin
+        self.tokens_in_cached += tokens_in_cached
         self.tokens_out += tout
         if cost is None and not cached and (tin or tout):
             self.cost = None  # one call of unknown price makes the sum unknown

@@ -57,6 +57,7 @@ class Step:
     latency_ms: float | None = None
     updated_at: datetime | None = None
     error_message: str | None = None
+    tokens_in_cached: int = 0  # of tokens_in: read from the provider's prompt cache
 
     @property
     def final(self) -> bool:
@@ -154,6 +155,7 @@ def document_steps(session: Session, job: Job, document_ids: Iterable[int] | Non
             Chunk.document_id, Chunk.level, Chunk.seq, Chunk.char_start, Chunk.char_end,
             Result.status, Result.output, Result.tokens_in, Result.tokens_out, Result.cost,
             Result.cached, Result.latency_ms, Result.updated_at, Result.error_message,
+            Result.tokens_in_cached,
         )
         .outerjoin(Result, and_(Result.chunk_id == Chunk.id,
                                 Result.pipeline_version == job.pipeline_version))
@@ -166,7 +168,7 @@ def document_steps(session: Session, job: Job, document_ids: Iterable[int] | Non
         yield r.document_id, Step(
             r.level, r.seq, r.char_start, r.char_end, r.status, r.output,
             r.tokens_in or 0, r.tokens_out or 0, r.cost, bool(r.cached), r.latency_ms,
-            r.updated_at, r.error_message,
+            r.updated_at, r.error_message, r.tokens_in_cached or 0,
         )
 
 

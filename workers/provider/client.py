@@ -57,13 +57,15 @@ class Completion:
     tokens_out: int
     latency_ms: float
     headers: Mapping[str, str] = field(default_factory=dict)
+    tokens_in_cached: int = 0  # of tokens_in: read from the provider's prompt cache
 
 
 class LLM(Protocol):
     """What the batch processor needs from a model client."""
 
     async def complete(self, prompt: Prompt, *, max_tokens: int,
-                       service_tier: str | None = None) -> Completion: ...
+                       service_tier: str | None = None,
+                       cache_key: str | None = None) -> Completion: ...
 
     async def aclose(self) -> None: ...
 
@@ -112,8 +114,10 @@ class OpenAICompatibleLLM:
         await self._http.aclose()
 
     async def complete(self, prompt: Prompt, *, max_tokens: int,
-                       service_tier: str | None = None) -> Completion:
-        """Make one call, at the provider's `service_tier` if one is given.
+                       service_tier: str | None = None,
+                       cache_key: str | None = None) -> Completion:
+        """Make one call, at the provider's `service_tier` and with its `prompt_cache_key` if
+        they are given.
 
         Raises:
             RetryableLLMError: a transient failure (RateLimitedError for 429).
@@ -125,9 +129,13 @@ class OpenAICompatibleLLM:
         try:
             tier: dict[str, Any] = {"service_tier": service_tier} if service_tier else {}
             if prompt.messages is not None:
-                text, finish, tin, tout = await self._call_chat(prompt, max_tokens, tier)
+                if cache_key:
+                    tier["prompt_cache_key"] = cache_key
+                text, finish, usage = await self._call_chat(prompt, max_tokens, tier)
             else:
-                text, finish, tin, tout = await self._call_completion(prompt, max_tokens, tier)
+                if cache_key:  # the SDK's completions call has no such argument
+                    tier["extra_body"] = {"prompt_cache_key": cache_key}
+                text, finish, usage = await self._call_completion(prompt, max_tokens, tier)
         except openai.APIStatusError as exc:
             raise classify_status_error(exc, self._cfg.api_key) from None
         except (openai.APITimeoutError, openai.APIConnectionError) as exc:
@@ -137,10 +145,10 @@ class OpenAICompatibleLLM:
             raise malformed(exc) from None
         finally:
             _headers.reset(token)
-        return completed(text, finish, tin, tout, started, holder)
+        return completed(text, finish, usage, started, holder)
 
     async def _call_chat(self, prompt: Prompt, max_tokens: int,
-                         tier: dict[str, Any]) -> tuple[str, str | None, int, int]:
+                         tier: dict[str, Any]) -> tuple[str, str | None, Usage]:
         assert prompt.messages is not None
         kwargs: dict[str, Any] = {**(prompt.params or {}), "max_tokens": max_tokens, **tier}
         if prompt.stop:
@@ -152,24 +160,43 @@ class OpenAICompatibleLLM:
         usage = msg.usage_metadata or {"input_tokens": 0, "output_tokens": 0}
         finish = msg.response_metadata.get("finish_reason")
         content = msg.content if isinstance(msg.content, str) else json.dumps(msg.content)
-        return content, finish, int(usage["input_tokens"]), int(usage["output_tokens"])
+        details = msg.usage_metadata.get("input_token_details") if msg.usage_metadata else None
+        return content, finish, Usage(int(usage["input_tokens"]), int(usage["output_tokens"]),
+                                      cache_read(dict(details or {})))
 
     async def _call_completion(
         self, prompt: Prompt, max_tokens: int, tier: dict[str, Any]
-    ) -> tuple[str, str | None, int, int]:
+    ) -> tuple[str, str | None, Usage]:
         assert prompt.text is not None
         result = await self._completion.agenerate(
             [prompt.text], stop=prompt.stop, max_tokens=max_tokens, **(prompt.params or {}),
             **tier)
         gen = result.generations[0][0]
+        # langchain-openai sums only these two counts over a completions call: the cached
+        # tokens are not among them, so a completions call reports none (the lean client
+        # reads them from the response).
         usage = (result.llm_output or {}).get("token_usage", {})
         finish = (gen.generation_info or {}).get("finish_reason")
-        return (
-            gen.text,
-            finish,
-            int(usage.get("prompt_tokens", 0)),
-            int(usage.get("completion_tokens", 0)),
-        )
+        return gen.text, finish, Usage(int(usage.get("prompt_tokens", 0)),
+                                       int(usage.get("completion_tokens", 0)))
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What the provider says a call used: prompt tokens (of which `cached` were read from its
+    prompt cache) and output tokens."""
+
+    tokens_in: int
+    tokens_out: int
+    cached: int = 0
+
+
+def cache_read(details: Mapping[str, Any]) -> int:
+    """The prompt tokens read from the provider's cache, in langchain-openai's
+    `input_token_details`: "cache_read", or "flex_cache_read" / "priority_cache_read" when the
+    provider answered at that service tier."""
+    return sum(int(v or 0) for k, v in details.items()
+               if k == "cache_read" or k.endswith("_cache_read"))
 
 
 # What reading a 200 whose body is not a completion raises.
@@ -185,7 +212,7 @@ def malformed(exc: BaseException) -> RetryableLLMError:
                              code="malformed_response")
 
 
-def completed(text: str, finish: str | None, tokens_in: int, tokens_out: int, started: float,
+def completed(text: str, finish: str | None, usage: Usage, started: float,
               headers: Mapping[str, str]) -> Completion:
     """The call's Completion (`started` from time.perf_counter()); a filtered answer is an error.
 
@@ -196,8 +223,10 @@ def completed(text: str, finish: str | None, tokens_in: int, tokens_out: int, st
         raise PermanentLLMError(
             "the provider's content filter blocked this chunk", code="content_filter"
         )
-    return Completion(text=text, finish_reason=finish, tokens_in=tokens_in, tokens_out=tokens_out,
-                      latency_ms=(time.perf_counter() - started) * 1000, headers=headers)
+    return Completion(text=text, finish_reason=finish, tokens_in=usage.tokens_in,
+                      tokens_out=usage.tokens_out,
+                      latency_ms=(time.perf_counter() - started) * 1000, headers=headers,
+                      tokens_in_cached=min(usage.cached, usage.tokens_in))
 
 
 def to_messages(messages: list[dict[str, str]]) -> list[BaseMessage]:

@@ -23,11 +23,13 @@ from docqueue.workers.provider.client import (
     MALFORMED,
     Completion,
     EndpointConfig,
+    Usage,
     classify_status,
     completed,
     malformed,
     transport_error,
 )
+from docqueue.workers.provider.prompt_cache import usage_cached_tokens
 
 
 class LeanLLM:
@@ -57,10 +59,11 @@ class LeanLLM:
             await self._session.close()
 
     async def complete(self, prompt: Prompt, *, max_tokens: int,
-                       service_tier: str | None = None) -> Completion:
+                       service_tier: str | None = None,
+                       cache_key: str | None = None) -> Completion:
         """As `OpenAICompatibleLLM.complete`: one call, the same Completion, the same errors."""
         chat = prompt.messages is not None
-        body = self.body(prompt, max_tokens, service_tier)
+        body = self.body(prompt, max_tokens, service_tier, cache_key)
         started = time.perf_counter()
         try:
             async with self._open().post(self._urls["chat" if chat else "completion"],
@@ -77,17 +80,19 @@ class LeanLLM:
             answer = json.loads(raw)
             choice = answer["choices"][0]
             text = choice["message"]["content"] if chat else choice["text"]
-            usage = answer.get("usage") or {}
-            tokens_in = int(usage.get("prompt_tokens") or 0)
-            tokens_out = int(usage.get("completion_tokens") or 0)
+            raw_usage = answer.get("usage") or {}
+            usage = Usage(int(raw_usage.get("prompt_tokens") or 0),
+                          int(raw_usage.get("completion_tokens") or 0),
+                          usage_cached_tokens(raw_usage) if chat else 0)
             finish = choice.get("finish_reason")
         except MALFORMED as exc:
             raise malformed(exc) from None
         if text is not None and not isinstance(text, str):
             raise malformed(TypeError())
-        return completed(text or "", finish, tokens_in, tokens_out, started, headers)
+        return completed(text or "", finish, usage, started, headers)
 
-    def body(self, prompt: Prompt, max_tokens: int, service_tier: str | None) -> dict[str, Any]:
+    def body(self, prompt: Prompt, max_tokens: int, service_tier: str | None,
+             cache_key: str | None = None) -> dict[str, Any]:
         """The request body, as langchain-openai builds it for the same call (its defaults
         included: a server may read them, and the simulator's answers depend on them)."""
         body: dict[str, Any] = {"model": self._cfg.model, "temperature": self._cfg.temperature}
@@ -103,6 +108,8 @@ class LeanLLM:
             body["stop"] = prompt.stop
         if service_tier:
             body["service_tier"] = service_tier
+        if cache_key:
+            body["prompt_cache_key"] = cache_key
         return body
 
     def _status_error(self, status: int, raw: bytes,

@@ -15,6 +15,7 @@ from docqueue.workers.testing.simulator.config import (
     ConfigError,
     SimulatorConfig,
 )
+from docqueue.workers.testing.simulator.prefix_cache import DEFAULT_CAPACITY_BLOCKS
 
 PROG = "docq simulate"
 
@@ -113,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra latency drawn uniformly from [0, J] (default 0)",
     )
     out.add_argument(
+        "--prefix-cache-blocks", metavar="N", type=int, default=DEFAULT_CAPACITY_BLOCKS,
+        help="the prompt cache: a prompt's prefix of at least 1024 tokens that an earlier "
+        "request of the same model and prompt_cache_key sent is reported in usage."
+        "prompt_tokens_details.cached_tokens, in steps of 128 tokens; N blocks of 128 tokens "
+        f"are remembered, least recently used forgotten first (default {DEFAULT_CAPACITY_BLOCKS}"
+        "; 0 = off)")
+    out.add_argument(
         "--slots", metavar="N", type=int, help="a self-hosted server: decode at most N requests "
         "at once, queue the rest (default: no limit)")
     out.add_argument(
@@ -191,6 +199,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         timeout_hold_s=args.timeout_hold_s,
         flex_unavailable_rate=args.flex_unavailable_rate,
         context_limit=args.context_limit,
+        prefix_cache_blocks=args.prefix_cache_blocks,
         api_key=args.api_key,
         seed=args.seed,
         max_body_bytes=args.max_body_bytes,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from docqueue.workers.testing.simulator.prefix_cache import DEFAULT_CAPACITY_BLOCKS
+
 DEFAULT_MODEL = "docq-sim"
 MIB = 1024 * 1024
 
@@ -46,6 +48,9 @@ class SimulatorConfig:
     # Share of service_tier="flex" requests refused 429 resource_unavailable (before admission).
     flex_unavailable_rate: float = 0.0
     context_limit: int | None = None
+    # The prompt cache (prefix_cache.py): 128-token blocks of prompt prefixes it remembers;
+    # 0 turns it off (every usage then reports cached_tokens 0).
+    prefix_cache_blocks: int = DEFAULT_CAPACITY_BLOCKS
     api_key: str | None = field(default=None, repr=False)
     seed: int | None = None
     max_body_bytes: int = 8 * MIB
@@ -63,6 +68,9 @@ class SimulatorConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{_flag(name)}: must be a positive integer, got {value}")
+        if self.prefix_cache_blocks < 0:
+            raise ConfigError(
+                f"--prefix-cache-blocks: must not be negative, got {self.prefix_cache_blocks}")
         for name in ("default_max_tokens", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)}: must be at least 1, got {getattr(self, name)}")
@@ -107,6 +115,7 @@ class SimulatorConfig:
                 f" garbage={self.garbage_rate:g}"
             ),
             f"context_limit={self.context_limit or 'none'}",
+            f"prefix_cache_blocks={self.prefix_cache_blocks}",
             f"auth={'on' if self.api_key else 'off'}",
         ]
         return " ".join(parts)

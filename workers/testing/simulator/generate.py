@@ -112,6 +112,7 @@ def build_reply(req: CompletionRequest, config: SimulatorConfig, created_s: int)
         "prompt_tokens": req.total_prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": req.total_prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": 0},  # set by the server's prefix cache
     }
     if req.endpoint == "chat":
         body: dict[str, Any] = {
@@ -138,6 +139,11 @@ def build_reply(req: CompletionRequest, config: SimulatorConfig, created_s: int)
         }
     longest = max(c.completion_tokens for c in choices)
     return Reply(body, req.total_prompt_tokens, completion, longest)
+
+
+def mark_cached(reply: Reply, cached_tokens: int) -> None:
+    """Say in the reply's usage how many of its prompt tokens the prefix cache served."""
+    reply.body["usage"]["prompt_tokens_details"]["cached_tokens"] = cached_tokens
 
 
 def _chat_choice(index: int, choice: Choice) -> dict[str, Any]:

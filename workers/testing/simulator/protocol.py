@@ -81,6 +81,9 @@ class CompletionRequest:
     tool: ToolChoice | None
     fingerprint: int = field(repr=False)
     service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    # The messages (chat) or the prompt field (text) as sent: the prefix cache reads them.
+    prompt_part: Any = field(default=None, repr=False, compare=False)
 
     @property
     def total_prompt_tokens(self) -> int:
@@ -90,6 +93,12 @@ class CompletionRequest:
     def choices(self) -> int:
         """Choices in the reply: n for each prompt."""
         return self.n * len(self.prompt_tokens)
+
+    def prompt_sequences(self) -> list[list[int]]:
+        """Each prompt as the token sequence the prefix cache compares."""
+        if self.endpoint == "chat":
+            return [tokens.messages_ids(self.prompt_part)]
+        return [tokens.prompt_ids(p) for p in _prompts(self.prompt_part)]
 
     def output_cap(self, default_max_tokens: int) -> int:
         """The most tokens one choice may have: max_tokens, or the simulator's default."""
@@ -134,6 +143,8 @@ def parse(body: Any, endpoint: Endpoint) -> CompletionRequest:
         tool=_tool_choice(body) if endpoint == "chat" else None,
         fingerprint=_fingerprint(endpoint, model, prompt_part, body),
         service_tier=_optional(body, "service_tier", str, "a string"),
+        prompt_cache_key=_optional(body, "prompt_cache_key", str, "a string"),
+        prompt_part=prompt_part,
     )
 
 

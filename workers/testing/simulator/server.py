@@ -23,13 +23,14 @@ from aiohttp import web
 from docqueue.workers.testing.simulator.batch_api import add_routes as add_batch_api_routes
 from docqueue.workers.testing.simulator.config import SimulatorConfig
 from docqueue.workers.testing.simulator.faults import Fault, FaultInjector
-from docqueue.workers.testing.simulator.generate import build_reply
+from docqueue.workers.testing.simulator.generate import build_reply, mark_cached
 from docqueue.workers.testing.simulator.limits import (
     NS_PER_S,
     Decision,
     RateLimiter,
     retry_after_headers,
 )
+from docqueue.workers.testing.simulator.prefix_cache import MIN_TOKENS, PrefixCache
 from docqueue.workers.testing.simulator.protocol import ApiError, CompletionRequest, Endpoint, parse
 from docqueue.workers.testing.simulator.stats import Stats
 from docqueue.workers.testing.simulator.tokens import encoding
@@ -58,6 +59,7 @@ class SimulatorState:
     jitter: random.Random = field(default_factory=random.Random)
     decoding: int = 0  # requests being decoded now (the server model: --slots, --saturation)
     slots: asyncio.Semaphore | None = None
+    prefix_cache: PrefixCache = field(default_factory=PrefixCache)
 
 
 STATE = web.AppKey("simulator_state", SimulatorState)
@@ -71,6 +73,7 @@ def build_app(config: SimulatorConfig) -> web.Application:
     state.jitter = random.Random(None if config.seed is None else config.seed + 1)
     if config.slots is not None:
         state.slots = asyncio.Semaphore(config.slots)
+    state.prefix_cache = PrefixCache(config.prefix_cache_blocks)
     app[STATE] = state
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_post("/v1/completions", _text)
@@ -147,6 +150,8 @@ async def _answer(request: web.Request, endpoint: Endpoint, state: SimulatorStat
         raise error
     if fault is Fault.TIMEOUT:
         await _hold(state)
+    cached = await _read_prefix_cache(state, req, big=len(raw) > BIG_BODY_BYTES)
+    mark_cached(reply, cached)
     await _generate(state, reply.longest_choice_tokens)
     if fault is Fault.GARBAGE:
         state.stats.answered(200)
@@ -154,11 +159,22 @@ async def _answer(request: web.Request, endpoint: Endpoint, state: SimulatorStat
             body=state.faults.garbage(reply.body), content_type=JSON, headers=decision.headers
         )
     state.stats.answered(
-        200, prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens
+        200, prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
+        cached_tokens=cached,
     )
     return web.Response(
         body=json.dumps(reply.body).encode(), content_type=JSON, headers=decision.headers
     )
+
+
+async def _read_prefix_cache(state: SimulatorState, req: CompletionRequest, *, big: bool) -> int:
+    """The request's prompt tokens found in the prefix cache, its prefixes stored for later
+    requests. Prompts too short to be cached are not tokenized again."""
+    if state.prefix_cache.capacity <= 0 or max(req.prompt_tokens) < MIN_TOKENS:
+        return 0
+    sequences = await asyncio.to_thread(req.prompt_sequences) if big else req.prompt_sequences()
+    bucket = f"{req.model}\0{req.prompt_cache_key or ''}"
+    return sum(state.prefix_cache.read_and_store(bucket, ids) for ids in sequences)
 
 
 PROMPT_KEY = "docq_prompt"
@@ -365,6 +381,7 @@ async def _change_limits(request: web.Request) -> web.Response:
 async def _stats_reset(request: web.Request) -> web.Response:
     request.app[STATE].stats.reset()
     request.app[STATE].requests.clear()
+    request.app[STATE].prefix_cache.clear()
     return web.json_response({"reset": True})
 
 

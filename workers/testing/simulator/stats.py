@@ -47,6 +47,7 @@ class Stats:
     faults: Counter[str] = field(default_factory=Counter)
     tokens_admitted: int = 0
     prompt_tokens_served: int = 0
+    cached_tokens_served: int = 0  # of the prompt tokens: those the prefix cache held
     completion_tokens_served: int = 0
     cancelled: int = 0
     in_flight: int = 0
@@ -75,6 +76,7 @@ class Stats:
         limited: LimitKind | None = None,
         prompt_tokens: int = 0,
         completion_tokens: int = 0,
+        cached_tokens: int = 0,
     ) -> None:
         """Count one response; tokens are the usage of a successful reply."""
         self.by_status[status] += 1
@@ -85,6 +87,7 @@ class Stats:
             second.rate_limited += 1
         if status == 200 and (prompt_tokens or completion_tokens):
             self.prompt_tokens_served += prompt_tokens
+            self.cached_tokens_served += cached_tokens
             self.completion_tokens_served += completion_tokens
             second.ok += 1
             second.tokens += prompt_tokens + completion_tokens
@@ -119,6 +122,7 @@ class Stats:
             "tokens_admitted": self.tokens_admitted,
             "tokens_served": {
                 "prompt": self.prompt_tokens_served,
+                "cached_prompt": self.cached_tokens_served,
                 "completion": self.completion_tokens_served,
                 "total": served,
             },

@@ -81,6 +81,37 @@ def count_messages(messages: Sequence[Mapping[str, Any]]) -> int:
     return sum(count_message(m) for m in messages) + REPLY_PRIMING_TOKENS
 
 
+# Stand-ins for the framing tokens in a chat prompt's token sequence (no real token id is
+# negative): the prefix cache compares sequences, and framing is the same for every request.
+FRAMING_ID = -1
+NAME_ID = -2
+PRIMING_ID = -3
+
+
+def message_ids(message: Mapping[str, Any]) -> list[int]:
+    """One chat message as a token sequence, as long as `count_message` counts it."""
+    ids = [FRAMING_ID] * TOKENS_PER_MESSAGE + encode(str(message.get("role", "")))
+    ids += encode(content_text(message.get("content")))
+    name = message.get("name")
+    if isinstance(name, str):
+        ids += [NAME_ID] * TOKENS_PER_NAME + encode(name)
+    tool_calls = message.get("tool_calls")
+    if tool_calls:
+        ids += encode(json.dumps(tool_calls, separators=(",", ":")))
+    return ids
+
+
+def messages_ids(messages: Sequence[Mapping[str, Any]]) -> list[int]:
+    """A chat request's prompt as a token sequence, as long as `count_messages` counts it."""
+    ids = [i for m in messages for i in message_ids(m)]
+    return ids + [PRIMING_ID] * REPLY_PRIMING_TOKENS
+
+
+def prompt_ids(prompt: str | Sequence[int]) -> list[int]:
+    """One completions prompt as a token sequence: its text encoded, or its ids as they are."""
+    return encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+
 def count_prompt(prompt: str | Sequence[int]) -> int:
     """Prompt tokens of one completions prompt: text, or a list of token ids taken as is."""
     if isinstance(prompt, str):
