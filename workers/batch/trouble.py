@@ -11,10 +11,11 @@ and Flower (a waiting batch's retry) print it as `Trouble["message"]`:
     endpoint http://127.0.0.1:8000/v1 unreachable (connection refused) for 12 s, 5 failed
     calls; waiting, retrying every ~8 s
 
-When a call fails. An unreachable endpoint, one without flex capacity and a refused key are
-trouble at their first failure (nothing about them is ever normal); 429s, 5xx and timeouts at
+When a call fails. An unreachable endpoint, one without flex capacity, a refused key and a
+timeout are trouble at their first failure (none is ever normal, and a timeout takes the whole
+DOCQ_LLM_TIMEOUT_S to show: waiting for three would delay the news by minutes); 429s and 5xx at
 the STORM_CALLS-th failure in a row (a burst of 429s that one cool-down answers is the limiter
-doing its work). The record is written at most every WRITE_EVERY_S per job and process (the
+doing its work, and a lone 5xx is the retry's). The record is written at most every WRITE_EVERY_S per job and process (the
 failures between are counted into the next write) and lives a TTL past the next try it
 announces, so it goes away by itself when the failures stop.
 
@@ -49,7 +50,7 @@ from docqueue.workers.errors import (
 
 logger = logging.getLogger(__name__)
 
-STORM_CALLS = 3  # failures in a row that make 429s, 5xx or timeouts trouble
+STORM_CALLS = 3  # failures in a row that make 429s or 5xx trouble
 WRITE_EVERY_S = 1.0  # one write per job and process at most this often
 GRACE_S = 15.0  # a record outlives the next try it announces by twice its wait and this
 MAX_JOBS = 1000  # jobs a process keeps a run of failures for (those that ended in one)
@@ -75,7 +76,7 @@ WORDS: dict[Cause, str] = {
     Cause.SERVER_ERRORS: "failing",
     Cause.TIMEOUTS: "not answering",
 }
-AT_ONCE = frozenset({Cause.UNREACHABLE, Cause.NO_CAPACITY, Cause.REFUSED_KEY})
+AT_ONCE = frozenset({Cause.UNREACHABLE, Cause.NO_CAPACITY, Cause.REFUSED_KEY, Cause.TIMEOUTS})
 
 
 class Trouble(TypedDict):
