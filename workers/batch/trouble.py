@@ -15,9 +15,9 @@ When a call fails. An unreachable endpoint, one without flex capacity, a refused
 timeout are trouble at their first failure (none is ever normal, and a timeout takes the whole
 DOCQ_LLM_TIMEOUT_S to show: waiting for three would delay the news by minutes); 429s and 5xx at
 the STORM_CALLS-th failure in a row (a burst of 429s that one cool-down answers is the limiter
-doing its work, and a lone 5xx is the retry's). The record is written at most every WRITE_EVERY_S per job and process (the
-failures between are counted into the next write) and lives a TTL past the next try it
-announces, so it goes away by itself when the failures stop.
+doing its work, and a lone 5xx is the retry's). The record is written at most every
+WRITE_EVERY_S per job and process (the failures between are counted into the next write) and
+lives a TTL past the next try it announces, so it goes away by itself when the failures stop.
 
 When a call succeeds. The process deletes the record if it wrote one and forgets the job's
 streak: a successful call costs a dict lookup and no Redis round trip unless there was trouble.
