@@ -197,7 +197,7 @@ def job_trouble(job_id: int) -> Trouble | None:
     if url is None:  # the embedded Redis is not running: no worker is writing one
         return None
     try:
-        record = _trouble_reader(url, os.getpid()).hgetall(keys.job_trouble(job_id))
+        record = _trouble_reader(url, os.getpid()).get(keys.job_trouble(job_id))
     except redis.RedisError as exc:
         service, detail = outage(exc, settings) or ("docqueue's Redis", type(exc).__name__)
         return OUTAGES.failed("redis", service, detail)

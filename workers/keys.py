@@ -71,6 +71,7 @@ def job_refusal(job_id: int) -> str:
 
 
 def job_trouble(job_id: int) -> str:
-    """What is wrong with the job's calls just now (batch/trouble.py): a hash with a short TTL,
-    refreshed while its calls fail for one cause, deleted by the next call that succeeds."""
+    """What is wrong with the job's calls just now (batch/trouble.py): a JSON string with a
+    short TTL, refreshed while its calls fail for one cause, deleted by the next call that
+    succeeds."""
     return f"{PREFIX}:job:{job_id}:trouble"

@@ -65,13 +65,16 @@ class FakeLLM:
 
 
 class FakeRedis:
-    """The four commands the job guard uses, in memory."""
+    """The commands the job guard uses, in memory."""
 
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
 
     async def get(self, key: str) -> bytes | None:
         return self.data.get(key)
+
+    async def mget(self, *names: str) -> list[bytes | None]:
+        return [self.data.get(key) for key in names]
 
     async def set(self, key: str, value: Any, nx: bool = False, ex: int | None = None) -> bool:
         if nx and key in self.data:

@@ -8,6 +8,7 @@ words and the rules that decide them.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from typing import Any
 
@@ -108,20 +109,21 @@ def test_long_troubles_read_in_minutes_and_hours() -> None:
 
 
 def test_a_record_read_back_from_redis_is_the_same_trouble_and_a_torn_one_none() -> None:
-    # Given a record as a worker writes it (HGETALL's bytes)
-    record = {b"cause": b"unreachable", b"service": ENDPOINT.encode(),
-              b"detail": b"connection refused", b"since": repr(NOW - 30).encode(),
-              b"failures": b"4", b"retry_s": b"16.000", b"doing": b"waiting, retrying every ~16 s",
-              b"last": repr(NOW - 2).encode()}
+    # Given a record as a worker writes it
+    record = json.dumps({"cause": "unreachable", "service": ENDPOINT,
+                         "detail": "connection refused", "since": NOW - 30, "failures": 4,
+                         "retry_s": 16.0, "doing": "waiting, retrying every ~16 s"}).encode()
     # When it is read at NOW / Then it says what the worker met, for how long
     found = read(record, NOW)
     assert found is not None and found["message"] == (
         f"{ENDPOINT} unreachable (connection refused) for 30 s, 4 failed calls; waiting, "
         "retrying every ~16 s")
     assert (found["retry_s"], found["failures"]) == (16.0, 4)
-    # and a record missing its cause or time (expired as it was read) is no trouble
-    assert read({}, NOW) is None
-    assert read({b"cause": b"unreachable", b"service": b"x"}, NOW) is None
+    # and no record, or one torn or missing its cause or time, is no trouble
+    assert read(None, NOW) is None
+    assert read(b"{not json", NOW) is None
+    assert read(b"[]", NOW) is None
+    assert read(json.dumps({"cause": "unreachable", "service": "x"}), NOW) is None
 
 
 def test_a_cause_of_a_newer_worker_still_reads() -> None:
@@ -217,10 +219,14 @@ def test_an_unreachable_endpoint_is_written_at_the_first_refusal_then_once_a_sec
     # Then the first refusal is trouble at once and written, the second only counted, the
     # third written with it
     assert all(t is not None and t["cause"] == "unreachable" for t in said)
-    assert [(key, args[:4]) for key, args in fake.writes] == [
-        (keys.job_trouble(7), ["unreachable", repr(NOW + 100.0), 1, 17]),
-        (keys.job_trouble(7), ["unreachable", repr(NOW + 100.0), 2, 23]),
+    written = [(key, json.loads(args[0]), args[1]) for key, args in fake.writes]
+    assert [(key, r["cause"], r["since"], r["failures"], r["retry_s"], ttl)
+            for key, r, ttl in written] == [
+        (keys.job_trouble(7), "unreachable", NOW + 100.0, 1, 1.0, 17),
+        (keys.job_trouble(7), "unreachable", NOW + 100.0, 2, 4.0, 23),
     ]
+    assert written[-1][1]["service"] == ENDPOINT
+    assert written[-1][1]["doing"] == "waiting, retrying every ~4 s"
 
 
 def test_a_storm_is_trouble_at_its_third_failure_in_a_row_and_a_success_ends_a_run(
@@ -260,6 +266,18 @@ def test_a_success_clears_only_what_this_process_wrote_and_asks_redis_nothing_ot
     asyncio.run(run())
     assert fake.deleted == [keys.job_trouble(9)]
     assert log.current(9) is None
+
+
+def test_a_success_clears_a_record_another_process_wrote_once_the_guard_saw_it(
+    clock: list[float],
+) -> None:
+    # Given a process that never met the job's trouble (its batch came back here after it)
+    fake = FakeRedis()
+    log = TroubleLog(fake, "http://127.0.0.1:8000/v1", max_attempts=5)
+    # When a call succeeds after the job guard saw the record
+    asyncio.run(log.ok(7, seen=True))
+    # Then the record is deleted
+    assert fake.deleted == [keys.job_trouble(7)]
 
 
 def test_a_view_says_since_when_a_service_is_out_of_reach(clock: list[float]) -> None:

@@ -159,7 +159,7 @@ async def call_model(
             return row
         svc.endpoint_down.reached()
         if svc.troubles is not None:
-            await svc.troubles.ok(info.job_id)
+            await svc.troubles.ok(info.job_id, seen=guard.take_trouble_seen())
         row.update({
             "finish_reason": completion.finish_reason,
             "tokens_in": completion.tokens_in,

@@ -8,6 +8,9 @@ the set of jobs it saw refused (`Services.refused`), and a guard of such a job r
 flag before every call instead of every STOP_POLL_S. Other processes see the flag within
 STOP_POLL_S, or at their own first refusal. What the endpoint said is kept beside the flag
 (`keys.job_refusal`), so the chunks that are not sent fail with the same reason.
+
+The same read fetches the job's trouble record (batch/trouble.py) beside the flag, in one MGET:
+a call that succeeds after the guard saw one clears it, though another process wrote it.
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ class JobGuard:
         # The jobs this process saw refused, shared by its guards (Services.refused).
         self.refused = refused if refused is not None else set()
         self.refusal: Refusal | None = None  # set with StopReason.REFUSED
+        # The job's trouble record (batch/trouble.py) was there at the last read: the next
+        # successful call clears it, whoever wrote it.
+        self.trouble_seen = False
         self._reason: StopReason | None = None
         self._checked = -1e9
 
@@ -94,13 +100,20 @@ class JobGuard:
         due = self.has_budget or seen_refused or monotonic_s() - self._checked > STOP_POLL_S
         if self._reason is None and due:
             self._checked = monotonic_s()
-            value = await self.redis.get(keys.job_stop(self.job_id))
+            value, trouble = await self.redis.mget(keys.job_stop(self.job_id),
+                                                   keys.job_trouble(self.job_id))
             self._reason = StopReason(value.decode()) if value else None
+            self.trouble_seen = trouble is not None
             if self._reason == StopReason.REFUSED:
                 self.refusal = Refusal.loads(await self.redis.get(keys.job_refusal(self.job_id)))
             elif seen_refused:  # `docq retry` lifted it
                 self.refused.discard(self.job_id)
         return self._reason
+
+    def take_trouble_seen(self) -> bool:
+        """Whether a trouble record was seen since the last call that cleared it; once."""
+        seen, self.trouble_seen = self.trouble_seen, False
+        return seen
 
     async def refuse(self, exc: AuthenticationRefusedError) -> None:
         """The endpoint refused the key: the job makes no further call, in any process. A

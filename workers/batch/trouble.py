@@ -19,9 +19,12 @@ doing its work, and a lone 5xx is the retry's). The record is written at most ev
 WRITE_EVERY_S per job and process (the failures between are counted into the next write) and
 lives a TTL past the next try it announces, so it goes away by itself when the failures stop.
 
-When a call succeeds. The process deletes the record if it wrote one and forgets the job's
-streak: a successful call costs a dict lookup and no Redis round trip unless there was trouble.
-Every process that met the trouble wrote the record, so whichever succeeds first clears it.
+When a call succeeds. The process deletes the record if it knows there is one, and forgets
+the job's streak: a successful call costs a dict lookup and no Redis round trip unless there
+was trouble. A process knows of the record if it wrote it, or if its job guard saw it: the
+guard reads the record with the stop flag, in the one MGET it makes anyway before a call at
+most every STOP_POLL_S (batch/guard.py). So a batch that waited out the trouble and came back
+to a process that never met it still clears it with its first answer.
 
 Services and the store that the status views cannot reach themselves (their own poll fails)
 are said in the same words by `Outages`, on the reading side: docqueue's Redis, the results
@@ -31,9 +34,9 @@ store.
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypedDict
@@ -148,21 +151,18 @@ def trouble(cause: str, service: str, detail: str, *, since: float | None, now: 
     }
 
 
-def read(record: Mapping[Any, Any], now: float) -> Trouble | None:
-    """The Trouble a job's record in Redis holds (HGETALL's answer); None if empty or torn."""
-    fields = {_text(k): _text(v) for k, v in record.items()}
+def read(raw: bytes | str | None, now: float) -> Trouble | None:
+    """The Trouble a job's record in Redis holds (a JSON object); None if absent or torn."""
     try:
-        retry = fields.get("retry_s") or ""
+        record = json.loads(raw or "")
+        retry = record.get("retry_s")
         return trouble(
-            fields["cause"], fields["service"], fields.get("detail", ""),
-            since=float(fields["since"]), now=now, failures=int(fields.get("failures") or 0),
-            retry_s=float(retry) if retry else None, doing=fields.get("doing", ""))
-    except (KeyError, ValueError):
+            str(record["cause"]), str(record["service"]), str(record.get("detail", "")),
+            since=float(record["since"]), now=now, failures=int(record.get("failures") or 0),
+            retry_s=float(retry) if retry is not None else None,
+            doing=str(record.get("doing", "")))
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # -- what a failed call says -------------------------------------------------------------------
@@ -242,14 +242,20 @@ class _Case:
         return self.written_at is None or now - self.written_at >= WRITE_EVERY_S
 
 
-# Replace the record when its cause is another (its `since` was that cause's), keep the first
-# writer's `since` otherwise, and add this process's failures: one atomic round trip.
+# The record is one JSON string, so a job guard reads it in the MGET of the stop flag. Replace it
+# when its cause is another (its `since` was that cause's); for the same cause keep the earlier
+# `since` and add this process's failures: one atomic round trip. ARGV: the record, its TTL.
 _WRITE = """
-if redis.call('HGET', KEYS[1], 'cause') ~= ARGV[1] then redis.call('DEL', KEYS[1]) end
-redis.call('HSETNX', KEYS[1], 'since', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'failures', ARGV[3])
-redis.call('HSET', KEYS[1], 'cause', ARGV[1], unpack(ARGV, 5))
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+local new = cjson.decode(ARGV[1])
+local old = redis.call('GET', KEYS[1])
+if old then
+  local ok, prev = pcall(cjson.decode, old)
+  if ok and type(prev) == 'table' and prev.cause == new.cause then
+    new.since = math.min(tonumber(prev.since) or new.since, new.since)
+    new.failures = (tonumber(prev.failures) or 0) + new.failures
+  end
+end
+redis.call('SET', KEYS[1], cjson.encode(new), 'EX', ARGV[2])
 """
 
 
@@ -298,11 +304,11 @@ class TroubleLog:
         return trouble(case.cause, self.service, case.detail, since=case.since, now=wall_s(),
                        failures=case.streak, retry_s=case.retry_s, doing=case.doing)
 
-    async def ok(self, job_id: int) -> None:
-        """A call of the job succeeded: its trouble is over (one dict lookup when there was
-        none)."""
+    async def ok(self, job_id: int, seen: bool = False) -> None:
+        """A call of the job succeeded: its trouble is over. `seen`: the job guard saw a record
+        (another process wrote it). One dict lookup when there was no trouble."""
         case = self._cases.pop(job_id, None)
-        if case is None or not case.recorded:
+        if not seen and (case is None or not case.recorded):
             return
         try:
             await self.redis.delete(keys.job_trouble(job_id))
@@ -312,12 +318,11 @@ class TroubleLog:
     async def _store(self, job_id: int, case: _Case) -> None:
         wait_s = case.retry_s
         ttl = math.ceil(2 * (wait_s if wait_s is not None else GRACE_S) + GRACE_S)
-        fields = {"service": self.service, "detail": case.detail, "last": repr(wall_s()),
-                  "retry_s": "" if wait_s is None else f"{wait_s:.3f}", "doing": case.doing}
-        args = [case.cause.value, repr(case.since), case.unwritten, ttl,
-                *(x for pair in fields.items() for x in pair)]
+        record = {"cause": case.cause.value, "service": self.service, "detail": case.detail,
+                  "since": round(case.since, 3), "failures": case.unwritten,
+                  "retry_s": None if wait_s is None else round(wait_s, 3), "doing": case.doing}
         try:
-            await self._write(keys=[keys.job_trouble(job_id)], args=args)
+            await self._write(keys=[keys.job_trouble(job_id)], args=[json.dumps(record), ttl])
         except Exception as exc:  # Redis away: the calls go on; the views say Redis is away
             logger.warning("job %s: cannot record its trouble (%s): %s", job_id,
                            case.cause.value, exc)
