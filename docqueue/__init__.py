@@ -40,7 +40,13 @@ if TYPE_CHECKING:
         ResultStatus,
     )
     from docqueue.tasks.api import JobHandle, JobStalledError, submit
-    from docqueue.tasks.records import ChunkResult, DocumentResult, JobInfo, ProviderBatchInfo
+    from docqueue.tasks.records import (
+        ChunkResult,
+        DocumentResult,
+        JobInfo,
+        ProviderBatchInfo,
+        Trouble,
+    )
     from docqueue.workers.errors import (
         InputError,
         JobNotFoundError,
@@ -59,7 +65,8 @@ _HOMES = {
     "docqueue.models.tables": ("FINAL_JOB_STATES", "DocumentStatus", "JobStatus", "Lane",
                                "ResultStatus"),
     "docqueue.tasks.api": ("JobHandle", "JobStalledError", "submit"),
-    "docqueue.tasks.records": ("ChunkResult", "DocumentResult", "JobInfo", "ProviderBatchInfo"),
+    "docqueue.tasks.records": ("ChunkResult", "DocumentResult", "JobInfo", "ProviderBatchInfo",
+                               "Trouble"),
     "docqueue.workers.errors": ("InputError", "JobNotFoundError", "JobNotPublishedError",
                                 "NothingToSubmitError", "PipelineError",
                                 "ServiceUnavailableError", "WorkerError"),
@@ -100,6 +107,7 @@ __all__ = [
     "ResultStatus",
     "ServiceUnavailableError",
     "SubmitReport",
+    "Trouble",
     "WorkerError",
     "submit",
 ]

@@ -22,17 +22,20 @@ from docqueue.tasks.records import (
     document_results,
     job_status,
     running_jobs,
+    store_outage,
 )
 from docqueue.tasks.runtime import runtime
 from docqueue.tasks.supervisor import default_layout
 from docqueue.workers.batch.cache import POLICIES as CACHE_POLICIES
 from docqueue.workers.batch.liveness import batch_slots
+from docqueue.workers.batch.trouble import Trouble
 from docqueue.workers.clock import monotonic_s
 from docqueue.workers.errors import (
     BrokerUnavailableError,
     InputError,
     JobNotPublishedError,
     NothingToSubmitError,
+    ServiceUnavailableError,
     WorkerError,
 )
 from docqueue.workers.ingest.documents import SourceDocument
@@ -295,18 +298,35 @@ class JobHandle:
         poll_s: float = 0.5,
         progress: Callable[[JobInfo], None] | None = None,
         stall_s: float | None = None,
+        on_outage: Callable[[Trouble], None] | None = None,
     ) -> JobInfo:
         """Block until the job is merged in a final state; returns its status.
+
+        `on_outage`: called with a trouble line (`Trouble`) each time a poll finds the results
+        store out of reach, and the wait goes on; without it, such a poll raises.
 
         Raises:
             TimeoutError: the job was not final within `timeout` seconds.
             JobStalledError: no chunk of the job became final for `stall_s` seconds.
+            StoreUnavailableError: a poll failed, and no `on_outage` was given (or the store
+                refuses the credentials, or lacks its tables).
         """
         deadline = None if timeout is None else monotonic_s() + timeout
         moved_at, last = monotonic_s(), None
         progress_now: tuple[Any, ...]
         while True:
-            st = self.status()
+            try:
+                st = self.status()
+            except ServiceUnavailableError as exc:
+                if on_outage is None or (trouble := store_outage(exc)) is None:
+                    raise
+                on_outage(trouble)
+                if deadline is not None and monotonic_s() > deadline:
+                    raise TimeoutError(f"job {self.id} was not seen final within {timeout:g}s; "
+                                       f"its last poll failed: {trouble['message']}") from exc
+                moved_at = monotonic_s()  # not a stall of the job's: it cannot be seen
+                time.sleep(poll_s)
+                continue
             if progress is not None:
                 progress(st)
             # A cancelled job is final once merged; the others are final when they say so.

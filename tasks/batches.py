@@ -2,7 +2,9 @@
 
 Its result (what Flower shows) is the batch's story: counts, tokens, cost and the ids of its
 failed chunks under each one-line reason (workers/batch/story.py). The merge ignores it
-(`merge_job.si`).
+(`merge_job.si`). A batch that waits is retried with a `Waiting` whose words are why: the
+trouble line when its calls met a shared cause (workers/batch/trouble.py), so Flower's retried
+task says what the status views say.
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ from docqueue.workers.provider.retry import backoff_s
 logger = logging.getLogger(__name__)
 
 MAX_CRASH_RETRIES = 8  # unexpected failures (store down, bugs) before the batch is left to resume
+
+
+class Waiting(Exception):
+    """Why a batch is retried later. Celery sends its repr in the `task-retried` event Flower
+    shows, so the repr is the words alone."""
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 # The result is the batch's story; the task event Flower reads carries this much of its repr.
@@ -63,8 +73,9 @@ def process_batch(self: Task, batch_id: int, store: str | None = None) -> dict[s
         _unreserve(self)
     if outcome.state == "retry":
         countdown = min(max(outcome.retry_in_s, 0.1), s.retry_backoff_max_s)
-        logger.info("batch %s: %s; again in %.1fs", batch_id, outcome.reason, countdown)
-        raise self.retry(countdown=countdown, max_retries=None)
+        why = outcome.trouble["message"] if outcome.trouble else outcome.reason
+        logger.info("batch %s: %s; again in %.1fs", batch_id, why, countdown)
+        raise self.retry(countdown=countdown, max_retries=None, exc=Waiting(why))
     if outcome.state == "done":
         _advance(batch_id, store)
     return {"state": outcome.state, **_story(batch_id, outcome.state)}

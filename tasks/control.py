@@ -51,7 +51,9 @@ def retry(job_id: int, *, include_skipped: bool = False, budget_tokens: int | No
         lane = session.scalar(select(Job.lane).where(Job.id == job_id))
     if n:
         client = _redis()
-        client.delete(keys.job_stop(job_id))  # a raised budget lets the skipped chunks run
+        # A raised budget lets the skipped chunks run; a refused key is tried again (with the
+        # workers' DOCQ_LLM_API_KEY set right, their first call says whether it now passes).
+        client.delete(keys.job_stop(job_id), keys.job_refusal(job_id), keys.job_trouble(job_id))
         client.close()
     if n and lane == Lane.ONLINE:
         publish(job_id)

@@ -13,6 +13,10 @@ caller of `submit()` or `job_status()` catches ours and never a driver's. Guaran
 - no password of a configured URL and no API key appears in a message (`scrub`), whatever the
   driver put in its own text;
 - an exception that is not a service's failure is left alone (`explain` returns None).
+
+`outage()` tells a service that is out of reach for now (a refused or lost connection, a
+timeout: worth waiting out) from one that refuses the credentials or lacks its tables (not):
+a view that keeps polling says the first and goes on (workers/batch/trouble.py, `Outages`).
 """
 
 from __future__ import annotations
@@ -67,6 +71,59 @@ def service_errors(settings: Settings) -> Iterator[None]:
         if found is None:
             raise
         raise found from exc
+
+
+def outage(exc: BaseException, settings: Settings | None) -> tuple[str, str] | None:
+    """(the service, what is wrong, both short) when `exc` or one it came from says the results
+    store or docqueue's Redis cannot be reached just now; None for any other failure."""
+    for cause in _chain(exc):
+        if isinstance(cause, redis.exceptions.AuthenticationError) or _is_redis_auth(cause):
+            return None
+        if isinstance(cause, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+            url = settings.state_redis_url if settings is not None else None
+            where = f" at {_address(url)}" if url else ""
+            return f"docqueue's Redis{where}", _short(_detail(cause))
+        if isinstance(cause, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
+            detail = _detail(cause.orig if cause.orig is not None else cause)
+            low = detail.lower()
+            if any(m in low for m in (*_CREDENTIALS, *_NOT_MIGRATED, "unable to open")):
+                return None
+            where = f" at {_address(settings.database_url)}" if settings is not None else ""
+            return f"the results store{where}", _short(detail)
+    return None
+
+
+def _address(url: str) -> str:
+    """Where a service listens, as a person names it: host:port (a file's path for SQLite)."""
+    parts = urlsplit(url)
+    if parts.scheme.startswith("sqlite"):
+        return parts.path.lstrip("/") or "memory"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return f"{parts.hostname}:{port}" if port is not None else parts.hostname or "?"
+
+
+# A driver's words for the usual outages, and the few this module says instead.
+_SHORT = (("connection refused", "connection refused"), ("timed out", "timed out"),
+          ("timeout", "timed out"), ("name or service not known", "unknown host"),
+          ("could not translate host name", "unknown host"),
+          ("connection reset", "connection lost"), ("closed the connection", "connection lost"),
+          ("server closed", "connection lost"), ("connection closed", "connection lost"))
+
+
+SHORT_DETAIL_CHARS = 80  # the driver's words in a trouble line, which says more beside them
+
+
+def _short(detail: str) -> str:
+    low = detail.lower()
+    said = next((said for found, said in _SHORT if found in low), detail)
+    return said if len(said) <= SHORT_DETAIL_CHARS else said[:SHORT_DETAIL_CHARS - 1] + "…"
+
+
+def _is_redis_auth(exc: BaseException) -> bool:
+    return isinstance(exc, redis.exceptions.ResponseError) and _is_auth(exc)
 
 
 def scrub(text: str, settings: Settings | None) -> str:

@@ -9,8 +9,10 @@ Task arguments are ids with an `argsrepr` summary (`job=12 batch=3/40 chunks=25`
 nothing secret to hide; `format_task` still cuts what the HTML pages show to a few hundred
 characters and drops tracebacks, so a surprise (an exception quoting its input) stays out of
 the browser. A batch's result, its story (tasks/batches.py), may run to 2 KB: counts, then
-the reasons its chunks failed. Flower's `/metrics` and `/healthcheck` need no credentials
-(Flower's own rule).
+the reasons its chunks failed. A batch waiting to run again shows why in the same column: its
+retry's words (tasks/batches.py, `Waiting`), the trouble line of the status views when its
+calls met a shared cause (an endpoint unreachable, a refused key, a storm of 429s or 5xx).
+Flower's `/metrics` and `/healthcheck` need no credentials (Flower's own rule).
 """
 
 from __future__ import annotations
@@ -74,15 +76,18 @@ def basic_auth(settings: Settings, address: str, insecure_local: bool) -> str | 
 
 
 def format_task(task: Task) -> Task:
-    """What Flower's pages show of a task: short arguments and result, no traceback."""
+    """What Flower's pages show of a task: short arguments and result, no traceback; a task
+    waiting to run again shows why as its result."""
+    if task.exception:
+        first = str(task.exception).splitlines()[0] if str(task.exception) else ""
+        task.exception = first[:MAX_RESULT_CHARS]
+        if task.state == "RETRY" and not task.result and first not in ("None", ""):
+            task.result = f"waiting: {first}"
     for name, limit in (("args", MAX_FIELD_CHARS), ("kwargs", MAX_FIELD_CHARS),
-                        ("result", MAX_RESULT_CHARS)):
+                        ("result", MAX_RESULT_CHARS), ("exception", MAX_FIELD_CHARS)):
         value = getattr(task, name, None)
         if isinstance(value, str) and len(value) > limit:
             setattr(task, name, value[:limit] + "…")
-    if task.exception:
-        first = str(task.exception).splitlines()[0] if str(task.exception) else ""
-        task.exception = first[:MAX_FIELD_CHARS]
     if task.traceback:
         task.traceback = "(not shown here: see the worker's log)"
     return task

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from docqueue.workers.provider.admission import Limits, scope_for
 from docqueue.workers.provider.limiter import Limiter
-from docqueue.workers.settings import Settings
+from docqueue.workers.settings import Settings, public_url
 
 READ_TIMEOUT_S = 5.0
 
@@ -54,7 +54,7 @@ def limiter_status(settings: Settings) -> dict[str, Any]:
     endpoint = _endpoint(settings)
     broker = running_redis(settings)
     base: dict[str, Any] = {
-        "endpoint": endpoint,
+        "endpoint": public_url(endpoint) if endpoint else None,  # a URL may carry the key
         "model": settings.model_name,
         "tpm_charge": settings.llm_tpm_charge,
     }

@@ -3,25 +3,34 @@
 `watch(job_id)` polls the job's status until it is final and returns that status. The bar
 shows chunks done of total, errors, tokens per minute and chunks per second over the last
 minute, the cost so far and the time left at that pace.
+
+While the job's calls fail for a shared cause, or the view's own polls cannot reach the store
+or docqueue's Redis, a `trouble:` line says what, for how long and what docqueue does about it
+(workers/batch/trouble.py): under the bar for as long as it lasts; as plain lines when it
+starts or changes, every TROUBLE_EVERY_S while it lasts and once more (`trouble cleared:`) when
+it is over. A poll the store fails is such a line too, and the view goes on polling.
 """
 
 from __future__ import annotations
 
 import sys
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any, Self
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
+from rich.text import Text
 
 from docqueue.models import FINAL_JOB_STATES, ResultStatus
 from docqueue.tasks.api import JobHandle, JobInfo
+from docqueue.workers.batch.trouble import Trouble, cleared
 from docqueue.workers.clock import monotonic_s
 
 RATE_WINDOW_S = 60.0
 PLAIN_EVERY_S = 5.0  # a plain line at most this often while the counts move
+TROUBLE_EVERY_S = 10.0  # a plain trouble line again at most this often while it lasts
 
 
 @dataclass(frozen=True)
@@ -85,14 +94,42 @@ def watch(job_id: int, *, interval_s: float = 1.0, out: IO[str] | None = None) -
     out = out if out is not None else sys.stdout
     view: _LiveBar | _PlainLines = _LiveBar(out) if out.isatty() else _PlainLines(out)
     with view:
-        return JobHandle(job_id).wait(poll_s=interval_s, progress=view.update)
+        return JobHandle(job_id).wait(poll_s=interval_s, progress=view.update,
+                                      on_outage=view.outage)
+
+
+class TroubleLines:
+    """A job's trouble as lines for a log (or a pipe): `trouble: ...` when it starts or its
+    cause changes, again every TROUBLE_EVERY_S while it lasts, `trouble cleared: ...` once when
+    it is over."""
+
+    def __init__(self) -> None:
+        self.current: Trouble | None = None
+        self.seen_at = self.said_at = 0.0
+
+    def lines(self, trouble: Trouble | None, now: float | None = None) -> list[str]:
+        now = monotonic_s() if now is None else now
+        last, self.current = self.current, trouble
+        if trouble is None:
+            if last is None:
+                return []
+            lasted = last["for_s"] + now - self.seen_at if last["for_s"] is not None else None
+            return [f"trouble cleared: {cleared(last, lasted)}"]
+        self.seen_at = now
+        same = last is not None and (last["cause"], last["service"]) == (
+            trouble["cause"], trouble["service"])
+        if same and now - self.said_at < TROUBLE_EVERY_S:
+            return []
+        self.said_at = now
+        return [f"trouble: {trouble['message']}"]
 
 
 class _PlainLines:
-    """One line when the counts move (at most every few seconds) and one when the state does."""
+    """One line when the counts move (at most every few seconds) and one when the state does;
+    the trouble lines of `TroubleLines`."""
 
     def __init__(self, out: IO[str]) -> None:
-        self.out, self.rates = out, Rates()
+        self.out, self.rates, self.troubles = out, Rates(), TroubleLines()
         self.last_line, self.last_status, self.last_t = "", "", 0.0
 
     def __enter__(self) -> Self:
@@ -104,19 +141,40 @@ class _PlainLines:
     def update(self, status: JobInfo) -> None:
         snap = self.rates.add(status)
         now = monotonic_s()
+        # The trouble first: a `trouble cleared:` line belongs before the counts it let move.
+        lines = self.troubles.lines(status.get("trouble"), now)
         moved = snap.line() != self.last_line and now - self.last_t >= PLAIN_EVERY_S
         if snap.status != self.last_status or moved:
-            self.out.write(snap.line() + "\n")
-            self.out.flush()
+            lines.append(snap.line())
             self.last_line, self.last_status, self.last_t = snap.line(), snap.status, now
+        self._write(lines)
+
+    def outage(self, trouble: Trouble) -> None:
+        """A poll failed: the store is out of reach (JobHandle.wait's `on_outage`)."""
+        self._write(self.troubles.lines(trouble))
+
+    def _write(self, lines: list[str]) -> None:
+        self.out.writelines(line + "\n" for line in lines)
+        self.out.flush()
+
+
+class _TroubledProgress(Progress):
+    """A rich Progress with the trouble line (if any) under its bar."""
+
+    trouble = ""
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield from super().get_renderables()
+        if self.trouble:
+            yield Text(f"trouble: {self.trouble}", style="yellow")
 
 
 class _LiveBar:
-    """A rich progress bar, redrawn at each poll."""
+    """A rich progress bar, redrawn at each poll, with the trouble line under it."""
 
     def __init__(self, out: IO[str]) -> None:
         self.rates = Rates()
-        self.progress = Progress(
+        self.progress = _TroubledProgress(
             TextColumn("[bold]job {task.fields[job]}[/] {task.fields[status]}"),
             BarColumn(),
             TextColumn("{task.completed:.0f}/{task.total:.0f} chunks"),
@@ -148,6 +206,13 @@ class _LiveBar:
         if self.task is None:
             self.task = self.progress.add_task("job", total=snap.total or None, **fields)
         self.progress.update(self.task, completed=snap.done, total=snap.total or None, **fields)
+        trouble = status.get("trouble")
+        self.progress.trouble = trouble["message"] if trouble else ""
+        self.progress.refresh()
+
+    def outage(self, trouble: Trouble) -> None:
+        """A poll failed: the store is out of reach (JobHandle.wait's `on_outage`)."""
+        self.progress.trouble = trouble["message"]
         self.progress.refresh()
 
 

@@ -12,13 +12,17 @@ compare with and serialize as the plain strings they were.
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, Literal, TypedDict
 
+import redis
 from sqlalchemy import and_, func, select
 
 from docqueue.models import (
+    FINAL_JOB_STATES,
     Chunk,
     Document,
     DocumentStatus,
@@ -28,21 +32,34 @@ from docqueue.models import (
     Result,
     ResultStatus,
 )
-from docqueue.tasks.failures import service_errors
+from docqueue.tasks.failures import outage, service_errors
+from docqueue.tasks.limits import running_redis
 from docqueue.tasks.runtime import runtime
+from docqueue.workers import keys
+from docqueue.workers.batch import trouble
+from docqueue.workers.batch.trouble import Outages, Trouble
+from docqueue.workers.clock import wall_s
 from docqueue.workers.errors import JobNotFoundError
 from docqueue.workers.jobs.lane import ProviderBatchInfo, provider_batches
+from docqueue.workers.settings import public_url
 
 __all__ = [
     "ChunkResult",
     "DocumentResult",
     "JobInfo",
     "ProviderBatchInfo",
+    "Trouble",
     "chunk_results",
     "document_results",
     "job_status",
+    "job_trouble",
     "running_jobs",
+    "store_outage",
 ]
+
+READ_TIMEOUT_S = 2.0  # a poll that reads the trouble record waits no longer for Redis
+# This process's view of the services it polls: since when each has been out of reach.
+OUTAGES = Outages()
 
 
 class JobInfo(TypedDict):
@@ -84,6 +101,10 @@ class JobInfo(TypedDict):
     finished_at: str | None  # set by the merge: a cancelled job is final once this is set
     lane: Lane
     provider_batches: list[ProviderBatchInfo]  # the batch lane's provider batches, oldest first
+    # What keeps a running job's calls from succeeding just now, in one line (`message`): the
+    # endpoint unreachable or refusing the key, a storm of 429s, 5xx or timeouts, or docqueue's
+    # Redis out of reach of this reader. None when nothing is wrong, and for a final job.
+    trouble: Trouble | None
 
 
 class DocumentResult(TypedDict):
@@ -148,9 +169,11 @@ def job_status(job_id: int) -> JobInfo:
         tokens_in, cached = int(live[0]), int(live[3])
         price = rt.settings.price_for(job.model)
         retrying = counts.pop(ResultStatus.RETRY, 0)
-        return {
+        info: JobInfo = {
             "id": job.id, "name": job.name, "status": JobStatus(job.status), "reason": job.reason,
-            "pipeline": job.pipeline, "model": job.model, "endpoint": job.endpoint,
+            "pipeline": job.pipeline, "model": job.model,
+            # as it may be shown: a base URL can carry a user, a password or a key
+            "endpoint": job.endpoint if job.endpoint == "local" else public_url(job.endpoint),
             "documents_total": job.documents_total,
             "documents_rejected": job.documents_rejected,
             "chunks_total": job.chunks_total, "batches_total": job.batches_total,
@@ -168,7 +191,45 @@ def job_status(job_id: int) -> JobInfo:
             "created_at": _iso(job.created_at), "submitted_at": _iso(job.submitted_at),
             "finished_at": _iso(job.finished_at),
             "lane": Lane(job.lane), "provider_batches": provider_batches(session, job_id),
+            "trouble": None,
         }
+    OUTAGES.reached("store")
+    if info["status"] not in FINAL_JOB_STATES:
+        info["trouble"] = job_trouble(job_id)
+    return info
+
+
+def job_trouble(job_id: int) -> Trouble | None:
+    """What keeps the job's calls from succeeding just now (workers/batch/trouble.py): the
+    record its workers keep in docqueue's Redis; or, when this process cannot read that
+    Redis, that it cannot (since when, across this process's polls). Never raises for Redis."""
+    settings = runtime().settings
+    url = running_redis(settings)
+    if url is None:  # the embedded Redis is not running: no worker is writing one
+        return None
+    try:
+        record = _trouble_reader(url, os.getpid()).get(keys.job_trouble(job_id))
+    except redis.RedisError as exc:
+        service, detail = outage(exc, settings) or ("docqueue's Redis", type(exc).__name__)
+        return OUTAGES.failed("redis", service, detail)
+    OUTAGES.reached("redis")
+    return trouble.read(record, wall_s())
+
+
+def store_outage(exc: BaseException) -> Trouble | None:
+    """The trouble line for a poll the results store failed, when the store is out of reach
+    (a view goes on polling); None for any other failure (it is raised)."""
+    found = outage(exc, runtime().settings)
+    if found is None or not found[0].startswith("the results store"):
+        return None
+    return OUTAGES.failed("store", *found)
+
+
+@functools.cache
+def _trouble_reader(url: str, pid: int) -> redis.Redis:
+    """One client per Redis and process (`pid`: a forked child makes its own)."""
+    return redis.Redis.from_url(url, socket_timeout=READ_TIMEOUT_S,
+                                socket_connect_timeout=READ_TIMEOUT_S)
 
 
 def running_jobs() -> list[JobInfo]:

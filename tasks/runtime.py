@@ -28,8 +28,9 @@ from docqueue.tasks.limits import limiter_for
 from docqueue.workers.batch.liveness import Heartbeat
 from docqueue.workers.batch.metering import MeteredLLM
 from docqueue.workers.batch.services import Services
+from docqueue.workers.batch.trouble import TroubleLog
 from docqueue.workers.errors import WorkerError
-from docqueue.workers.settings import Settings, masked_url
+from docqueue.workers.settings import Settings, masked_url, public_url
 
 T = TypeVar("T")
 
@@ -183,7 +184,8 @@ class Runtime:
             driver_info=None)
         heartbeat = Heartbeat(self._beat_redis, s.heartbeat_s, s.heartbeat_ttl_s)
         return Services(self.sessions, s, llm, limiter, asyncio.Semaphore(s.worker_inflight),
-                        redis=redis, endpoint=base_url, heartbeat=heartbeat)
+                        redis=redis, endpoint=base_url, heartbeat=heartbeat,
+                        troubles=TroubleLog(redis, public_url(base_url), s.max_attempts))
 
     def open_ahead(self) -> None:
         """Build the services and open the connections a job's first calls will need, now

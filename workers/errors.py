@@ -9,7 +9,9 @@ WorkerError                     the root; every message is written for the user
 │   │   └── OutputParseError        the model's text cannot be used (pipelines/base.py)
 │   └── LimiterBusy               the limiter's wait is too long: re-queue (provider/limiter.py)
 ├── PermanentError              retrying cannot help
-│   ├── PermanentLLMError         400 (context length too), 401, 403, 404, content filter, quota
+│   ├── PermanentLLMError         400 (context length too), 404, content filter, quota
+│   │   └── AuthenticationRefusedError  401, 403: the key is refused; the job's other chunks
+│   │                                     fail without a call (batch/guard.py)
 │   ├── RequestTooLargeError      a request over the whole token budget (provider/limiter.py)
 │   └── InputError                a document, option or setting the user gave is unusable
 │       ├── PipelineError           unknown pipeline or bad pipeline options
@@ -95,6 +97,11 @@ class PermanentLLMError(LLMErrorMixin, PermanentError):
         super().__init__(message)
         self.http_status = http_status
         self.code = code
+
+
+class AuthenticationRefusedError(PermanentLLMError):
+    """401 or 403: the endpoint refuses the API key (or this key's access). Every call of the
+    job with the same key would be refused too, so its remaining chunks fail without one."""
 
 
 class InputError(PermanentError):

@@ -15,7 +15,8 @@ def job_published(job_id: int) -> str:
 
 
 def job_stop(job_id: int) -> str:
-    """Set by `docq cancel` (or a spent budget): the job's batches make no further call."""
+    """Set by `docq cancel` (or a spent budget, or a refused API key): the job's batches make
+    no further call."""
     return f"{PREFIX}:job:{job_id}:stop"
 
 
@@ -61,3 +62,16 @@ def limiter_scope(endpoint_hash: str, model: str, key_fingerprint: str) -> str:
 def lane_lock(job_id: int) -> str:
     """Held while one process advances a batch-lane job (workers/jobs/lane.py)."""
     return f"{PREFIX}:lane:{job_id}:lock"
+
+
+def job_refusal(job_id: int) -> str:
+    """What the endpoint said when it refused the job's API key (a 401 or 403): the job's stop
+    flag says `refused`, and its unsent chunks fail with these words (batch/guard.py)."""
+    return f"{PREFIX}:job:{job_id}:refusal"
+
+
+def job_trouble(job_id: int) -> str:
+    """What is wrong with the job's calls just now (batch/trouble.py): a JSON string with a
+    short TTL, refreshed while its calls fail for one cause, deleted by the next call that
+    succeeds."""
+    return f"{PREFIX}:job:{job_id}:trouble"

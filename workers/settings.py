@@ -132,6 +132,22 @@ def masked_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
 
 
+def public_url(url: str) -> str:
+    """`url` as it may be shown anywhere: scheme, host, port and path only. The user and
+    password, and the query and fragment (where some gateways take the key: `?api-key=...`),
+    are left out rather than masked."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # not a URL a client could have used: say nothing of it
+        return "(an invalid URL)"
+    if not parts.hostname:
+        return "(a URL without a host)"
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    netloc = f"{host}:{port}" if port is not None else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 def settings_problem(exc: ValidationError) -> str:
     """One invalid setting as one line, named by its variable, with the value given unless it
     may hold a secret (a URL, a key, a password)."""

@@ -15,7 +15,8 @@ import typer
 from docqueue.tasks.cli.app import JsonFlag, cli, db_cli, exit_for, fail
 
 if TYPE_CHECKING:
-    from docqueue.tasks.records import ChunkResult, JobInfo, ProviderBatchInfo
+    from docqueue.tasks.api import JobHandle
+    from docqueue.tasks.records import ChunkResult, JobInfo, ProviderBatchInfo, Trouble
 
 
 def _read_option_file(path: Path | None, what: str) -> str | None:
@@ -114,7 +115,7 @@ def submit(
     if wait:
         from docqueue.tasks.progress import watch
 
-        final = handle.wait() if as_json else watch(handle.id)
+        final = _wait_quietly(handle) if as_json else watch(handle.id)
         if as_json:
             typer.echo(json.dumps({**report, "final": final}))
         else:
@@ -143,8 +144,25 @@ def _print_estimate(paths: list[str], pipeline: str, options: dict[str, Any],
                f"{dollars(est['cost_max'])}")
 
 
+def _wait_quietly(handle: JobHandle) -> JobInfo:
+    """Wait for the job with nothing on stdout (it gets the JSON): only the trouble lines, on
+    stderr."""
+    from docqueue.tasks.progress import TroubleLines
+
+    troubles = TroubleLines()
+
+    def say(trouble: Trouble | None) -> None:
+        for line in troubles.lines(trouble):
+            typer.echo(line, err=True)
+
+    return handle.wait(progress=lambda st: say(st["trouble"]), on_outage=say)
+
+
 def _progress_line() -> Any:
+    from docqueue.tasks.progress import TroubleLines
+
     last: list[str] = [""]
+    troubles = TroubleLines()
 
     def show(st: JobInfo) -> None:
         steps = f", {st['reduce_steps_done']} reduce steps" if st["reduce_steps_done"] else ""
@@ -153,6 +171,8 @@ def _progress_line() -> Any:
         if line != last[0]:
             typer.echo(line, err=True)
             last[0] = line
+        for said in troubles.lines(st.get("trouble")):
+            typer.echo(said, err=True)
 
     return show
 
@@ -170,6 +190,8 @@ def _summary(st: JobInfo) -> str:
             f"{st['tokens_in']:,}{_prompt_cache_words(st)}, out {st['tokens_out']:,}; "
             f"cost {cost}{_saved_words(st)}")
     text += f"\n  {st['reason']}" if st.get("reason") else ""
+    if trouble := st.get("trouble"):
+        text += f"\n  trouble: {trouble['message']}"
     return text + "".join(f"\n  {_provider_batch_line(b)}" for b in st.get("provider_batches", []))
 
 

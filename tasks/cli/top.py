@@ -2,7 +2,10 @@
 people without Grafana. `--once` prints one frame and exits (scripts, tests, a pipe).
 
 It reads what the status commands read: the store for the jobs (`tasks.api.running_jobs`) and
-Redis for the limiter (`tasks.limits.limiter_status`); it writes nothing.
+Redis for the limiter (`tasks.limits.limiter_status`); it writes nothing. Under the jobs, a
+`trouble:` line for each shared cause their calls meet (an endpoint unreachable, a refused key,
+a storm of 429s, 5xx or timeouts: workers/batch/trouble.py), naming the jobs; while the store
+cannot be reached, the live view says so in place of the jobs and goes on redrawing.
 """
 
 from __future__ import annotations
@@ -44,12 +47,26 @@ def top(
         Console(width=None if sys.stdout.isatty() else PIPE_WIDTH).print(frame(settings, rates))
         return
     try:
-        with Live(frame(settings, rates), auto_refresh=False, screen=False) as live:
+        with Live(live_frame(settings, rates), auto_refresh=False, screen=False) as live:
             while True:
                 time.sleep(interval)
-                live.update(frame(settings, rates), refresh=True)
+                live.update(live_frame(settings, rates), refresh=True)
     except KeyboardInterrupt:
         return
+
+
+def live_frame(settings: Any, rates: dict[int, Any]) -> Group | Text:
+    """A frame; while the store cannot be reached, the trouble line instead (and the view goes
+    on). Any other failure is raised: `docq` says it in one line."""
+    from docqueue.tasks.records import store_outage
+    from docqueue.workers.errors import ServiceUnavailableError
+
+    try:
+        return frame(settings, rates)
+    except ServiceUnavailableError as exc:
+        if (trouble := store_outage(exc)) is None:
+            raise
+        return Text(f"trouble: {trouble['message']}", style="yellow")
 
 
 def frame(settings: Any, rates: dict[int, Any]) -> Group:
@@ -63,8 +80,25 @@ def frame(settings: Any, rates: dict[int, Any]) -> Group:
         del rates[gone]
     return Group(
         jobs_table([rates.setdefault(j["id"], Rates()).add(j) for j in jobs], jobs),
+        *(Text(line, style="yellow") for line in trouble_lines(jobs)),
         Text(format_limiter_status(limiter_status(settings))),
     )
+
+
+def trouble_lines(jobs: list[JobInfo]) -> list[str]:
+    """One `trouble:` line per service and cause the jobs meet, naming the jobs: the longest
+    running of them speaks for all."""
+    shared: dict[tuple[str, str], list[JobInfo]] = {}
+    for job in jobs:
+        if (t := job.get("trouble")) is not None:
+            shared.setdefault((t["service"], t["cause"]), []).append(job)
+    lines = []
+    for group in shared.values():
+        troubles = [j["trouble"] for j in group if j["trouble"] is not None]
+        first = max(troubles, key=lambda t: t["for_s"] or 0.0)
+        ids = ", ".join(str(j["id"]) for j in group)
+        lines.append(f"trouble (job{'s' if len(group) > 1 else ''} {ids}): {first['message']}")
+    return lines
 
 
 def jobs_table(snaps: list[Any], jobs: list[JobInfo]) -> Table | Text:

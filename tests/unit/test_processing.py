@@ -30,6 +30,7 @@ from docqueue.workers.batch.processing import run_batch
 from docqueue.workers.batch.services import Outcome, Services
 from docqueue.workers.batch.writer import ResultWriter
 from docqueue.workers.errors import (
+    AuthenticationRefusedError,
     EndpointUnreachableError,
     PermanentLLMError,
     RateLimitedError,
@@ -65,7 +66,7 @@ class FakeLLM:
 
 
 class FakeRedis:
-    """The four commands the job guard uses, in memory."""
+    """The commands the job guard uses, in memory."""
 
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
@@ -73,7 +74,10 @@ class FakeRedis:
     async def get(self, key: str) -> bytes | None:
         return self.data.get(key)
 
-    async def set(self, key: str, value: Any, nx: bool = False) -> bool:
+    async def mget(self, *names: str) -> list[bytes | None]:
+        return [self.data.get(key) for key in names]
+
+    async def set(self, key: str, value: Any, nx: bool = False, ex: int | None = None) -> bool:
         if nx and key in self.data:
             return False
         self.data[key] = str(value).encode()
@@ -217,6 +221,43 @@ def test_a_refused_connection_is_not_an_attempt_and_the_batch_waits(
     assert svc.endpoint_down.refusals == 0
 
 
+def test_a_refused_key_fails_the_jobs_other_chunks_without_a_call(
+    sessions: sessionmaker[Session], settings: Settings,
+) -> None:
+    # Given a job of 4 chunks, one call in flight at a time, and an endpoint refusing the key
+    job_id, batch_id = make_job(sessions, settings, 4)
+    refused = classify_status_error(status_error(401, "invalid_api_key"), "sk-secret")
+    llm = FakeLLM(lambda p, n: refused)
+    redis = FakeRedis()
+    # When the batch is delivered
+    (outcome,) = deliver(services(sessions, settings, llm, redis), batch_id)
+    # Then one call was made, and every chunk failed at once with the refusal's words
+    assert outcome.state == "done" and len(llm.calls) == 1
+    rows = results(sessions, job_id)
+    assert {(r.status, r.error_type, r.error_message, r.http_status) for r in rows} == {
+        ("error", "AuthenticationRefusedError",
+         "the endpoint refused the API key (HTTP 401 invalid_api_key: status 401)", 401)}
+    assert sorted(r.attempts for r in rows) == [0, 0, 0, 1]
+    # and the job is stopped for every other process, the refusal kept beside the flag
+    assert redis.data[keys.job_stop(job_id)] == StopReason.REFUSED.encode()
+    assert b"invalid_api_key" in redis.data[keys.job_refusal(job_id)]
+
+
+def test_a_refusal_does_not_outlast_docq_retry(
+    sessions: sessionmaker[Session], settings: Settings,
+) -> None:
+    # Given a job whose key was refused in this process, its stop flag lifted (`docq retry`)
+    job_id, batch_id = make_job(sessions, settings, 2)
+    redis = FakeRedis()
+    svc = services(sessions, settings, FakeLLM(lambda p, n: completion()), redis)
+    svc.refused.add(job_id)
+    # When the batch is delivered
+    deliver(svc, batch_id)
+    # Then its chunks are called and answered, and the process forgot the refusal
+    assert [r.status for r in results(sessions, job_id)] == ["ok", "ok"]
+    assert job_id not in svc.refused
+
+
 # -- stopping: budget, cancel, poison --------------------------------------------------------
 
 
@@ -341,8 +382,8 @@ def status_error(status: int, code: str | None = None,
 @pytest.mark.parametrize(("status", "code", "kind"), [
     (400, None, PermanentLLMError),
     (400, "context_length_exceeded", PermanentLLMError),
-    (401, "invalid_api_key", PermanentLLMError),
-    (403, None, PermanentLLMError),
+    (401, "invalid_api_key", AuthenticationRefusedError),
+    (403, None, AuthenticationRefusedError),
     (404, "model_not_found", PermanentLLMError),
     (408, None, RetryableLLMError),
     (409, None, RetryableLLMError),

@@ -25,6 +25,7 @@ from docqueue import (
     Lane,
     ProviderBatchInfo,
     ResultStatus,
+    Trouble,
     WorkerError,
 )
 from docqueue.models import LedgerState
@@ -37,6 +38,7 @@ JOB_KEYS = [
     "chunks_by_state", "reduce_steps_done", "tokens_in", "tokens_in_cached", "tokens_out", "cost",
     "prompt_cache_share", "prompt_cache_saved", "latency_p50_ms", "latency_p95_ms",
     "chunks_per_s", "created_at", "submitted_at", "finished_at", "lane", "provider_batches",
+    "trouble",  # added later: a new key keeps every script that reads the others working
 ]
 DOCUMENT_KEYS = ["id", "source", "status", "output", "error", "chunks", "tokens_in",
                  "tokens_out", "cost", "content_hash", "metadata"]
@@ -44,6 +46,8 @@ CHUNK_KEYS = ["id", "chunk", "char_start", "char_end", "tokens", "status", "outp
               "tokens_in", "tokens_out"]
 PROVIDER_BATCH_KEYS = ["ledger", "id", "state", "status", "requests", "completed", "failed",
                        "age_s"]
+TROUBLE_KEYS = ["cause", "service", "detail", "since", "for_s", "failures", "retry_s", "doing",
+                "message"]
 
 
 def a_job() -> JobInfo:
@@ -61,6 +65,7 @@ def a_job() -> JobInfo:
         "provider_batches": [{"ledger": 1, "id": "batch_1", "state": LedgerState.CREATED,
                               "status": "in_progress", "requests": 5, "completed": 2,
                               "failed": 0, "age_s": 3.5}],
+        "trouble": None,
     }
 
 
@@ -81,7 +86,8 @@ def test_every_public_name_is_importable_and_listed_once() -> None:
 def test_the_records_declare_the_keys_the_cli_prints_all_required() -> None:
     # Given each record type and the keys its JSON had before it was typed
     for record, keys in ((JobInfo, JOB_KEYS), (DocumentResult, DOCUMENT_KEYS),
-                         (ChunkResult, CHUNK_KEYS), (ProviderBatchInfo, PROVIDER_BATCH_KEYS)):
+                         (ChunkResult, CHUNK_KEYS), (ProviderBatchInfo, PROVIDER_BATCH_KEYS),
+                         (Trouble, TROUBLE_KEYS)):
         # Then it declares exactly those keys, in that order, every one always present
         assert list(get_type_hints(record)) == keys, record.__name__
         assert record.__required_keys__ == frozenset(keys), record.__name__

@@ -5,7 +5,10 @@ before the slot is handed on, so a budget overshoots by at most the calls in fli
 reserves what the provider will charge and settles with its usage (a 429 refunds and cools every
 process down, a refused connection is no attempt); a permanent error is final at once, a
 retryable one is tried again with backoff (honouring Retry-After) until DOCQ_MAX_ATTEMPTS, and
-output that does not parse at most `MAX_PARSE_ATTEMPTS` times.
+output that does not parse at most `MAX_PARSE_ATTEMPTS` times. A refused API key (401, 403)
+stops the whole job: its chunks not yet sent fail with the same reason, without a call
+(batch/guard.py). Failures of a shared cause are told to the process's trouble log
+(batch/trouble.py), which the status views read.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 from docqueue.models import ResultStatus
 from docqueue.workers.batch import cache, leases
-from docqueue.workers.batch.guard import JobGuard, StopReason
+from docqueue.workers.batch.guard import JobGuard, Refusal, StopReason
 from docqueue.workers.batch.leases import BatchInfo, ResultRow, WorkItem
 from docqueue.workers.batch.services import Services
+from docqueue.workers.batch.trouble import Trouble
 from docqueue.workers.clock import monotonic_s
 from docqueue.workers.errors import (
+    AuthenticationRefusedError,
     EndpointUnreachableError,
     PermanentError,
     RateLimitedError,
@@ -50,6 +55,7 @@ class Pause:
 
     wait_s: float
     reason: str
+    trouble: Trouble | None = None  # the shared cause behind it, once it makes a case
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,13 +91,20 @@ def cached_row(info: BatchInfo, call: Call, output: Any, finish: str | None) -> 
     return row
 
 
-def _stopped_row(info: BatchInfo, item: WorkItem, reason: StopReason) -> ResultRow:
+def _stopped_row(info: BatchInfo, item: WorkItem, guard: JobGuard,
+                 reason: StopReason) -> ResultRow:
     row = _base_row(info, item, item.attempts)
     if reason == StopReason.BUDGET:
         row.update({
             "status": ResultStatus.SKIPPED_BUDGET,
             "error_message": "the job's budget was spent before this chunk's call",
         })
+    elif reason == StopReason.REFUSED:
+        # The refusal's own words, type and status: the chunks it kept from a call fail for
+        # the one reason (Flower's story lists them together).
+        refusal = guard.refusal or Refusal.loads(None)
+        row.update({"status": ResultStatus.ERROR, "error_type": refusal.error_type,
+                    "error_message": refusal.message, "http_status": refusal.http_status})
     else:
         row.update({"status": ResultStatus.CANCELLED, "error_message": CANCELLED_MESSAGE})
     return row
@@ -108,7 +121,7 @@ async def call_model(
         # spend is counted before the slot is handed on: every call that starts sees the spend
         # of every call that has ended, so a budget overshoots by at most the calls in flight.
         if reason := await guard.stop_reason():
-            return _stopped_row(info, call.item, reason)
+            return _stopped_row(info, call.item, guard, reason)
         if busy or lapsed():  # the pass stopped while this call waited for its slot
             return None
 
@@ -121,7 +134,7 @@ async def call_model(
                                              interrupted=interrupted)
         except _Interrupted:
             if reason := await guard.stop_reason():
-                return _stopped_row(info, call.item, reason)
+                return _stopped_row(info, call.item, guard, reason)
             return None
         except LimiterBusy as exc:
             busy.append(Pause(exc.wait_s, "waiting for rate-limit capacity"))
@@ -131,13 +144,23 @@ async def call_model(
             wait = svc.endpoint_down.refused()
             if not busy:
                 logger.warning("batch %s: %s; trying again in %.1fs", info.batch_id, exc, wait)
-            busy.append(Pause(wait, str(exc)))
+            busy.append(Pause(wait, str(exc), await _trouble(svc, info, exc, wait)))
             return None
+        except AuthenticationRefusedError as exc:
+            # Every call of the job with this key would be refused: stop them all, here first
+            # (with the slot still in hand, so no call of this process starts after it).
+            await guard.refuse(exc)
+            await _trouble(svc, info, exc, None)
+            return _failed(row, exc, final=True)
         except PermanentError as exc:
             return _failed(row, exc, final=True)
         except RetryableError as exc:
-            return _retry_or_fail(svc.settings, row, exc)
+            row, backoff = _retry_or_fail(svc.settings, row, exc)
+            await _trouble(svc, info, exc, backoff)
+            return row
         svc.endpoint_down.reached()
+        if svc.troubles is not None:
+            await svc.troubles.ok(info.job_id, seen=guard.take_trouble_seen())
         row.update({
             "finish_reason": completion.finish_reason,
             "tokens_in": completion.tokens_in,
@@ -152,9 +175,17 @@ async def call_model(
     except PermanentError as exc:
         return _failed(row, exc, final=True)
     except RetryableError as exc:  # output that does not parse: a new sample may
-        return _retry_or_fail(svc.settings, row, exc)
+        return _retry_or_fail(svc.settings, row, exc)[0]
     row["status"] = ResultStatus.OK
     return row
+
+
+async def _trouble(svc: Services, info: BatchInfo, exc: BaseException,
+                   wait_s: float | None) -> Trouble | None:
+    """Tell the process's trouble log of a failed call; the job's trouble, if it has one."""
+    if svc.troubles is None:
+        return None
+    return await svc.troubles.failed(info.job_id, exc, wait_s)
 
 
 class _Interrupted(Exception):
@@ -234,7 +265,10 @@ def _failed(row: ResultRow, exc: Exception, *, final: bool) -> ResultRow:
     return row
 
 
-def _retry_or_fail(settings: Settings, row: ResultRow, exc: RetryableError) -> ResultRow:
+def _retry_or_fail(settings: Settings, row: ResultRow,
+                   exc: RetryableError) -> tuple[ResultRow, float | None]:
+    """The row of a failed attempt, final once the attempts are spent, and the wait before
+    the chunk's next (None: there is none)."""
     attempts = row["attempts"]
     # An answer that does not parse usually comes back the same (temperature 0): one more try.
     cap = min(settings.max_attempts, MAX_PARSE_ATTEMPTS) if isinstance(
@@ -242,7 +276,7 @@ def _retry_or_fail(settings: Settings, row: ResultRow, exc: RetryableError) -> R
     if attempts >= cap:
         _failed(row, exc, final=True)
         row["error_message"] = f"gave up after {attempts} attempts; last error: {exc}"
-        return row
+        return row, None
     floor = getattr(exc, "retry_after_s", None)
     wait = backoff_s(
         attempts,
@@ -252,4 +286,4 @@ def _retry_or_fail(settings: Settings, row: ResultRow, exc: RetryableError) -> R
     )
     _failed(row, exc, final=False)
     row["not_before"] = leases.now() + timedelta(seconds=wait)
-    return row
+    return row, wait

@@ -95,7 +95,8 @@ async def _run_batch(svc: Services, batch_id: int, owner: str, budget_s: float) 
         return Outcome("done", reason=reason)
     deadline = monotonic_s() + budget_s
     pipeline = svc.pipeline(info)
-    guard = JobGuard(svc.redis, info.job_id, info.budget_tokens, info.budget_cost)
+    guard = JobGuard(svc.redis, info.job_id, info.budget_tokens, info.budget_cost,
+                     refused=svc.refused)
     if guard.has_budget:
         spent = await svc.db(lambda s: leases.job_spend(s, info.job_id))
         await guard.prime(*spent)
@@ -179,7 +180,8 @@ async def _work(
         wait = max(0.0, (due - t).total_seconds())
         if wait > INLINE_WAIT_S or monotonic_s() + wait > deadline:
             await svc.db(lambda s: leases.release(s, [w.chunk_id for w in waiting], owner))
-            return Outcome("retry", wait, "waiting for retry backoff")
+            return Outcome("retry", wait, "waiting for retry backoff",
+                           svc.troubles.current(info.job_id) if svc.troubles else None)
         await asyncio.sleep(wait)
         return None
 
@@ -224,6 +226,7 @@ async def _work(
             return Outcome("retry", LAPSED_RETRY_S, "this delivery's heartbeat lapsed")
         if busy:
             longest = max(busy, key=lambda p: p.wait_s)
-            return Outcome("retry", longest.wait_s, longest.reason)
+            trouble = next((p.trouble for p in busy if p.trouble is not None), None)
+            return Outcome("retry", longest.wait_s, longest.reason, trouble)
         return Outcome("retry", 0.0, "batch time budget used")
     return None

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from docqueue.models import end_if_left_idle
 from docqueue.workers.batch.leases import BatchInfo
 from docqueue.workers.batch.liveness import Heartbeat
+from docqueue.workers.batch.trouble import Trouble, TroubleLog
 from docqueue.workers.pipelines import Pipeline, build_pipeline
 from docqueue.workers.provider.limiter import Limiter
 from docqueue.workers.provider.retry import EndpointDown
@@ -29,11 +30,13 @@ if TYPE_CHECKING:  # the model client imports langchain-openai: a producer never
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a delivery ended: the batch is done, or it should run again after `retry_in_s`."""
+    """How a delivery ended: the batch is done, or it should run again after `retry_in_s`
+    (`trouble`: the shared cause its calls met, if that is why)."""
 
     state: Literal["done", "retry", "missing"]
     retry_in_s: float = 0.0
     reason: str = ""
+    trouble: Trouble | None = None
 
 
 @dataclass
@@ -50,6 +53,8 @@ class Services:
     heartbeat: Heartbeat | None = None  # None (a REPL, a unit test): leases expire, nothing else
     pipelines: dict[tuple[str, str], Pipeline] = field(default_factory=dict)
     endpoint_down: EndpointDown = field(default_factory=EndpointDown)
+    troubles: TroubleLog | None = None  # None (a REPL, a unit test): failures are only logged
+    refused: set[int] = field(default_factory=set)  # jobs whose key the endpoint refused here
     # A delivery's first claim runs alone in its process: when a job starts, every open batch
     # claims at once, and the first calls waited for all of those claims to share the CPU.
     starting: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -73,6 +73,7 @@ def merge_job(session: Session, job_id: int) -> MergeSummary | None:
     last_result: datetime | None = None
     new_batches: list[int] = []
     waiting = 0  # reduce steps just made, not yet run
+    errors: set[str] = set()  # the failed chunks' messages, up to two: is there one reason?
     doc_updates: list[dict[str, Any]] = []
     for document_id, steps in by_document(document_steps(session, job)):
         plan = plan_document(steps, pipeline, _reduce_tokens(job))
@@ -83,6 +84,8 @@ def merge_job(session: Session, job_id: int) -> MergeSummary | None:
             waiting += len(plan.groups)
         for step in steps:
             (states if step.level == 0 else reduce_states)[_state(step)] += 1
+            if step.level == 0 and step.status == ResultStatus.ERROR and len(errors) < 2:
+                errors.add(step.error_message or "")
             if step.ok and step.latency_ms is not None and not step.cached:
                 latencies.append(step.latency_ms)
             if step.updated_at is not None:
@@ -101,7 +104,8 @@ def merge_job(session: Session, job_id: int) -> MergeSummary | None:
     ok, err, unfinished = states[ResultStatus.OK], states[ResultStatus.ERROR], states["unfinished"]
     other = sum(states.values()) - ok - err - unfinished
     unfinished_all = unfinished + reduce_states["unfinished"] + waiting
-    status, reason = _job_status(job, ok, err, other, unfinished_all, states, reduce_states)
+    status, reason = _job_status(job, ok, err, other, unfinished_all, states, reduce_states,
+                                 errors.pop() if len(errors) == 1 else None)
     submitted = as_utc(job.submitted_at) if job.submitted_at else None
     elapsed = (last_result - submitted).total_seconds() if last_result and submitted else None
     session.execute(
@@ -297,8 +301,10 @@ def _document_error(chunks: Sequence[Step], failed: Sequence[Step],
 
 def _job_status(
     job: Job, ok: int, err: int, other: int, unfinished: int, states: Counter[str],
-    reduce_states: Counter[str],
+    reduce_states: Counter[str], one_error: str | None = None,
 ) -> tuple[str, str | None]:
+    """The job's state and the reason for it; `one_error`: the message every failed chunk has,
+    when they all have the same (a refused API key, say), which the reason then names."""
     if (job.status == JobStatus.CANCELLED or states[ResultStatus.CANCELLED]
             or reduce_states[ResultStatus.CANCELLED]):
         # A cancelled job stays cancelled; its counts still say what was done.
@@ -311,7 +317,7 @@ def _job_status(
     if job.documents_rejected:
         reasons.append(f"{job.documents_rejected} documents rejected")
     if err:
-        reasons.append(f"{err} chunks failed")
+        reasons.append(f"{err} chunks failed" + (f": {one_error}" if one_error else ""))
     if states[ResultStatus.SKIPPED_BUDGET]:
         reasons.append(f"{states[ResultStatus.SKIPPED_BUDGET]} chunks skipped: budget reached")
     if reduce_states[ResultStatus.ERROR]:

@@ -22,6 +22,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langchain_openai import ChatOpenAI, OpenAI
 
 from docqueue.workers.errors import (
+    AuthenticationRefusedError,
     EndpointUnreachableError,
     FlexUnavailableError,
     PermanentLLMError,
@@ -34,6 +35,7 @@ from docqueue.workers.settings import LLMMode
 # Statuses worth another try; every other 4xx is permanent.
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529})
 PERMANENT_CODES = frozenset({"insufficient_quota", "content_filter", "context_length_exceeded"})
+REFUSED_KEY = {401: "refused the API key", 403: "refused access with the API key"}
 FLEX_UNAVAILABLE = "resource_unavailable"
 
 # The headers of the response being read in this asyncio task (set by `complete`).
@@ -330,4 +332,7 @@ def classify_status(
     if status in RETRYABLE_STATUSES and code not in PERMANENT_CODES:
         return RetryableLLMError(text, http_status=status, code=code,
                                  retry_after_s=retry_after_s(headers), rate_headers=budget)
+    if status in REFUSED_KEY:
+        return AuthenticationRefusedError(f"the endpoint {REFUSED_KEY[status]} ({text})",
+                                          http_status=status, code=code)
     return PermanentLLMError(text, http_status=status, code=code)
