@@ -137,3 +137,43 @@ def test_bad_tables_and_a_running_purge_each_give_one_line(
     assert refused.returncode == 2 and refused.stderr.splitlines() == [
         f"error: job {job} is still running: cancel it first (docq cancel {job}); "
         "nothing was purged"]
+
+
+def test_beat_purges_the_jobs_past_the_retention_and_only_those(
+    simulator: Any, docq_env: Any, workers: Any, tmp_path: Path
+) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from docqueue.tasks.celery import app
+    from docqueue.tasks.lifecycle import retention_entry
+    from docqueue.workers.clock import utc_now
+
+    # Given a worker told to keep finished jobs for 30 days, and two finished jobs, one of
+    # which finished 40 days ago
+    env = docq_env(simulator("--seed", "5").url, retention_days=30)
+    workers(env)
+    old, recent = (submitted(docq(env, "submit", str(_notes(tmp_path, name)), "--json",
+                                  cwd=tmp_path)) for name in ("old", "recent"))
+    for job in (old, recent):
+        assert JobHandle(job).wait(timeout=120)["status"] == "succeeded"
+    with runtime().sessions.begin() as s:
+        s.execute(update(Job).where(Job.id == old)
+                  .values(finished_at=utc_now() - timedelta(days=40)))
+    # When beat's retention entry comes due (the task it names, sent to the worker)
+    entry = retention_entry(runtime().settings)["jobs-retention"]
+    report = app.send_task(entry["task"]).get(timeout=60)
+    # Then the old job's rows are gone and the recent one's are all there
+    assert report == {"purged": 1, "documents": 3}, report
+    assert rows_of(old) == {"Document": 0, "Chunk": 0, "Batch": 0, "Result": 0, "Job": 0}
+    assert rows_of(recent)["Document"] == 3 and rows_of(recent)["Result"] == 3
+
+
+def _notes(folder: Path, name: str) -> Path:
+    """A folder of three short notes to submit."""
+    path = folder / name
+    path.mkdir()
+    for i in range(3):
+        (path / f"{i}.txt").write_text(f"Note {i} of {name}: the ferry leaves at nine.")
+    return path
