@@ -369,6 +369,16 @@ class Settings(BaseSettings):
                              "unix:// (Redis), or amqp:// or amqps:// (RabbitMQ)")
         return url
 
+    @field_validator("llm_base_url")
+    @classmethod
+    def _no_credentials_in_the_endpoint(cls, url: str | None) -> str | None:
+        # The client sends the key as a bearer token; credentials in the URL cannot go beside
+        # it (every call failed with the HTTP library's complaint), and would be printed.
+        if url is not None and (urlsplit(url).username or urlsplit(url).password):
+            raise ValueError(f"{masked_url(url)} carries credentials (user:password@): put the "
+                             "API key in DOCQ_LLM_API_KEY and leave the URL without them")
+        return url
+
     @field_validator("redis_url")
     @classmethod
     def _a_redis(cls, url: str | None) -> str | None:

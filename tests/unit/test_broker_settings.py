@@ -33,8 +33,12 @@ BAD = [
     ({"DOCQ_BROKER_URL": "amqp://guest@127.0.0.1:5672//",
       "DOCQ_REDIS_URL": f"amqp://guest:{SECRET}@127.0.0.1:5672//"},
      "invalid setting DOCQ_REDIS_URL: amqp://guest:***@127.0.0.1:5672// is not a Redis URL"),
+    ({"DOCQ_LLM_BASE_URL": f"https://team:{SECRET}@llm.example.com/v1"},
+     "invalid setting DOCQ_LLM_BASE_URL: https://team:***@llm.example.com/v1 carries "
+     "credentials (user:password@): put the API key in DOCQ_LLM_API_KEY"),
 ]
-IDS = ["amqp-without-redis", "unknown-broker-scheme", "unknown-redis-scheme", "redis-url-amqp"]
+IDS = ["amqp-without-redis", "unknown-broker-scheme", "unknown-redis-scheme", "redis-url-amqp",
+       "endpoint-with-credentials"]
 
 
 def clean_env(tmp_path: Path, extra: dict[str, str]) -> dict[str, str]:
