@@ -14,8 +14,9 @@ The parts: `services.py` (what a delivery needs from its process), `calls.py` (o
 call and its row), `writer.py` (the result writer); this module is a delivery's loop: claim,
 take over from dead deliveries, one pass of calls, hand back or finish. The chunks a dead
 delivery had in flight come back as suspects (workers/batch/leases.py): they are worked after
-the others, one at a time, each leased alone, and one whose worker died `max_deliveries` times
-with it in flight, once at least with it alone, is recorded as failed without a call.
+the others, one at a time, each leased alone (one in flight per process: `Services.alone`),
+and one whose worker died `max_deliveries` times with it in flight, once at least with it
+alone, is recorded as failed without a call.
 """
 
 from __future__ import annotations
@@ -125,12 +126,15 @@ async def _run_batch(svc: Services, batch_id: int, owner: str, budget_s: float) 
                     claim = None
                     continue
         if not claim.items and claim.suspects:
-            claim = await svc.db(functools.partial(
-                _lease_suspect, cfg=cfg, info=info, owner=owner, chunk_id=claim.suspects[0],
-                dead=dead, expiry_counts=expiry_counts))
-            if claim is None:
-                continue  # failed as poison, or taken by another delivery: claim again
-        outcome = await _work(svc, info, pipeline, guard, claim, owner, deadline)
+            async with svc.alone:
+                alone = await svc.db(functools.partial(
+                    _lease_suspect, cfg=cfg, info=info, owner=owner, chunk_id=claim.suspects[0],
+                    dead=dead, expiry_counts=expiry_counts))
+                # None: failed as poison, or taken by another delivery; claim again
+                outcome = None if alone is None else await _work(svc, info, pipeline, guard,
+                                                                 alone, owner, deadline)
+        else:
+            outcome = await _work(svc, info, pipeline, guard, claim, owner, deadline)
         if outcome is not None:
             await svc.db(lambda s: leases.end_delivery(s, info, owner, done=False))
             return outcome
