@@ -283,25 +283,28 @@ def called_documents(llm: FakeLLM) -> list[int]:
             if (m := re.search(r"Document number (\d+)", repr(p)))]
 
 
-def test_the_chunks_a_dead_delivery_held_are_counted_and_worked_alone_after_the_others(
+def test_the_chunks_a_dead_delivery_held_are_counted_and_suspects_worked_alone_after_the_others(
     sessions: sessionmaker[Session], settings: Settings,
 ) -> None:
-    # Given a batch of four chunks, two of them held by a delivery that died
+    # Given a batch of four chunks, two of them held by a delivery that died, one of those
+    # already in flight in an earlier death
     job_id, batch_id = make_job(sessions, settings, 4)
-    suspects = leased_by_the_dead(sessions, job_id, [0, 1])
+    (twice,) = leased_by_the_dead(sessions, job_id, [0], deaths=1)
+    (once,) = leased_by_the_dead(sessions, job_id, [1])
     llm = FakeLLM(lambda p, n: completion())
     # When the batch is delivered
     (outcome,) = deliver(services(sessions, settings, llm), batch_id)
-    # Then every chunk is ok, the innocent ones called first, the suspects after them
+    # Then every chunk is ok; the one in flight in two deaths (a suspect) is called after the
+    # others, the one in flight in one death with its batch
     assert outcome.state == "done"
     assert {r.status for r in results(sessions, job_id)} == {ResultStatus.OK}
-    assert called_documents(llm) == [2, 3, 0, 1]
-    # and one death is counted on each chunk the dead delivery held, none on the others
+    assert called_documents(llm) == [1, 2, 3, 0]
+    # and a death is counted on each chunk the dead delivery held, none on the others
     with sessions() as s:
         deaths = {r.id: r.deaths for r in s.execute(select(Chunk.id, Chunk.deaths)
                                                      .where(Chunk.job_id == job_id))}
-    assert sorted(deaths.values()) == [0, 0, 1, 1]
-    assert {i for i, d in deaths.items() if d} == set(suspects)
+    assert deaths[twice] == 2 and deaths[once] == 1
+    assert sorted(deaths.values()) == [0, 0, 1, 2]
 
 
 def test_a_chunk_whose_worker_died_max_deliveries_times_once_alone_is_failed_alone(

@@ -11,10 +11,11 @@ the chunks whose lease it still holds, checked under a row lock in the write's o
 
 The poison guard is per chunk. A claim that takes a chunk over from another owner (dead, or
 expired) counts a death on it (`Chunk.deaths`, and `deaths_alone` when that owner held it
-alone): only the chunks a dying delivery had in flight are marked. A marked chunk, a suspect,
-is not worked with its batch any more: the claim hands it back, and the delivery leases it
-alone (`lease_alone`) once its other chunks are done, so a death while it is handled implicates
-it and nothing else. Innocent chunks of a batch that keeps landing on dying workers finish.
+alone): only the chunks a dying delivery had in flight are marked. A chunk in flight in
+`SUSPECT_DEATHS` deaths, a suspect, is not worked with its batch any more: the claim hands it
+back, and the delivery leases it alone (`lease_alone`) once its other chunks are done, so a
+death while it is handled implicates it and nothing else. Innocent chunks of a batch that
+keeps landing on dying workers finish.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ from docqueue.models import (
     upsert_statement,
 )
 from docqueue.workers.clock import as_utc, utc_now
+
+# Deaths that make a chunk a suspect. One is every chunk a crashed worker had in flight: taken
+# alone, a batch's chunks would be called one after another, and one crash would slow every
+# batch it hit to a call at a time (a frozen worker's 16 chunks were called again over 56 s,
+# against 10-14 s). A second death with the chunk in flight is rare unless the chunk is at fault.
+SUSPECT_DEATHS = 2
 
 RESULT_COLUMNS = (
     "job_id",
@@ -95,7 +102,7 @@ class Claim:
     unfinished: int  # chunks of the batch without a final result, claimed or not
     held_elsewhere: int  # of those, leased by another delivery
     holders: frozenset[str] = frozenset()  # the owners of those leases
-    suspects: tuple[int, ...] = ()  # chunk ids free to lease alone: deaths were counted on them
+    suspects: tuple[int, ...] = ()  # chunk ids free to lease alone (SUSPECT_DEATHS or more)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,8 +248,8 @@ def claim(
     batch = {"b_job_id": info.job_id, "b_seq": info.seq, "b_version": info.pipeline_version,
              "b_owner": owner}
     taken = session.execute(sql.take, batch | _free(dead, expiry_counts, t, lease_s)).all()
-    claimed_ids = [r[0] for r in taken if not r[1]]
-    suspects = sorted(r[0] for r in taken if r[1])
+    claimed_ids = [r[0] for r in taken if r[1] < SUSPECT_DEATHS]
+    suspects = sorted(r[0] for r in taken if r[1] >= SUSPECT_DEATHS)
     release(session, suspects, owner)
     counts = session.execute(sql.counts, batch).one()
     holders: frozenset[str] = frozenset()

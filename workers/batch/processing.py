@@ -12,11 +12,11 @@ and its spend is not counted twice.
 
 The parts: `services.py` (what a delivery needs from its process), `calls.py` (one chunk's
 call and its row), `writer.py` (the result writer); this module is a delivery's loop: claim,
-take over from dead deliveries, one pass of calls, hand back or finish. The chunks a dead
-delivery had in flight come back as suspects (workers/batch/leases.py): they are worked after
-the others, one at a time, each leased alone (one in flight per process: `Services.alone`),
-and one whose worker died `max_deliveries` times with it in flight, once at least with it
-alone, is recorded as failed without a call.
+take over from dead deliveries, one pass of calls, hand back or finish. The chunks that were
+in flight in two dead deliveries come back as suspects (workers/batch/leases.py): they are
+worked after the others, one at a time, each leased alone (one in flight per process:
+`Services.alone`), and one whose worker died `max_deliveries` times with it in flight, once
+at least with it alone, is recorded as failed without a call.
 """
 
 from __future__ import annotations
