@@ -39,8 +39,8 @@ POLL_S = 1.0
 MEMORY_CHECK_S = 5.0
 RESTART_PAUSE_S = 1.0  # before a crashed process's replacement starts
 # A process that exits (with a status, not by a signal) within this long of its start, this
-# many times running, cannot start (a setting it refuses, a broken install): the supervisor stops instead of restarting it
-# every second for ever.
+# many times running, cannot start (a setting it refuses, a broken install): the supervisor
+# stops instead of restarting it every second for ever.
 EARLY_EXIT_S, EARLY_EXITS = 15.0, 3
 MIN_BATCHES = 4
 
