@@ -120,7 +120,9 @@ def now() -> datetime:
 
 
 def start_delivery(session: Session, batch_id: int) -> BatchInfo | None:
-    """Read what the batch needs; None if unknown."""
+    """Stamp the batch as started (a level no delivery started is sent again:
+    jobs/merging.py `never_started`) and read what it needs; None if unknown."""
+    session.execute(update(Batch).where(Batch.id == batch_id).values(updated_at=now()))
     row = session.execute(
         select(
             Batch.id,
