@@ -19,6 +19,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
     func,
     text,
 )
@@ -170,7 +171,6 @@ class Batch(Base):
     chunk_count: Mapped[int] = mapped_column(default=0)
     token_count: Mapped[int] = mapped_column(default=0)
     status: Mapped[str] = mapped_column(STATE, default=BatchStatus.QUEUED)
-    deliveries: Mapped[int] = mapped_column(default=0)
     updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
@@ -198,6 +198,11 @@ class Chunk(Base):
     # The lease: which delivery of a batch may call the model for this chunk, and until when.
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The poison guard (workers/batch/leases.py): how many deliveries died with this chunk in
+    # flight, and how many of them held it alone; `leased_alone` says the lease is such a one.
+    deaths: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    deaths_alone: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    leased_alone: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class CachedResponse(Base):

@@ -58,7 +58,8 @@ def _configure(sender: Celery, **_: Any) -> None:
         result_serializer="json",
         accept_content=["json"],
         task_acks_late=True,
-        task_reject_on_worker_lost=True,  # a killed child's batch is redelivered (poison-guarded)
+        # a killed child's batch is redelivered (the poison guard is per chunk)
+        task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_time_limit=s.task_time_limit_s,
         task_soft_time_limit=s.task_soft_time_limit_s,

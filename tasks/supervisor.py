@@ -38,9 +38,9 @@ logger = logging.getLogger("docq.worker")
 POLL_S = 1.0
 MEMORY_CHECK_S = 5.0
 RESTART_PAUSE_S = 1.0  # before a crashed process's replacement starts
-# A process that ends within this long of its start, this many times running, cannot start
-# (a setting it refuses, a broken install): the supervisor stops instead of restarting it
-# every second for ever.
+# A process that exits (with a status, not by a signal) within this long of its start, this
+# many times running, cannot start (a setting it refuses, a broken install): the supervisor
+# stops instead of restarting it every second for ever.
 EARLY_EXIT_S, EARLY_EXITS = 15.0, 3
 MIN_BATCHES = 4
 
@@ -119,7 +119,7 @@ class Supervisor:
                 del self.procs[i]
                 if self.stopping or code == 0:
                     continue
-                if self._cannot_start(i):
+                if self._cannot_start(i, code):
                     logger.error("worker process %s%d ended with %s within %.0f s of its start "
                                  "%d times running: stopping (its log above says why)",
                                  self.name, i, _status(code), EARLY_EXIT_S, EARLY_EXITS)
@@ -135,8 +135,11 @@ class Supervisor:
                 self._replace_large()
         return 1 if self.failed else 0
 
-    def _cannot_start(self, index: int) -> bool:
-        early = monotonic_s() - self.started.get(index, 0.0) < EARLY_EXIT_S
+    def _cannot_start(self, index: int, code: int) -> bool:
+        """Whether the process keeps exiting by itself soon after its start. A death by a signal
+        (code < 0: the OOM killer, an operator, a chunk that kills its worker, which the poison
+        guard fails after DOCQ_MAX_DELIVERIES deaths) is no failure to start."""
+        early = code > 0 and monotonic_s() - self.started.get(index, 0.0) < EARLY_EXIT_S
         self.early_exits[index] = self.early_exits.get(index, 0) + 1 if early else 0
         return self.early_exits[index] >= EARLY_EXITS
 

@@ -333,7 +333,9 @@ class Settings(BaseSettings):
     heartbeat_ttl_s: float = Field(
         default=10.0, gt=0, description="A delivery whose heartbeat is this old is dead: its "
         "leases are free and its batch is sent again.")
-    max_deliveries: int = Field(default=5, gt=0, description="Poison guard for one batch.")
+    max_deliveries: int = Field(
+        default=5, gt=0, description="Poison guard: a chunk is failed once the worker handling "
+        "it died this many times (at least 3: two with its batch, then one with the chunk alone).")
     reconcile_every_s: float = Field(
         default=60.0, gt=0, description="How often beat runs the reconciler."
     )

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,16 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from docqueue.models import Batch, Job, JobStatus, Result, ResultStatus, make_sessionmaker, upgrade
+from docqueue.models import (
+    Chunk,
+    Document,
+    Job,
+    JobStatus,
+    Result,
+    ResultStatus,
+    make_sessionmaker,
+    upgrade,
+)
 from docqueue.workers import keys
 from docqueue.workers.batch import leases
 from docqueue.workers.batch.guard import StopReason
@@ -258,7 +269,7 @@ def test_a_refusal_does_not_outlast_docq_retry(
     assert job_id not in svc.refused
 
 
-# -- stopping: budget, cancel, poison --------------------------------------------------------
+# -- stopping: budget, cancel ----------------------------------------------------------------
 
 
 def test_a_spent_budget_skips_the_rest_and_overshoots_by_at_most_the_calls_in_flight(
@@ -289,20 +300,91 @@ def test_a_cancelled_job_makes_no_call_and_records_every_chunk_cancelled(
     assert {r.status for r in results(sessions, job_id)} == {ResultStatus.CANCELLED}
 
 
-def test_a_batch_delivered_too_often_is_closed_as_poison_without_a_call(
+# -- the poison guard ------------------------------------------------------------------------
+
+
+def leased_by_the_dead(sessions: sessionmaker[Session], job_id: int, docs: list[int],
+                       **record: int) -> list[int]:
+    """Lease chunks of documents d<i> to a delivery that died (its lease expired: the test's
+    deliveries have no heartbeat), with `record` (deaths, deaths_alone, leased_alone) set;
+    their chunk ids."""
+    with sessions.begin() as s:
+        ids = list(s.scalars(select(Chunk.id).join(Document, Document.id == Chunk.document_id)
+                             .where(Chunk.job_id == job_id,
+                                    Document.external_id.in_([f"d{i}" for i in docs]))))
+        s.execute(update(Chunk).where(Chunk.id.in_(ids)).values(
+            lease_owner="dead:1", lease_expires_at=leases.now() - timedelta(seconds=1),
+            **record))
+    return ids
+
+
+def called_documents(llm: FakeLLM) -> list[int]:
+    """The document (d<i>) of each call, in order."""
+    return [int(m.group(1)) for p in llm.calls
+            if (m := re.search(r"Document number (\d+)", repr(p)))]
+
+
+def test_the_chunks_a_dead_delivery_held_are_counted_and_suspects_worked_alone_after_the_others(
     sessions: sessionmaker[Session], settings: Settings,
 ) -> None:
-    job_id, batch_id = make_job(sessions, settings, 2)
-    with sessions.begin() as s:
-        s.execute(update(Batch).where(Batch.id == batch_id)
-                  .values(deliveries=settings.max_deliveries))
+    # Given a batch of four chunks, two of them held by a delivery that died, one of those
+    # already in flight in an earlier death
+    job_id, batch_id = make_job(sessions, settings, 4)
+    (twice,) = leased_by_the_dead(sessions, job_id, [0], deaths=1)
+    (once,) = leased_by_the_dead(sessions, job_id, [1])
     llm = FakeLLM(lambda p, n: completion())
+    # When the batch is delivered
     (outcome,) = deliver(services(sessions, settings, llm), batch_id)
-    assert outcome == Outcome("done", reason="poison")
-    assert llm.calls == []
+    # Then every chunk is ok; the one in flight in two deaths (a suspect) is called after the
+    # others, the one in flight in one death with its batch
+    assert outcome.state == "done"
+    assert {r.status for r in results(sessions, job_id)} == {ResultStatus.OK}
+    assert called_documents(llm) == [1, 2, 3, 0]
+    # and a death is counted on each chunk the dead delivery held, none on the others
+    with sessions() as s:
+        deaths = {r.id: r.deaths for r in s.execute(select(Chunk.id, Chunk.deaths)
+                                                     .where(Chunk.job_id == job_id))}
+    assert deaths[twice] == 2 and deaths[once] == 1
+    assert sorted(deaths.values()) == [0, 0, 1, 2]
+
+
+def test_a_chunk_whose_worker_died_max_deliveries_times_once_alone_is_failed_alone(
+    sessions: sessionmaker[Session], settings: Settings,
+) -> None:
+    # Given a chunk whose workers died max_deliveries - 1 times, the last with it alone, and
+    # now a delivery holding it alone died too
+    job_id, batch_id = make_job(sessions, settings, 3)
+    leased_by_the_dead(sessions, job_id, [1], deaths=settings.max_deliveries - 1,
+                       deaths_alone=1, leased_alone=True)
+    llm = FakeLLM(lambda p, n: completion())
+    # When the batch is delivered
+    (outcome,) = deliver(services(sessions, settings, llm), batch_id)
+    # Then that chunk is failed without a call, naming it and its deaths; the others are ok
+    assert outcome.state == "done"
+    assert called_documents(llm) == [0, 2]
     rows = results(sessions, job_id)
-    assert {r.status for r in rows} == {ResultStatus.ERROR}
-    assert "was delivered 5 times without finishing" in rows[0].error_message
+    assert [r.status for r in rows] == [ResultStatus.OK, ResultStatus.ERROR, ResultStatus.OK]
+    with sessions() as s:
+        doc = s.scalar(select(Document.id).where(Document.job_id == job_id,
+                                                 Document.external_id == "d1"))
+    assert rows[1].error_type == "PoisonChunk"
+    assert rows[1].error_message.startswith(
+        f"document {doc} chunk 0: the worker handling it died {settings.max_deliveries} times "
+        f"(2 with this chunk alone in flight")
+
+
+def test_a_chunk_that_never_died_alone_is_not_failed_however_often_its_batch_died(
+    sessions: sessionmaker[Session], settings: Settings,
+) -> None:
+    # Given a chunk whose worker died max_deliveries times, always with its whole batch
+    job_id, batch_id = make_job(sessions, settings, 2)
+    leased_by_the_dead(sessions, job_id, [0], deaths=settings.max_deliveries - 1)
+    llm = FakeLLM(lambda p, n: completion())
+    # When the batch is delivered
+    deliver(services(sessions, settings, llm), batch_id)
+    # Then it is tried again, alone, and recorded ok
+    assert {r.status for r in results(sessions, job_id)} == {ResultStatus.OK}
+    assert called_documents(llm) == [1, 0]
 
 
 # -- the result writer -----------------------------------------------------------------------

@@ -8,6 +8,14 @@ caller passes the owners known to be dead, whose leases are free at once, and sa
 expiry counts (only when liveness cannot be read). A delivery writes its result rows only for
 the chunks whose lease it still holds, checked under a row lock in the write's own transaction
 (the fence): a delivery that was frozen while another took its chunks over writes nothing.
+
+The poison guard is per chunk. A claim that takes a chunk over from another owner (dead, or
+expired) counts a death on it (`Chunk.deaths`, and `deaths_alone` when that owner held it
+alone): only the chunks a dying delivery had in flight are marked. A chunk in flight in
+`SUSPECT_DEATHS` deaths, a suspect, is not worked with its batch any more: the claim hands it
+back, and the delivery leases it alone (`lease_alone`) once its other chunks are done, so a
+death while it is handled implicates it and nothing else. Innocent chunks of a batch that
+keeps landing on dying workers finish.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NotRequired, TypedDict
 
-from sqlalchemy import Boolean, and_, bindparam, exists, func, or_, select, update
+from sqlalchemy import Boolean, and_, bindparam, case, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from docqueue.models import (
@@ -34,6 +42,12 @@ from docqueue.models import (
     upsert_statement,
 )
 from docqueue.workers.clock import as_utc, utc_now
+
+# Deaths that make a chunk a suspect. One is every chunk a crashed worker had in flight: taken
+# alone, a batch's chunks would be called one after another, and one crash would slow every
+# batch it hit to a call at a time (a frozen worker's 16 chunks were called again over 56 s,
+# against 10-14 s). A second death with the chunk in flight is rare unless the chunk is at fault.
+SUSPECT_DEATHS = 2
 
 RESULT_COLUMNS = (
     "job_id",
@@ -61,7 +75,6 @@ class BatchInfo:
     batch_id: int
     job_id: int
     seq: int
-    deliveries: int
     job_status: str
     pipeline: str
     pipeline_version: str
@@ -89,6 +102,17 @@ class Claim:
     unfinished: int  # chunks of the batch without a final result, claimed or not
     held_elsewhere: int  # of those, leased by another delivery
     holders: frozenset[str] = frozenset()  # the owners of those leases
+    suspects: tuple[int, ...] = ()  # chunk ids free to lease alone (SUSPECT_DEATHS or more)
+
+
+@dataclass(frozen=True, slots=True)
+class Suspect:
+    """A suspect chunk leased alone, with its record of deaths."""
+
+    item: WorkItem
+    seq: int  # the chunk's place in its document (at its level)
+    deaths: int  # deliveries that died with it in flight
+    deaths_alone: int  # of those, deliveries that held it alone
 
 
 def now() -> datetime:
@@ -96,18 +120,14 @@ def now() -> datetime:
 
 
 def start_delivery(session: Session, batch_id: int) -> BatchInfo | None:
-    """Count this delivery (the poison guard) and read what the batch needs; None if unknown."""
-    session.execute(
-        update(Batch)
-        .where(Batch.id == batch_id)
-        .values(deliveries=Batch.deliveries + 1, updated_at=now())
-    )
+    """Stamp the batch as started (a level no delivery started is sent again:
+    jobs/merging.py `never_started`) and read what it needs; None if unknown."""
+    session.execute(update(Batch).where(Batch.id == batch_id).values(updated_at=now()))
     row = session.execute(
         select(
             Batch.id,
             Batch.job_id,
             Batch.seq,
-            Batch.deliveries,
             Job.status,
             Job.pipeline,
             Job.pipeline_version, Job.options, Job.cache_policy, Job.budget_tokens,
@@ -120,9 +140,8 @@ def start_delivery(session: Session, batch_id: int) -> BatchInfo | None:
 
 
 def end_delivery(session: Session, info: BatchInfo, owner: str, *, done: bool) -> None:
-    """A delivery that ends cleanly resets the crash counter and gives up its leases;
-    `done` closes the batch."""
-    values: dict[str, Any] = {"deliveries": 0, "updated_at": now()}
+    """A delivery that ends cleanly gives up its leases; `done` closes the batch."""
+    values: dict[str, Any] = {"updated_at": now()}
     if done:
         values["status"] = BatchStatus.DONE
     session.execute(update(Batch).where(Batch.id == info.batch_id).values(**values))
@@ -155,6 +174,7 @@ class _ClaimStatements:
     counts: Any
     holders: Any
     items: Any
+    take_alone: Any
 
 
 @functools.cache
@@ -177,8 +197,20 @@ def _claim_statements() -> _ClaimStatements:
                c.lease_owner.in_(bindparam("b_dead", expanding=True)),
                and_(bindparam("b_expiry_counts", type_=Boolean),
                     c.lease_expires_at < bindparam("b_t")))
+    # A free lease held by another owner is a dead (or expired) delivery's: a death of each
+    # chunk it had in flight. Counted in the same statement, on the rows it rewrites anyway.
+    taken_over = and_(c.lease_owner.is_not(None), c.lease_owner != owner)
+    deaths = {"deaths": c.deaths + case((taken_over, 1), else_=0),
+              "deaths_alone": c.deaths_alone + case((and_(taken_over, c.leased_alone), 1),
+                                                    else_=0)}
     take = (update(chunks).where(unfinished, free)
-            .values(lease_owner=owner, lease_expires_at=bindparam("b_until")).returning(c.id))
+            .values(lease_owner=owner, lease_expires_at=bindparam("b_until"),
+                    leased_alone=False, **deaths)
+            .returning(c.id, c.deaths))
+    take_alone = (update(chunks).where(c.id == bindparam("b_id"), unfinished_only, free)
+                  .values(lease_owner=owner, lease_expires_at=bindparam("b_until"),
+                          leased_alone=True, **deaths)
+                  .returning(c.seq, c.deaths, c.deaths_alone))
     counts = select(func.count(), func.count().filter(c.lease_owner != owner)).where(unfinished)
     holders = (select(c.lease_owner).distinct()
                .where(unfinished, c.lease_owner.is_not(None), c.lease_owner != owner))
@@ -194,7 +226,7 @@ def _claim_statements() -> _ClaimStatements:
         .where(c.id.in_(bindparam("b_ids", expanding=True)), unfinished_only)
         .order_by(c.document_id, c.seq)
     )
-    return _ClaimStatements(take, counts, holders, items)
+    return _ClaimStatements(take, counts, holders, items, take_alone)
 
 
 def claim(
@@ -206,7 +238,8 @@ def claim(
     dead: Collection[str] = (),
     expiry_counts: bool = True,
 ) -> Claim:
-    """Lease every unfinished chunk of the batch that no live delivery holds.
+    """Lease every unfinished chunk of the batch that no live delivery holds; hand the
+    suspects back (`Claim.suspects`, for `lease_alone`).
 
     A lease is free when nobody holds it, its owner is among `dead` (its heartbeat is gone), or,
     with `expiry_counts` (the owners' liveness cannot be read), it has expired.
@@ -216,9 +249,10 @@ def claim(
     t = now()
     batch = {"b_job_id": info.job_id, "b_seq": info.seq, "b_version": info.pipeline_version,
              "b_owner": owner}
-    claimed_ids = session.scalars(sql.take, batch | {
-        "b_dead": list(dead), "b_expiry_counts": expiry_counts, "b_t": t,
-        "b_until": t + timedelta(seconds=lease_s)}).all()
+    taken = session.execute(sql.take, batch | _free(dead, expiry_counts, t, lease_s)).all()
+    claimed_ids = [r[0] for r in taken if r[1] < SUSPECT_DEATHS]
+    suspects = sorted(r[0] for r in taken if r[1] >= SUSPECT_DEATHS)
+    release(session, suspects, owner)
     counts = session.execute(sql.counts, batch).one()
     holders: frozenset[str] = frozenset()
     if counts[1]:
@@ -229,7 +263,38 @@ def claim(
                                            "b_ids": list(claimed_ids)})
         items = [WorkItem(r[0], r[1], r[2], r[3], r[4] or 0, as_utc(r[5]), r[6]) for r in rows]
     return Claim(items=items, unfinished=int(counts[0]), held_elsewhere=int(counts[1]),
-                 holders=holders)
+                 holders=holders, suspects=tuple(suspects))
+
+
+def _free(dead: Collection[str], expiry_counts: bool, t: datetime,
+          lease_s: float) -> dict[str, Any]:
+    """The parameters of a take: whose leases are free, and the new lease's end."""
+    return {"b_dead": list(dead), "b_expiry_counts": expiry_counts, "b_t": t,
+            "b_until": t + timedelta(seconds=lease_s)}
+
+
+def lease_alone(
+    session: Session,
+    info: BatchInfo,
+    owner: str,
+    chunk_id: int,
+    lease_s: float,
+    *,
+    dead: Collection[str] = (),
+    expiry_counts: bool = True,
+) -> Suspect | None:
+    """Lease one suspect chunk alone (a death from now on implicates it and nothing else);
+    None if it is final or a live delivery holds it."""
+    sql = _claim_statements()
+    row = session.execute(sql.take_alone, {
+        "b_id": chunk_id, "b_version": info.pipeline_version, "b_owner": owner,
+    } | _free(dead, expiry_counts, now(), lease_s)).one_or_none()
+    if row is None:
+        return None
+    r = session.execute(sql.items, {"b_version": info.pipeline_version,
+                                    "b_ids": [chunk_id]}).one()
+    item = WorkItem(r[0], r[1], r[2], r[3], r[4] or 0, as_utc(r[5]), r[6])
+    return Suspect(item, seq=row[0], deaths=row[1], deaths_alone=row[2])
 
 
 def release(session: Session, chunk_ids: Sequence[int], owner: str) -> None:
@@ -333,7 +398,7 @@ def _record_statement(dialect: str) -> Any:
 
 
 def finalize_unfinished(session: Session, info: BatchInfo, status: str, message: str) -> int:
-    """Give every unfinished chunk of the batch a final row (poison batch, cancel, budget)."""
+    """Give every unfinished chunk of the batch a final row (a cancelled job)."""
     rows = session.execute(
         select(Chunk.id, Chunk.document_id, Result.attempts)
         .outerjoin(
@@ -351,8 +416,7 @@ def finalize_unfinished(session: Session, info: BatchInfo, status: str, message:
         info.pipeline_version,
         [
             blank_result(cid, info.job_id, did, attempts or 0)
-            | {"status": status, "error_message": message,
-               "error_type": "BatchAbandoned" if status == ResultStatus.ERROR else None}
+            | {"status": status, "error_message": message}
             for cid, did, attempts in rows
         ],
     )

@@ -12,12 +12,17 @@ and its spend is not counted twice.
 
 The parts: `services.py` (what a delivery needs from its process), `calls.py` (one chunk's
 call and its row), `writer.py` (the result writer); this module is a delivery's loop: claim,
-take over from dead deliveries, one pass of calls, hand back or finish.
+take over from dead deliveries, one pass of calls, hand back or finish. The chunks that were
+in flight in two dead deliveries come back as suspects (workers/batch/leases.py): they are
+worked after the others, one at a time, each leased alone (one in flight per process:
+`Services.alone`), and one whose worker died `max_deliveries` times with it in flight, once
+at least with it alone, is recorded as failed without a call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from sqlalchemy.orm import Session
@@ -76,8 +81,8 @@ async def _run_batch(svc: Services, batch_id: int, owner: str, budget_s: float) 
         return _claim_or_finish(session, info, owner, cfg.lease_s, dead, expiry_counts)
 
     def begin(session: Session) -> tuple[BatchInfo | None, leases.Claim | None]:
-        # Count the delivery and take the first claim in one transaction (a round trip less
-        # per batch); a batch that will not be worked is not claimed.
+        # Read the batch and take the first claim in one transaction (a round trip less per
+        # batch); a batch that will not be worked is not claimed.
         info = leases.start_delivery(session, batch_id)
         if info is None or _not_to_work(cfg, info) is not None:
             return info, None
@@ -90,8 +95,6 @@ async def _run_batch(svc: Services, batch_id: int, owner: str, budget_s: float) 
     if stop := _not_to_work(cfg, info):
         reason, status, message = stop
         await svc.db(lambda s: _close(s, info, status, message))
-        if reason == "poison":
-            logger.error("%s", message)
         return Outcome("done", reason=reason)
     deadline = monotonic_s() + budget_s
     pipeline = svc.pipeline(info)
@@ -123,7 +126,16 @@ async def _run_batch(svc: Services, batch_id: int, owner: str, budget_s: float) 
                     dead.update(gone)
                     claim = None
                     continue
-        outcome = await _work(svc, info, pipeline, guard, claim, owner, deadline)
+        if not claim.items and claim.suspects:
+            async with svc.alone:
+                alone = await svc.db(functools.partial(
+                    _lease_suspect, cfg=cfg, info=info, owner=owner, chunk_id=claim.suspects[0],
+                    dead=dead, expiry_counts=expiry_counts))
+                # None: failed as poison, or taken by another delivery; claim again
+                outcome = None if alone is None else await _work(svc, info, pipeline, guard,
+                                                                 alone, owner, deadline)
+        else:
+            outcome = await _work(svc, info, pipeline, guard, claim, owner, deadline)
         if outcome is not None:
             await svc.db(lambda s: leases.end_delivery(s, info, owner, done=False))
             return outcome
@@ -132,14 +144,44 @@ async def _run_batch(svc: Services, batch_id: int, owner: str, budget_s: float) 
 
 def _not_to_work(cfg: Settings, info: BatchInfo) -> tuple[str, str, str] | None:
     """Why this delivery closes the batch without calling the model (reason, status, message)."""
-    if info.deliveries > cfg.max_deliveries:
-        return "poison", ResultStatus.ERROR, (
-            f"batch {info.batch_id} was delivered {info.deliveries - 1} times without finishing "
-            f"(worker crashes?); its unfinished chunks are recorded as failed"
-        )
     if info.job_status == JobStatus.CANCELLED:
         return "cancelled", ResultStatus.CANCELLED, CANCELLED_MESSAGE
     return None
+
+
+def _lease_suspect(session: Session, cfg: Settings, info: BatchInfo, owner: str, chunk_id: int,
+                   dead: set[str], expiry_counts: bool) -> leases.Claim | None:
+    """Lease one suspect alone, as a claim of that chunk; None if it is not ours to work (held
+    by a live delivery, or final), or if it is poison: then its error row is written here."""
+    suspect = leases.lease_alone(session, info, owner, chunk_id, cfg.lease_s, dead=dead,
+                                 expiry_counts=expiry_counts)
+    if suspect is None:
+        return None
+    if suspect.deaths >= cfg.max_deliveries and suspect.deaths_alone:
+        item = suspect.item
+        message = poison_message(suspect)
+        logger.error("batch %s: %s", info.batch_id, message)
+        row = leases.blank_result(item.chunk_id, info.job_id, item.document_id, item.attempts)
+        leases.record(session, info.pipeline_version, [row | {
+            "status": ResultStatus.ERROR, "error_type": POISON_ERROR, "error_message": message,
+        }], owner=owner)
+        return None
+    return leases.Claim(items=[suspect.item], unfinished=1, held_elsewhere=0)
+
+
+POISON_ERROR = "PoisonChunk"
+
+
+def poison_message(suspect: leases.Suspect) -> str:
+    """What a poison chunk's error says: which chunk, and what is known of the deaths."""
+    item = suspect.item
+    where = f"document {item.document_id} chunk {suspect.seq}"
+    if item.level:
+        where += f" (reduce level {item.level})"
+    return (f"{where}: the worker handling it died {suspect.deaths} times "
+            f"({suspect.deaths_alone} with this chunk alone in flight; its heartbeat stopped: "
+            f"the process was killed, e.g. by a signal, the hard time limit or the memory "
+            f"limit); recorded as failed and not sent again")
 
 
 def _claim_or_finish(session: Session, info: BatchInfo, owner: str, lease_s: float,

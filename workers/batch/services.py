@@ -58,6 +58,9 @@ class Services:
     # A delivery's first claim runs alone in its process: when a job starts, every open batch
     # claims at once, and the first calls waited for all of those claims to share the CPU.
     starting: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # One suspect chunk at a time in a process (workers/batch/leases.py): a process's death
+    # counts against every chunk it has in flight, so only one of them may be held alone.
+    alone: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def pipeline(self, info: BatchInfo) -> Pipeline:
         key = (info.pipeline, info.pipeline_version)

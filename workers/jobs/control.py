@@ -72,11 +72,12 @@ def reopen_failed(
     _drop_reduce_levels(session, job_id, documents)
     session.execute(
         update(Batch).where(Batch.job_id == job_id, Batch.seq.in_(seqs))
-        .values(status=BatchStatus.QUEUED, deliveries=0)
+        .values(status=BatchStatus.QUEUED)
     )
     session.execute(
         update(Chunk).where(Chunk.job_id == job_id, Chunk.batch_seq.in_(seqs))
-        .values(lease_owner=None, lease_expires_at=None)
+        # A retried chunk starts with a clean record: the poison guard counts anew.
+        .values(lease_owner=None, lease_expires_at=None, deaths=0, deaths_alone=0)
     )
     values: dict[str, Any] = {"status": JobStatus.RUNNING, "reason": None, "finished_at": None}
     if budget_tokens is not None:

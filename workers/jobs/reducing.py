@@ -132,7 +132,7 @@ def make_level(session: Session, job_id: int, document_id: int, level: int,
     batch = upsert_statement(dialect, table, ("job_id", "seq")).returning(table.c.id)
     batch_id: int | None = session.execute(batch, {
         "job_id": job_id, "seq": seq, "chunk_count": len(groups), "token_count": sum(tokens),
-        "status": BatchStatus.QUEUED, "deliveries": 0,
+        "status": BatchStatus.QUEUED,
     }).scalar()
     if batch_id is None:
         return None

@@ -203,7 +203,10 @@ def _other_error(job: Job, row: _Row) -> tuple[str, str]:
         message = row.error_message or "the request failed"
         code = next((c for phrase, c in _NO_RESPONSE if phrase in message), None)
         if code is None:
-            code = "batch_abandoned" if row.error_type == "BatchAbandoned" else "request_failed"
+            # PoisonChunk: a chunk whose workers kept dying; BatchAbandoned: the same, as rows
+            # written before the guard was per chunk.
+            abandoned = row.error_type in ("PoisonChunk", "BatchAbandoned")
+            code = "batch_abandoned" if abandoned else "request_failed"
         return code, message
     return "not_finished", f"job {job.id} ended ({job.status}) before this request was finished"
 
