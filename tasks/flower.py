@@ -17,13 +17,12 @@ Flower's `/metrics` and `/healthcheck` need no credentials (Flower's own rule).
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 from celery.events.state import Task
 
 from docqueue.workers.errors import InputError
-from docqueue.workers.settings import Settings
+from docqueue.workers.settings import Settings, is_loopback
 
 MAX_FIELD_CHARS = 200
 MAX_RESULT_CHARS = 2048  # a batch's story (tasks/batches.py): counts, then failure reasons
@@ -34,15 +33,6 @@ DEFAULT_MAX_TASKS = 10_000  # Flower's 100,000 default costs hundreds of MB (mhe
 
 class FlowerAuthError(InputError):
     """Flower would start without the credentials it needs; the message says what to set."""
-
-
-def is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 def basic_auth(settings: Settings, address: str, insecure_local: bool) -> str | None:

@@ -113,7 +113,8 @@ UNKNOWN_CONTEXT_TOKENS = 4096
 OPENAI_HOST = "api.openai.com"
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and a loopback IP address (127.0.0.0/8, ::1); False for a name."""
     if host == "localhost":
         return True
     try:
@@ -469,7 +470,7 @@ class Settings(BaseSettings):
         if self.llm_base_url is None:
             return False
         host = (urlsplit(self.llm_base_url).hostname or "").lower()
-        return host == OPENAI_HOST or _is_loopback(host)
+        return host == OPENAI_HOST or is_loopback(host)
 
     def price_for(self, model: str) -> Price | None:
         return self.prices.get(model)
