@@ -7,7 +7,9 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
+from docqueue.workers.errors import RateLimitedError
 from docqueue.workers.provider.admission import Limits, scope_for
+from docqueue.workers.provider.client import classify_status
 from docqueue.workers.provider.headers import (
     RateLimitHeaders,
     parse_duration_s,
@@ -150,3 +152,38 @@ def test_the_limit_period_is_a_setting_the_limiter_reads(monkeypatch: pytest.Mon
         monkeypatch.setenv("DOCQ_LLM_LIMIT_PERIOD_S", bad)
         with pytest.raises(ValidationError, match="llm_limit_period_s"):
             Settings()
+
+
+def test_behind_a_gateway_the_tighter_of_its_budget_and_the_providers_forwarded_one_binds() -> None:
+    # Given a response through LiteLLM's proxy: the proxy's own key budget (x-ratelimit-*) and
+    # the provider's, forwarded under `llm_provider-`
+    headers = {
+        "x-ratelimit-limit-requests": "1000",
+        "x-ratelimit-remaining-requests": "990",
+        "x-ratelimit-limit-tokens": "1000000",
+        "x-ratelimit-remaining-tokens": "900000",
+        "llm_provider-x-ratelimit-limit-requests": "500",
+        "llm_provider-x-ratelimit-remaining-requests": "495",
+        "llm_provider-x-ratelimit-limit-tokens": "30000",
+        "llm_provider-x-ratelimit-remaining-tokens": "1200",
+        "llm_provider-x-ratelimit-reset-tokens": "57.6s",
+    }
+    # When they are parsed / Then each value is the tighter of the two budgets
+    assert parse_rate_limit_headers(headers) == RateLimitHeaders(
+        limit_requests=500, limit_tokens=30_000, remaining_requests=495,
+        remaining_tokens=1_200, reset_requests_s=None, reset_tokens_s=57.6)
+    # and the provider's budget alone is read when the gateway sends none of its own
+    forwarded = {k: v for k, v in headers.items() if k.startswith("llm_provider-")}
+    assert parse_rate_limit_headers(forwarded).limit_tokens == 30_000
+
+
+def test_a_429_through_a_gateway_carries_the_providers_forwarded_budget() -> None:
+    # Given a 429 from the provider, relayed by a gateway with the budget under its prefix
+    headers = {"llm_provider-x-ratelimit-limit-tokens": "30000",
+               "llm_provider-x-ratelimit-remaining-tokens": "0", "retry-after": "2",
+               "set-cookie": "session=secret"}
+    # When it is classified / Then the error carries that budget, and nothing else
+    error = classify_status(429, {"error": {"message": "slow down"}}, headers, "429", None)
+    assert isinstance(error, RateLimitedError)
+    assert error.rate_headers == {"llm_provider-x-ratelimit-limit-tokens": "30000",
+                                  "llm_provider-x-ratelimit-remaining-tokens": "0"}

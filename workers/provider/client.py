@@ -30,6 +30,7 @@ from docqueue.workers.errors import (
     RetryableLLMError,
 )
 from docqueue.workers.pipelines import Prompt
+from docqueue.workers.provider.headers import is_rate_limit_header
 from docqueue.workers.settings import LLMMode
 
 # Statuses worth another try; every other 4xx is permanent.
@@ -325,7 +326,7 @@ def classify_status(
         # The flex tier has no capacity now: not our rate, and not charged. A wait, not an
         # attempt: the batch hands its chunks back, as for an endpoint that is down.
         return FlexUnavailableError(text, http_status=status, code=FLEX_UNAVAILABLE)
-    budget = {k: str(v) for k, v in headers.items() if str(k).lower().startswith("x-ratelimit-")}
+    budget = {k: str(v) for k, v in headers.items() if is_rate_limit_header(k)}
     if status == 429 and code != "insufficient_quota":
         return RateLimitedError(text, http_status=status, code=code,
                                 retry_after_s=retry_after_s(headers), rate_headers=budget)

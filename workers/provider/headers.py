@@ -53,28 +53,55 @@ class RateLimitHeaders:
         return all(value is None for value in self.__dict__.values())
 
 
+# A gateway forwards the provider's own budget under a prefix, beside the x-ratelimit-* of its
+# own key (LiteLLM's proxy: `llm_provider-x-ratelimit-remaining-tokens`). Both budgets bind.
+FORWARDED_PREFIXES = ("", "llm_provider-")
+_FIELDS = ("limit-requests", "limit-tokens", "remaining-requests", "remaining-tokens",
+           "reset-requests", "reset-tokens")
+
+
+def is_rate_limit_header(name: str) -> bool:
+    """Whether a response header carries a budget: x-ratelimit-*, or a gateway's forward of it."""
+    lower = str(name).lower()
+    return any(lower.startswith(prefix + "x-ratelimit-") for prefix in FORWARDED_PREFIXES)
+
+
 def parse_rate_limit_headers(headers: Mapping[str, str]) -> RateLimitHeaders:
-    """Pick the rate-limit values out of response headers (names in any case)."""
+    """Pick the rate-limit values out of response headers (names in any case).
+
+    Behind a gateway both the gateway's budget and the provider's (forwarded under a prefix)
+    may be there: each value is the tighter of the two, a limit or remaining the smaller, a
+    reset the later.
+    """
     lower = {str(name).lower(): str(value) for name, value in headers.items()}
+    found: dict[str, list[float]] = {}
+    for field in _FIELDS:
+        for prefix in FORWARDED_PREFIXES:
+            text = lower.get(f"{prefix}x-ratelimit-{field}")
+            if text is None:
+                continue
+            value = parse_duration_s(text) if field.startswith("reset") else _number(text)
+            if value is None or value < (1 if field.startswith("limit") else 0):
+                continue
+            found.setdefault(field, []).append(value)
 
-    def limit(name: str) -> int | None:
-        value = _number(lower.get(name, ""))
-        return round(value) if value is not None and value >= 1 else None
+    def tightest(field: str) -> float | None:
+        values = found.get(field)
+        if not values:
+            return None
+        return max(values) if field.startswith("reset") else min(values)
 
-    def remaining(name: str) -> float | None:
-        value = _number(lower.get(name, ""))
-        return value if value is not None and value >= 0 else None
-
-    def reset(name: str) -> float | None:
-        return parse_duration_s(lower[name]) if name in lower else None
+    def limit(field: str) -> int | None:
+        value = tightest(field)
+        return None if value is None else round(value)
 
     return RateLimitHeaders(
-        limit_requests=limit("x-ratelimit-limit-requests"),
-        limit_tokens=limit("x-ratelimit-limit-tokens"),
-        remaining_requests=remaining("x-ratelimit-remaining-requests"),
-        remaining_tokens=remaining("x-ratelimit-remaining-tokens"),
-        reset_requests_s=reset("x-ratelimit-reset-requests"),
-        reset_tokens_s=reset("x-ratelimit-reset-tokens"),
+        limit_requests=limit("limit-requests"),
+        limit_tokens=limit("limit-tokens"),
+        remaining_requests=tightest("remaining-requests"),
+        remaining_tokens=tightest("remaining-tokens"),
+        reset_requests_s=tightest("reset-requests"),
+        reset_tokens_s=tightest("reset-tokens"),
     )
 
 
