@@ -626,6 +626,73 @@ def test_the_adaptive_window_doubles_per_round_trip_then_halves_on_overload(
     run(redis_url, scenario)
 
 
+def test_a_full_window_with_no_answer_doubles_every_second_up_to_the_cap(
+    redis_url: str,
+) -> None:
+    async def scenario(client: Redis) -> None:
+        # Given an endpoint without limits whose calls take longer than a second (none answers
+        # during the test), an adaptive window of 8 and a cap of 32
+        limiter = Limiter(client, "t:aimd-ramp", Limits(rpm=None, tpm=None, max_inflight=32,
+                                                        adaptive=True, window_start=8),
+                          slot_ttl_s=30)
+        started = time.monotonic()
+        taken = await fill(limiter)
+        assert len(taken) == 8
+        # When calls keep waiting for a slot
+        reached: list[tuple[float, int]] = []
+        while len(taken) < 32 and time.monotonic() - started < 10:
+            more = await fill(limiter)
+            taken += more
+            if more:
+                reached.append((time.monotonic() - started, len(taken)))
+            await asyncio.sleep(0.02)
+        # Then the window doubled once a second while full (8, 16, 32): the cap within two
+        # seconds and a little, where slow start on answers would take two round trips
+        assert [n for _, n in reached] == [16, 32], reached
+        assert 0.95 <= reached[0][0] < 1.6, reached
+        assert 1.95 <= reached[1][0] < 3.0, reached
+        assert (await limiter.snapshot())["window"] == 32
+
+    run(redis_url, scenario)
+
+
+def test_time_grows_the_window_neither_after_an_overload_nor_for_fast_answers(
+    redis_url: str,
+) -> None:
+    async def scenario(client: Redis) -> None:
+        # Given two endpoints without limits, each at a full adaptive window of 4 (cap 64):
+        # one answered in 100 ms, one that answered 429 (slow start over)
+        fast = Limiter(client, "t:aimd-fast", Limits(rpm=None, tpm=None, max_inflight=64,
+                                                     adaptive=True, window_start=4),
+                       slot_ttl_s=30)
+        await fast.settle(await fast.acquire(1, max_wait_s=0), 1, latency_s=0.1)
+        assert len(await fill(fast)) == 5
+        hurt = Limiter(client, "t:aimd-hurt", Limits(rpm=None, tpm=None, max_inflight=64,
+                                                     adaptive=True, window_start=8),
+                       slot_ttl_s=30)
+        taken = await fill(hurt)
+        await hurt.release(taken.pop(), refund=True, overloaded=True)
+        assert len(taken) == 7 and (await limiter_window(hurt)) == 4
+        # When both stay full for 1.5 s, looked at as waiters do
+        for _ in range(30):
+            for limiter in (fast, hurt):
+                with pytest.raises(LimiterBusy):
+                    await limiter.acquire(1, max_wait_s=0)
+            await asyncio.sleep(0.05)
+        # Then neither window grew: answers pace the first, the overload ended the second's
+        # slow start
+        assert await limiter_window(fast) == 5
+        assert await limiter_window(hurt) == 4
+
+    run(redis_url, scenario)
+
+
+async def limiter_window(limiter: Limiter) -> int:
+    window = (await limiter.snapshot())["window"]
+    assert isinstance(window, int)
+    return window
+
+
 def test_rising_latency_takes_a_fifth_off_the_adaptive_window(redis_url: str) -> None:
     async def scenario(client: Redis) -> None:
         # Given a window of 20 grown on answers of 100 ms

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from docqueue.models import Batch, Chunk, Document, Job, Result
+from docqueue.models import FINAL_JOB_STATES, Batch, Chunk, Document, Job, Result
 from docqueue.tasks import submit
 from docqueue.tasks.runtime import runtime
 
@@ -286,3 +287,27 @@ def _snapshot(job_id: int) -> Any:
         assert job is not None
         return (job.status, job.chunks_ok, job.tokens_in, job.latency_p50_ms, job.finished_at,
                 job.chunks_per_s, [tuple(d) for d in docs])
+
+
+def test_the_job_is_final_promptly_after_its_last_result(
+    simulator: Any, docq_env: Any, workers: Any
+) -> None:
+    # Given calls of 0.3-1.0 s (batches end unevenly) and `docq worker` as users run it
+    sim = simulator("--latency-ms", "300", "--jitter-ms", "700", "--seed", "5")
+    env = docq_env(sim.url, chunk_tokens=200, chunk_overlap_tokens=0)
+    workers(env)
+    # When a job of 400 one-chunk documents runs, watched every 20 ms
+    handle = submit(corpus(400, paragraphs=1), "summarize", cache="off")
+    deadline = time.monotonic() + 120
+    while (status := handle.status())["status"] not in FINAL_JOB_STATES:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.02)
+    seen_final = time.time()
+    # Then it is final within 2 s of its last result row. What it waits for: the last batch's
+    # task ending (its flush, its documents' answers, its story), the chord's count in Redis,
+    # the callback's delivery (Redis's native chord: no polling) and the merge of 400
+    # documents; the reconciler, the only other way to a final job, looks every
+    # DOCQ_RECONCILE_EVERY_S (60 s).
+    assert status["status"] == "succeeded", status
+    last = max(r.updated_at for r in rows(handle.id)).timestamp()
+    assert 0 <= seen_final - last < 2.0, seen_final - last

@@ -174,6 +174,44 @@ def test_rejected_documents_make_the_job_partial_and_merging_twice_changes_nothi
     assert snapshots[0][:2] == (JobStatus.PARTIAL, "2 documents rejected")
 
 
+def test_the_merge_writes_only_the_documents_whose_row_differs_and_mends_a_stale_one(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given three finished documents, merged once (as after_batch leaves them by the job's end)
+    with sessions.begin() as s:
+        job_id = make_job(s, "summarize", {}, [[ok("A."), ok("B.")], [ok("C.")], [ok("D.")]])
+    with sessions.begin() as s:
+        merge_job(s, job_id)
+    with sessions() as s:
+        good = {d.id: (d.status, d.output, d.tokens_in, d.cost)
+                for d in s.scalars(select(Document).order_by(Document.id))}
+    # and one of them stale in the store (a lost write, a hand edit)
+    stale = min(good)
+    with sessions.begin() as s:
+        doc = s.get(Document, stale)
+        assert doc is not None
+        doc.status, doc.output, doc.tokens_in = "pending", None, 0
+    writes: list[list[int]] = []
+    real_execute = Session.execute
+
+    def execute(self: Session, statement: Any, params: Any = None, **kw: Any) -> Any:
+        table = getattr(statement, "table", None)
+        if isinstance(params, list) and getattr(table, "name", "") == "documents":
+            writes.append([p["id"] for p in params])
+        return real_execute(self, statement, params, **kw)
+
+    monkeypatch.setattr(Session, "execute", execute)
+    # When the job is merged again
+    with sessions.begin() as s:
+        merge_job(s, job_id)
+    monkeypatch.undo()
+    # Then only the stale document was written, and it holds its answer again
+    assert writes == [[stale]]
+    with sessions() as s:
+        assert {d.id: (d.status, d.output, d.tokens_in, d.cost)
+                for d in s.scalars(select(Document).order_by(Document.id))} == good
+
+
 def test_a_reduce_level_whose_message_was_never_sent_is_sent_again_by_its_parents_rerun(
     sessions: sessionmaker[Session],
 ) -> None:

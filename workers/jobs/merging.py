@@ -96,10 +96,9 @@ def merge_job(session: Session, job_id: int) -> MergeSummary | None:
                    tokens_in_cached=values["tokens_in_cached"])
         doc_updates.append(values)
         if len(doc_updates) >= STREAM_ROWS:
-            session.execute(update(Document), doc_updates)
+            _write_changed(session, doc_updates)
             doc_updates = []
-    if doc_updates:
-        session.execute(update(Document), doc_updates)
+    _write_changed(session, doc_updates)
 
     ok, err, unfinished = states[ResultStatus.OK], states[ResultStatus.ERROR], states["unfinished"]
     other = sum(states.values()) - ok - err - unfinished
@@ -128,6 +127,32 @@ def merge_job(session: Session, job_id: int) -> MergeSummary | None:
         )
     )
     return MergeSummary(job_id, status, ok, err, other, unfinished_all, new_batches)
+
+
+_DOCUMENT_VALUES = ("status", "output", "error", "tokens_in", "tokens_in_cached", "tokens_out",
+                    "cost")
+
+
+def _write_changed(session: Session, values: list[dict[str, Any]]) -> None:
+    """Write the documents' rows whose stored values differ from `values` (`document_values`).
+
+    By the job's end `after_batch` has written every finished document's answer: rewriting the
+    same 3,000 rows was most of the final merge (0.56 of 1.27 s), which holds the job's end.
+    Reading them to compare costs a tenth of that.
+    """
+    if not values:
+        return
+    columns = [getattr(Document, name) for name in _DOCUMENT_VALUES]
+    stored = {
+        row[0]: tuple(row[1:])
+        for row in session.execute(
+            select(Document.id, *columns).where(Document.id.in_([v["id"] for v in values]))
+        )
+    }
+    changed = [v for v in values
+               if stored.get(v["id"]) != tuple(v[name] for name in _DOCUMENT_VALUES)]
+    if changed:
+        session.execute(update(Document), changed)
 
 
 @dataclass

@@ -39,12 +39,35 @@ if wait > 0 then
   return {'wait', fmt(wait), why}
 end
 
+-- Slow start doubles the adaptive window per round trip (finish.lua), and a round trip counts
+-- at most RAMP: while no answer has come back yet, or answers take longer than RAMP, a window
+-- that has been full for RAMP (calls waiting, no overload seen) doubles here. At 10 s calls the
+-- window of 32 reached a cap of 256 after three round trips, 30 s; now after 3 s. Time spent
+-- idle is not counted: `sg` is when the window was last full or grown, and a look that finds
+-- it older than twice RAMP starts counting again.
+local RAMP = 1000000
+redis.call('ZREMRANGEBYSCORE', slots, '-inf', fmt(now))
+local flying = redis.call('ZCARD', slots)
 local cap = max_inflight
 if adaptive(ARGV[12]) then
-  cap = math.min(max_inflight, math.max(tonumber(ARGV[13]), math.floor(num(s.cw, tonumber(ARGV[14])))))
+  local floor = tonumber(ARGV[13])
+  local window = math.max(floor, num(s.cw, tonumber(ARGV[14])))
+  if flying >= math.floor(window) and flying < max_inflight then
+    local a = redis.call('HMGET', state, 'ss', 'ls', 'sg')
+    local short = num(a[2], -1)
+    if a[1] ~= '0' and (short < 0 or short >= RAMP) then
+      local since = num(a[3], -1)
+      if since < 0 or now - since > 2 * RAMP then
+        redis.call('HSET', state, 'sg', fmt(now))
+      elseif now - since >= RAMP then
+        window = math.min(max_inflight, 2 * window)
+        redis.call('HSET', state, 'cw', fmt(window), 'sg', fmt(now))
+      end
+    end
+  end
+  cap = math.min(max_inflight, math.floor(window))
 end
-redis.call('ZREMRANGEBYSCORE', slots, '-inf', fmt(now))
-if redis.call('ZCARD', slots) >= cap then
+if flying >= cap then
   local oldest = redis.call('ZRANGE', slots, 0, 0, 'WITHSCORES')
   return {'full', fmt(tonumber(oldest[2]) - now)}
 end

@@ -12,7 +12,8 @@
 --                         ls the short moving latency, lk the moving output tokens + 1 (their
 --                         ratio is the pace), lb and ma the least pace and latency in the minute
 --                         begun at bt, pb and mb in the minute before, dec (µs of the last
---                         decrease)
+--                         decrease), sg (µs since the window has been full in slow start, or of
+--                         its last doubling there: acquire.lua)
 --   {scope}:slots  zset   in-flight slots scored by their expiry (µs)
 --   {scope}:out    hash   <key>|m, <key>|v, <key>|n: moving mean and variance of output sizes
 --   {scope}:admissions zset  the last two periods' admissions scored by their time (µs), each
