@@ -303,11 +303,13 @@ def test_the_job_is_final_promptly_after_its_last_result(
         assert time.monotonic() < deadline, status
         time.sleep(0.02)
     seen_final = time.time()
-    # Then it is final within 2 s of its last result row. What it waits for: the last batch's
+    # Then it is final soon after its last result row. What it waits for: the last batch's
     # task ending (its flush, its documents' answers, its story), the chord's count in Redis,
     # the callback's delivery (Redis's native chord: no polling) and the merge of 400
-    # documents; the reconciler, the only other way to a final job, looks every
-    # DOCQ_RECONCILE_EVERY_S (60 s).
+    # documents: under 2 s on a quiet machine, and a few seconds with the CPU shared by a
+    # loaded CI run (benchmarks/bench_tail.py measures it). The reconciler, the only other way
+    # to a final job, looks every DOCQ_RECONCILE_EVERY_S (60 s): a job that took that long
+    # would have lost its callback.
     assert status["status"] == "succeeded", status
     last = max(r.updated_at for r in rows(handle.id)).timestamp()
-    assert 0 <= seen_final - last < 2.0, seen_final - last
+    assert 0 <= seen_final - last < 10.0, seen_final - last
