@@ -228,15 +228,16 @@ class _Segments:
 
 def _inputs(sources: Iterable[Any], table: TableSpec | None, pipeline: str
             ) -> dict[str, Any] | None:
-    """How `docq resume` reads the corpus again: the inputs as absolute paths (and the table
-    spec), or None when they are not all paths (an iterable is read once)."""
+    """How `docq resume` reads the corpus again: the paths as given and the directory they were
+    given in (documents are named by the path as given), the table spec; None when the inputs
+    are not all paths (an iterable is read once)."""
     given = sources if isinstance(sources, list | tuple) else None
     if not given or not all(isinstance(s, (str, os.PathLike)) for s in given):
         return None
     spec = None if table is None else {"text": table.text, "id": table.id,
                                        "metadata": None if table.metadata is None
                                        else list(table.metadata)}
-    return {"paths": [os.path.abspath(os.fspath(s)) for s in given], "table": spec,
+    return {"paths": [os.fspath(s) for s in given], "cwd": os.getcwd(), "table": spec,
             "pipeline": pipeline}
 
 
@@ -264,15 +265,18 @@ def resume_ingest(job_id: int) -> SubmitReport:
             spec["text"], spec["id"], tuple(spec["metadata"]) if spec["metadata"] is not None
             else None)
         paths = inputs["paths"]
-        documents = (read_tables(paths, table, max_bytes=rt.settings.max_document_bytes)
-                     if table is not None else _source_documents(paths, pipeline, rt.settings))
         with rt.sessions.begin() as session:
             point = resume_point(session, job_id)
             store = store_id(session)
         segments = _Segments(job_id, store) if lane == Lane.ONLINE else None
-        report = ingest(rt.sessions, rt.settings, job_id, documents, _batch_slots(rt.settings),
-                        on_commit=segments.send if segments else None,
-                        submit_early=segments is not None, resume=point)
+        with contextlib.chdir(inputs.get("cwd") or os.getcwd()):  # the ids name paths as given
+            documents = (read_tables(paths, table, max_bytes=rt.settings.max_document_bytes)
+                         if table is not None else
+                         _source_documents(paths, pipeline, rt.settings))
+            report = ingest(rt.sessions, rt.settings, job_id, documents,
+                            _batch_slots(rt.settings),
+                            on_commit=segments.send if segments else None,
+                            submit_early=segments is not None, resume=point)
         with rt.sessions.begin() as session:
             mark_submitted(session, job_id)
     if segments is not None:
