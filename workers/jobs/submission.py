@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 FLUSH_CHUNKS = 5_000  # rows per bulk insert: big enough to amortise, small enough to stay flat
 FIRST_FLUSH_CHUNKS = 16  # the first flush: one first batch (DOCQ_BATCH_MIN_CHUNKS by default)
 FLUSH_EVERY_S = 0.3  # a flush at least this often once chunks wait (a slow source)
+TAIL_WAIT_S = 0.25  # reading for longer, the producer sends batches before the tail is read
 
 # (batch id, seq, chunks) of the batches one commit closed: what `on_commit` publishes.
 Segment = list[tuple[int, int, int]]
@@ -196,6 +197,15 @@ class FlushSizes:
         self._last = now
 
 
+def held_tail(tail: int, read: int, elapsed_s: float) -> int:
+    """Chunks the producer keeps unnumbered, having read `read` in `elapsed_s` seconds: the last
+    `tail` (`BatchSizes`), so that the last batches shrink. A corpus read within TAIL_WAIT_S
+    keeps that whole. Past it, while fewer than twice the tail are read, half of what was read:
+    the first batches of a large or slow corpus go out then, not once `tail` chunks are read,
+    and a corpus under twice the tail has its last batches shrink over half of it."""
+    return tail if elapsed_s < TAIL_WAIT_S else min(tail, read // 2)
+
+
 @dataclass
 class _Recorded:
     """What the job's committed rows hold: its running totals, written with each commit."""
@@ -348,7 +358,7 @@ def ingest(
             on_commit(resume.closed)
     pending_docs: list[tuple[SourceDocument, list[ChunkSpan]]] = []
     pending_chunks = 0
-    flushes = FlushSizes(now=monotonic_s())
+    flushes = FlushSizes(now=(started := monotonic_s()))
     writer = _Writer(sessions, job_id, recorded, on_commit, submit_early)
     try:
         for doc in documents:
@@ -367,9 +377,10 @@ def ingest(
             pending_docs.append((doc, spans))
             pending_chunks += len(spans)
             now = monotonic_s()
+            hold = held_tail(sizes.tail, report.chunks, now - started)
             if (len(pending_docs) >= FLUSH_CHUNKS + sizes.tail
-                    or flushes.due(pending_chunks - sizes.tail, now)):
-                ready, pending_docs = _split_tail(pending_docs, sizes.tail)
+                    or flushes.due(pending_chunks - hold, now)):
+                ready, pending_docs = _split_tail(pending_docs, hold)
                 if ready:
                     pending_chunks = sum(len(spans) for _, spans in pending_docs)
                     writer.write(assigner.place_documents(ready, last=False),
