@@ -92,15 +92,16 @@ def test_a_producer_killed_mid_submit_leaves_an_ingesting_job_that_resume_finish
             out.write(json.dumps({"id": f"d{i}", "text": f"Barge {i} moored at berth "
                                   f"{i * 7 % 613} with {i % 30 + 2} tons of grain."}) + "\n")
 
-    # When `docq submit` is killed (SIGKILL) once some documents are recorded
+    # When `docq submit` is killed (SIGKILL) once its first batches are out
     with runtime().sessions() as s:
         before = s.scalar(select(func.max(Job.id))) or 0
-    proc = subprocess.Popen([str(DOCQ), "submit", corpus.name, "--json"], cwd=tmp_path,
-                            env={**os.environ, **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    job_id = _recording(proc, before)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    with (tmp_path / "submit.err").open("wb") as err:
+        proc = subprocess.Popen([str(DOCQ), "submit", corpus.name, "--json"], cwd=tmp_path,
+                                env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                                stderr=err)
+        job_id = _recording(proc, before, tmp_path / "submit.err")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
 
     # Then the job is not final and says it is ingesting, even once its published batches end
     with runtime().sessions() as s:
@@ -179,15 +180,15 @@ def _settled(job_id: int) -> None:
     raise AssertionError("the job's results kept changing for 120 s")
 
 
-def _recording(proc: subprocess.Popen[bytes], before: int) -> int:
-    """The id of the job `proc` is recording, once it has committed some documents."""
+def _recording(proc: subprocess.Popen[bytes], before: int, err: Path) -> int:
+    """The id of the job `proc` is recording, once it has published its first batches."""
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert proc.poll() is None, err.read_text()
         with runtime().sessions() as s:
-            row = s.execute(select(Job.id, Job.documents_total).where(Job.id > before)
+            row = s.execute(select(Job.id, Job.status).where(Job.id > before)
                             .order_by(Job.id.desc()).limit(1)).one_or_none()
-        if row is not None and row.documents_total > 0:
+        if row is not None and row.status == "running":
             return int(row.id)
         time.sleep(0.02)
     raise AssertionError("submit recorded nothing within 90 s")
