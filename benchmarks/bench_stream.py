@@ -112,13 +112,16 @@ def run(variant: str, args: argparse.Namespace, workdir: Path, corpus: Path,
                 time.sleep(1.0)
                 load = os.getloadavg()[0]
                 child_env = {**os.environ, **env}
+                # `python -c` puts its directory first on sys.path: the package root to run
+                cwd = ROOT
                 if variant == "before":
                     assert before is not None
                     child_env["PYTHONPATH"] = str(before)
+                    cwd = before
                 t0 = time.time()
                 proc = subprocess.Popen([sys.executable, "-c", CLI, "submit", str(corpus),
-                                         "--json"], env=child_env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE)
+                                         "--json"], env=child_env, cwd=cwd,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                 sampler = RssSampler(proc.pid)
                 sampler.start()
                 out, err = proc.communicate(timeout=args.timeout_s)
@@ -128,6 +131,7 @@ def run(variant: str, args: argparse.Namespace, workdir: Path, corpus: Path,
                 job_id = json.loads(out)["job_id"]
                 wait_for_job(job_id, args.timeout_s, worker.log_path)
                 final = time.time()
+                streamed = _streamed(job_id)
                 sampler.join(timeout=1)
             finally:
                 worker.stop()
@@ -136,11 +140,24 @@ def run(variant: str, args: argparse.Namespace, workdir: Path, corpus: Path,
         sim.stop()
     first = min(r["start"] for r in requests)
     return {
-        "variant": variant, "documents": args.documents, "requests": len(requests),
+        "variant": variant, "streamed": streamed, "documents": args.documents,
+        "requests": len(requests),
         "first_call_s": round(first - t0, 3), "submit_s": round(returned - t0, 3),
         "first_before_return": first < returned, "final_s": round(final - t0, 2),
         "submit_peak_rss_mib": round(sampler.peak / 2**20, 1), "load_at_start": round(load, 2),
     }
+
+
+def _streamed(job_id: int) -> bool:
+    """Whether the submit that recorded the job streamed it: only that code stamps
+    `ingested_at` (a check that each variant ran the code it names)."""
+    from sqlalchemy import select
+
+    from docqueue.models import Job
+    from docqueue.tasks.runtime import runtime
+
+    with runtime().sessions() as s:
+        return s.scalar(select(Job.ingested_at).where(Job.id == job_id)) is not None
 
 
 def main() -> None:
@@ -165,7 +182,8 @@ def main() -> None:
             rows.append(run(variant, args, workdir, corpus, before))
             print(table(rows[-1:], [("variant", "variant"), ("first_call_s", "first call s")]),
                   flush=True)
-    print(table(rows, [("variant", "variant"), ("documents", "docs"), ("requests", "requests"),
+    print(table(rows, [("variant", "variant"), ("streamed", "streamed"), ("documents", "docs"),
+                       ("requests", "requests"),
                        ("first_call_s", "first call s"), ("submit_s", "submit returns s"),
                        ("first_before_return", "first<return"), ("final_s", "final s"),
                        ("submit_peak_rss_mib", "submit peak MiB"), ("load_at_start", "load")]))
