@@ -136,6 +136,13 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Streaming submission: the producer publishes batches while it still reads. `ingesting`
+    # holds until its last rows and the job's totals are committed (then `ingested_at`); a
+    # merge never finalizes an ingesting job. `inputs`: the resolved input paths (and table
+    # spec), so `docq resume` can read them again after a producer died; None for an iterable.
+    ingesting: Mapped[bool] = mapped_column(default=False, server_default=false())
+    ingested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    inputs: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Document(Base):

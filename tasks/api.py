@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -10,10 +11,10 @@ from typing import Any
 
 import redis
 
-from docqueue.models import FINAL_JOB_STATES, JobStatus, Lane
+from docqueue.models import FINAL_JOB_STATES, Job, JobStatus, Lane, store_id
 from docqueue.tasks.celery import state_redis
 from docqueue.tasks.failures import explain, service_errors
-from docqueue.tasks.publish import check_services, forget_chord_results, publish
+from docqueue.tasks.publish import check_services, forget_chord_results, publish_segment
 from docqueue.tasks.records import (
     ChunkResult,
     DocumentResult,
@@ -40,13 +41,16 @@ from docqueue.workers.errors import (
 )
 from docqueue.workers.ingest.documents import SourceDocument
 from docqueue.workers.ingest.tables import TableSpec, is_table, read_tables
+from docqueue.workers.jobs.reconcile import forget_published
 from docqueue.workers.jobs.submission import (
+    Segment,
     SubmitReport,
     create_job,
     discard_job,
     ingest,
     mark_submitted,
     read_sources,
+    resume_point,
 )
 from docqueue.workers.pipelines import build_pipeline
 from docqueue.workers.pipelines.openai_batch import PIPELINE_NAME as OPENAI_BATCH
@@ -95,7 +99,8 @@ def submit(
     id: str | None = None,
     metadata: list[str] | None = None,
 ) -> JobHandle:
-    """Record the corpus as a job and queue its batches; returns at once with a handle.
+    """Record the corpus as a job and queue its batches as they are recorded; returns once the
+    corpus is recorded, with a handle.
 
     `sources` is a path, a glob, a list of them, or an iterable of `(id, text)` pairs or dicts
     with `id`, `text` and optional `metadata`. The pipeline's options: `labels` (classify),
@@ -123,8 +128,14 @@ def submit(
         StoreUnavailableError, StoreNotMigratedError: the results store cannot be used;
             nothing is recorded.
         BrokerUnavailableError: the broker cannot be reached before anything is recorded.
-        JobNotPublishedError: the job is recorded but the broker went away before its batches
-            were sent; `docq resume JOB` (or beat's reconciler) sends them once it is back.
+        JobNotPublishedError: the job is recorded but the broker went away before all its
+            batches were sent; `docq resume JOB` (or beat's reconciler) sends them once it is
+            back.
+
+    The online lane publishes while it reads (streaming submission): each commit's closed
+    batches go out at once as a chord segment, the first within a fraction of a second, and
+    the job is running from then on, `ingesting` until its last document is recorded. A
+    producer that dies leaves the job ingesting; `docq resume JOB` reads path inputs again.
     """
     given = {"labels": labels, "schema": schema, "prompt": prompt, "reduce": reduce, "key": key}
     options = {k: v for k, v in given.items() if v is not None}
@@ -163,25 +174,115 @@ def submit(
                                 budget_tokens=budget_tokens, budget_cost=budget_cost,
                                 lane=lane,
                                 fallback_below=fallback_below if batch_fallback else None,
-                                service_tier=service_tier).id
-        report = ingest(rt.sessions, rt.settings, job_id, documents, _batch_slots(rt.settings))
+                                service_tier=service_tier,
+                                inputs=_inputs(sources, table, pipe.name)).id
+            store = store_id(session)
+        # The batch lane: beat's `lane.poll` sends it; nothing goes to the workers' queue.
+        segments = _Segments(job_id, store) if lane == Lane.ONLINE else None
+        report = ingest(rt.sessions, rt.settings, job_id, documents, _batch_slots(rt.settings),
+                        on_commit=segments.send if segments else None,
+                        submit_early=segments is not None)
         if not report.documents_accepted:
             with rt.sessions.begin() as session:
                 discard_job(session, job_id)
             raise _nothing_to_submit(report)
         with rt.sessions.begin() as session:
-            mark_submitted(session, job_id)
-    if lane == Lane.BATCH:  # beat's `lane.poll` sends it: nothing goes to the workers' queue
-        return JobHandle(job_id, report)
-    try:
-        publish(job_id)  # only after the commit: a worker must find every row it is sent
-    except Exception as exc:
-        if not isinstance(found := explain(exc, rt.settings), BrokerUnavailableError):
-            raise
-        raise JobNotPublishedError(_not_sent(job_id, report, found, rt.settings),
-                                   job_id=job_id) from exc
+            mark_submitted(session, job_id)  # the batch lane's; the online one is running
+    if segments is not None:
+        segments.check(report, rt.settings)
     forget_chord_results()
     return JobHandle(job_id, report)
+
+
+class _Segments:
+    """Publishes each producer commit's batches as a chord segment (`publish_segment`), in the
+    producer's writer thread. Once one cannot be sent (the broker gone), the rest are only
+    recorded: the job's publish marker is dropped so that the reconciler or `docq resume`
+    sends every batch nobody holds, and `check` raises JobNotPublishedError at the end."""
+
+    def __init__(self, job_id: int, store: str) -> None:
+        self.job_id, self.store = job_id, store
+        self.sent = 0
+        self.failed: BaseException | None = None
+
+    def send(self, batches: Segment) -> None:
+        if self.failed is not None:
+            return
+        try:
+            self.sent += publish_segment(self.job_id, batches, self.store)
+        except Exception as exc:
+            self.failed = exc
+            # Redis down too: its marker goes with it or expires with the messages.
+            with contextlib.suppress(redis.RedisError):
+                forget_published(state_redis(), self.job_id)
+
+    def check(self, report: SubmitReport, settings: Settings) -> None:
+        if self.failed is None:
+            return
+        exc = self.failed
+        if not isinstance(found := explain(exc, settings), BrokerUnavailableError):
+            raise exc
+        raise JobNotPublishedError(_not_sent(self.job_id, report, found, settings, self.sent),
+                                   job_id=self.job_id) from exc
+
+
+def _inputs(sources: Iterable[Any], table: TableSpec | None, pipeline: str
+            ) -> dict[str, Any] | None:
+    """How `docq resume` reads the corpus again: the paths as given and the directory they were
+    given in (documents are named by the path as given), the table spec; None when the inputs
+    are not all paths (an iterable is read once)."""
+    given = sources if isinstance(sources, list | tuple) else None
+    if not given or not all(isinstance(s, (str, os.PathLike)) for s in given):
+        return None
+    spec = None if table is None else {"text": table.text, "id": table.id,
+                                       "metadata": None if table.metadata is None
+                                       else list(table.metadata)}
+    return {"paths": [os.fspath(s) for s in given], "cwd": os.getcwd(), "table": spec,
+            "pipeline": pipeline}
+
+
+def resume_ingest(job_id: int) -> SubmitReport:
+    """Finish recording a job whose producer died mid-submit: read its path inputs again, skip
+    the documents it recorded, and go on recording and publishing as `submit` does.
+
+    Raises:
+        InputError: the job's inputs were an in-memory iterable, which cannot be read again,
+            or the job is not ingesting.
+    """
+    rt = runtime()
+    with service_errors(rt.settings):
+        with rt.sessions() as session:
+            job = session.get(Job, job_id)
+            if job is None or not job.ingesting:
+                raise InputError(f"job {job_id} is not ingesting: nothing to read again")
+            inputs, lane, pipeline = job.inputs, job.lane, job.pipeline
+        if inputs is None:
+            raise InputError(f"job {job_id} stopped ingesting before the end, and its inputs "
+                             "were an in-memory iterable that cannot be read again: submit "
+                             "the rest of its documents as a new job")
+        spec = inputs.get("table")
+        table = None if spec is None else TableSpec(
+            spec["text"], spec["id"], tuple(spec["metadata"]) if spec["metadata"] is not None
+            else None)
+        paths = inputs["paths"]
+        with rt.sessions.begin() as session:
+            point = resume_point(session, job_id)
+            store = store_id(session)
+        segments = _Segments(job_id, store) if lane == Lane.ONLINE else None
+        with contextlib.chdir(inputs.get("cwd") or os.getcwd()):  # the ids name paths as given
+            documents = (read_tables(paths, table, max_bytes=rt.settings.max_document_bytes)
+                         if table is not None else
+                         _source_documents(paths, pipeline, rt.settings))
+            report = ingest(rt.sessions, rt.settings, job_id, documents,
+                            _batch_slots(rt.settings),
+                            on_commit=segments.send if segments else None,
+                            submit_early=segments is not None, resume=point)
+        with rt.sessions.begin() as session:
+            mark_submitted(session, job_id)
+    if segments is not None:
+        segments.check(report, rt.settings)
+    forget_chord_results()
+    return report
 
 
 def _table_spec(sources: Any, text: str | None, id: str | None,
@@ -232,11 +333,13 @@ def _nothing_to_submit(report: SubmitReport) -> NothingToSubmitError:
     return NothingToSubmitError(message, rejected=list(report.rejected), count=count)
 
 
-def _not_sent(job_id: int, report: SubmitReport, cause: WorkerError, settings: Settings) -> str:
+def _not_sent(job_id: int, report: SubmitReport, cause: WorkerError, settings: Settings,
+              sent: int = 0) -> str:
     every_s = settings.reconcile_every_s
+    some = "none of its batches was" if not sent else f"only {sent:,} of its batches were"
     return (f"job {job_id} is recorded ({report.documents_accepted:,} documents, "
-            f"{report.chunks:,} chunks in {report.batches:,} batches) but none of its batches "
-            f"was sent: {cause}. Nothing is lost: once the broker is back, `docq resume "
+            f"{report.chunks:,} chunks in {report.batches:,} batches) but {some} "
+            f"sent: {cause}. Nothing is lost: once the broker is back, `docq resume "
             f"{job_id}` sends them, and a running `docq beat` does so by itself within "
             f"{every_s:g} s (DOCQ_RECONCILE_EVERY_S)")
 

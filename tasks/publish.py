@@ -1,13 +1,15 @@
-"""Sending a job's batches: one chord of `batches.process` tasks whose callback is `jobs.merge`.
+"""Sending a job's batches: chords of `batches.process` tasks whose callback is `jobs.merge`.
 
-`publish` runs after the job's rows are committed (the producer, `docq retry`, the reconciler);
-the messages carry ids only.
+`publish_segment` sends the batches one producer commit closed, while the producer still reads
+(streaming submission); `publish` sends a job's unfinished batches (`docq retry`, the
+reconciler, the rescuer). Either runs after the rows it names are committed; the messages carry
+ids only.
 """
 
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -109,6 +111,25 @@ def publish(job_id: int, *, batches: Collection[int] | None = None) -> int:
     _send_chord(process_batch, header, body, {"store": store},
                 lambda seq, n: f"job={job_id} batch={seq}/{total} chunks={n}",
                 queue=None if wanted is None else RESCUE_QUEUE)
+    mark_published(state_redis(), job_id)
+    return len(header)
+
+
+def publish_segment(job_id: int, batches: Iterable[tuple[int, int, int]], store: str) -> int:
+    """Queue `(batch id, seq, chunks)` batches the producer just committed as one chord: a
+    segment of a job that may still be ingesting. Its callback merges the job only once the job
+    is ingested and no producer batch is open (`merging.merge_due`): the segment whose batches
+    end last after the producer's last commit finalizes it. The producer commits the job's end
+    before it sends the last segment, so that callback cannot run before."""
+    header = _Header()
+    for batch_id, seq, chunks in batches:
+        header.add(batch_id, seq, chunks)
+    if not header:
+        return 0
+    body = merge_job.si(job_id, store=store, segment=True).set(
+        argsrepr=f"job={job_id} segment", kwargsrepr="{}")
+    _send_chord(process_batch, header, body, {"store": store},
+                lambda seq, n: f"job={job_id} batch={seq} chunks={n}")
     mark_published(state_redis(), job_id)
     return len(header)
 

@@ -105,6 +105,10 @@ class JobInfo(TypedDict):
     # endpoint unreachable or refusing the key, a storm of 429s, 5xx or timeouts, or docqueue's
     # Redis out of reach of this reader. None when nothing is wrong, and for a final job.
     trouble: Trouble | None
+    # Streaming submission: the producer has not recorded the job's last documents (it is still
+    # reading, or it died: `docq resume JOB`); the job is not final before it has.
+    ingesting: bool
+    ingested_at: str | None  # when the producer recorded the last document
 
 
 class DocumentResult(TypedDict):
@@ -192,6 +196,7 @@ def job_status(job_id: int) -> JobInfo:
             "finished_at": _iso(job.finished_at),
             "lane": Lane(job.lane), "provider_batches": provider_batches(session, job_id),
             "trouble": None,
+            "ingesting": bool(job.ingesting), "ingested_at": _iso(job.ingested_at),
         }
     OUTAGES.reached("store")
     if info["status"] not in FINAL_JOB_STATES:

@@ -189,7 +189,11 @@ def _summary(st: JobInfo) -> str:
     text = (f"job {st['id']} {st['status']}: {chunks_in_words(st)}{documents}; tokens in "
             f"{st['tokens_in']:,}{_prompt_cache_words(st)}, out {st['tokens_out']:,}; "
             f"cost {cost}{_saved_words(st)}")
-    text += f"\n  {st['reason']}" if st.get("reason") else ""
+    if st.get("ingesting"):
+        text += (f"\n  ingesting: {st['documents_total']:,} documents recorded so far; a "
+                 f"producer stopped before the end is finished by `docq resume {st['id']}`")
+    elif st.get("reason"):
+        text += f"\n  {st['reason']}"
     if trouble := st.get("trouble"):
         text += f"\n  trouble: {trouble['message']}"
     return text + "".join(f"\n  {_provider_batch_line(b)}" for b in st.get("provider_batches", []))

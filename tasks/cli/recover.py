@@ -23,13 +23,20 @@ def resume(
     With JOB: every unfinished batch of the job that no live worker holds is sent again, and a
     job whose chunks all have a final result is merged. Without: the reconciler's rules run once
     over every open job (what the beat task does each minute). Running it twice is harmless.
+
+    A job whose producer died mid-submit (still ingesting): its path inputs are read again, the
+    documents it recorded are skipped, and the rest is recorded and published; a job submitted
+    from an in-memory iterable cannot be read again, and says so. Only once that producer is
+    gone: a live one would record the same documents twice.
     """
     from docqueue.tasks.lane import resume_lane
     from docqueue.tasks.maintenance import reconcile
 
-    if job is not None:
-        _check_resumable(job)
+    ingesting = job is not None and _check_resumable(job)
     records = reconcile(None if job is None else [job], force=job is not None, merge_inline=True)
+    if ingesting:
+        assert job is not None
+        records.append(_resume_ingest(job))
     lane = resume_lane(None if job is None else [job])
     if as_json:
         typer.echo(json.dumps(records + lane))
@@ -42,7 +49,8 @@ def resume(
         typer.echo(_lane_line(r))
 
 
-def _check_resumable(job_id: int) -> None:
+def _check_resumable(job_id: int) -> bool:
+    """Whether the job's ingestion is to be resumed; exits when there is nothing to do."""
     from docqueue.models import Job, JobStatus
     from docqueue.tasks.runtime import runtime
 
@@ -50,6 +58,12 @@ def _check_resumable(job_id: int) -> None:
         job = session.get(Job, job_id)
         if job is None:
             raise fail(f"job {job_id} does not exist")
+        if job.ingesting and job.status in (JobStatus.PENDING, JobStatus.RUNNING):
+            if job.inputs is None:
+                raise fail(f"job {job_id} stopped ingesting before the end, and its inputs were "
+                           "an in-memory iterable that cannot be read again: submit the rest of "
+                           "its documents as a new job")
+            return True
         if job.status == JobStatus.PENDING:
             raise fail(f"job {job_id} was never fully submitted (status pending): "
                        f"submit its documents again")
@@ -57,6 +71,22 @@ def _check_resumable(job_id: int) -> None:
                 job.status == JobStatus.CANCELLED and job.finished_at is not None):
             typer.echo(f"job {job_id} is {job.status}: nothing to resume")
             raise typer.Exit(0)
+    return False
+
+
+def _resume_ingest(job_id: int) -> dict[str, Any]:
+    from docqueue.tasks.api import resume_ingest
+    from docqueue.workers.errors import WorkerError
+
+    try:
+        report = resume_ingest(job_id)
+    except WorkerError as exc:
+        raise fail(str(exc)) from None
+    documents = report.documents_accepted + report.documents_rejected
+    return {"job_id": job_id, "resent": 0, "in_progress": 0, "merged": None,
+            "ingested": {"documents": documents, "chunks": report.chunks},
+            "reason": f"ingestion resumed: {documents:,} more documents recorded, "
+                      f"{report.chunks:,} chunks, published"}
 
 
 def _resume_line(r: dict[str, Any]) -> str:

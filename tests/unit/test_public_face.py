@@ -39,6 +39,7 @@ JOB_KEYS = [
     "prompt_cache_share", "prompt_cache_saved", "latency_p50_ms", "latency_p95_ms",
     "chunks_per_s", "created_at", "submitted_at", "finished_at", "lane", "provider_batches",
     "trouble",  # added later: a new key keeps every script that reads the others working
+    "ingesting", "ingested_at",  # streaming submission (issue 30), added the same way
 ]
 DOCUMENT_KEYS = ["id", "source", "status", "output", "error", "chunks", "tokens_in",
                  "tokens_out", "cost", "content_hash", "metadata"]
@@ -65,7 +66,7 @@ def a_job() -> JobInfo:
         "provider_batches": [{"ledger": 1, "id": "batch_1", "state": LedgerState.CREATED,
                               "status": "in_progress", "requests": 5, "completed": 2,
                               "failed": 0, "age_s": 3.5}],
-        "trouble": None,
+        "trouble": None, "ingesting": False, "ingested_at": None,
     }
 
 

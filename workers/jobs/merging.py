@@ -6,6 +6,10 @@ the answers of the documents a finished batch completed, so they can be read whi
 runs; `merge_job`, run by the chord callback and the reconciler, recomputes every document and
 the job's totals, and makes any reduce level still missing (a worker died between levels).
 Running either twice leaves the same state.
+
+A job whose producer is still recording it (`Job.ingesting`, streaming submission) stays
+running whatever its chunks say: its batches are published in segments while it is read, and
+only a merge after the producer's last commit may end it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from docqueue.workers.jobs.reducing import (
 from docqueue.workers.pipelines import Pipeline, build_pipeline
 
 STREAM_ROWS = 5_000
+INGESTING_REASON = "ingesting: the producer has not recorded the last documents yet"
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,7 @@ def merge_job(session: Session, job_id: int) -> MergeSummary | None:
             latency_p50_ms=_percentile(latencies, 50),
             latency_p95_ms=_percentile(latencies, 95),
             chunks_per_s=(ok + err + other) / elapsed if elapsed and elapsed > 0 else None,
-            finished_at=last_result if unfinished_all == 0 else None,
+            finished_at=last_result if unfinished_all == 0 and not job.ingesting else None,
         )
     )
     return MergeSummary(job_id, status, ok, err, other, unfinished_all, new_batches)
@@ -153,6 +158,25 @@ def _write_changed(session: Session, values: list[dict[str, Any]]) -> None:
                if stored.get(v["id"]) != tuple(v[name] for name in _DOCUMENT_VALUES)]
     if changed:
         session.execute(update(Document), changed)
+
+
+def merge_due(session: Session, job_id: int) -> bool:
+    """Whether a segment's callback should merge the job: not while its producer still records
+    it, nor while one of its producer batches is open (that batch's own segment callback comes
+    later, and merges). A job no longer running (cancelled, say) is merged as before.
+
+    Every header task closes its batch before it returns, so the callback of the segment whose
+    last batch ends last finds every batch closed; and the producer commits the job's end
+    before it sends its last segment, so that callback also finds it ingested."""
+    job = session.get(Job, job_id)
+    if job is None or job.status != JobStatus.RUNNING:
+        return True
+    if job.ingesting:
+        return False
+    return session.scalar(
+        select(Batch.id).where(Batch.job_id == job_id, Batch.seq > 0,
+                               Batch.status != BatchStatus.DONE).limit(1)
+    ) is None
 
 
 @dataclass
@@ -334,6 +358,8 @@ def _job_status(
             or reduce_states[ResultStatus.CANCELLED]):
         # A cancelled job stays cancelled; its counts still say what was done.
         return JobStatus.CANCELLED, job.reason or "cancelled by the user"
+    if job.ingesting:  # more chunks may come: the merge after the producer's last one decides
+        return JobStatus.RUNNING, INGESTING_REASON
     if unfinished:
         return JobStatus.RUNNING, f"{unfinished} chunks or reduce steps have no final result yet"
     if job.documents_total == 0:
