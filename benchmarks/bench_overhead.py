@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -197,8 +197,10 @@ def run_docqueue(args: argparse.Namespace, sim: SimulatorProcess, workdir: Path,
         try:
             for worker in workers:
                 worker.wait_ready()
-            time.sleep(1.0)  # the children finish warming up
             mains = [psutil.Process(w.proc.pid) for w in workers]
+            # The children import the model client and build their clients after "ready":
+            # that start-up is not per-chunk work, and must not be measured as such.
+            settle(lambda: [*mains, *(c for m in mains for c in m.children(True))])
             children = [c for m in mains for c in m.children(recursive=True)]
             meter = CpuMeter({
                 "workers": lambda: [*mains, *(c for m in mains for c in m.children(True))],
@@ -236,6 +238,32 @@ def run_docqueue(args: argparse.Namespace, sim: SimulatorProcess, workdir: Path,
         "cpu_ms_per_chunk": {k: round(v * 1000 / chunks, 3) for k, v in cpu.items()},
         "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
     }
+
+
+def settle(procs: Callable[[], list[psutil.Process]], quiet_s: float = 1.0,
+           timeout_s: float = 60.0) -> None:
+    """Wait until `procs()` use under 5% of a core over `quiet_s` (their start-up is over)."""
+    deadline = time.monotonic() + timeout_s
+    time.sleep(1.0)
+    before = _cpu_s(procs())
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        now = _cpu_s(procs())
+        if now - before < 0.05 * quiet_s:
+            return
+        before = now
+    print(f"warning: the workers were still busy {timeout_s:g} s after start", file=sys.stderr)
+
+
+def _cpu_s(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def _start_profilers(children: list[psutil.Process], tag: str) -> list[subprocess.Popen[bytes]]:
