@@ -158,16 +158,10 @@ class OpenAICompatibleLLM:
             kwargs["stop"] = prompt.stop
         if prompt.response_format:
             kwargs["response_format"] = prompt.response_format
-        # langchain-openai's own step (payload, the SDK's call, the reply read into a message),
-        # without langchain-core's Runnable layer around it: its callback manager, run ids, a
-        # Task per call and a signature inspection cost about 0.2 ms of CPU a call, for
-        # callbacks, a global LLM cache and streaming this client never sets up.
-        result = await self._chat._agenerate(to_messages(prompt.messages), **kwargs)
-        generation = result.generations[0]
-        msg = generation.message
+        msg = await self._chat.ainvoke(to_messages(prompt.messages), **kwargs)
         assert isinstance(msg, AIMessage)
         usage = msg.usage_metadata or {"input_tokens": 0, "output_tokens": 0}
-        finish = (generation.generation_info or {}).get("finish_reason")
+        finish = msg.response_metadata.get("finish_reason")
         content = msg.content if isinstance(msg.content, str) else json.dumps(msg.content)
         details = msg.usage_metadata.get("input_token_details") if msg.usage_metadata else None
         return content, finish, Usage(int(usage["input_tokens"]), int(usage["output_tokens"]),
