@@ -13,13 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def make_engine(url: str, *, idle_in_transaction_s: float | None = None) -> Engine:
-    """One engine per process; build it after fork, never at import time.
-
-    `idle_in_transaction_s`: every transaction of this engine's PostgreSQL sessions is ended
-    by the server once its client leaves it idle that long (as `end_if_left_idle` does for one
-    transaction), set once per connection rather than by a statement per transaction.
-    """
+def make_engine(url: str) -> Engine:
+    """One engine per process; build it after fork, never at import time."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 60}, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -28,20 +23,9 @@ def make_engine(url: str, *, idle_in_transaction_s: float | None = None) -> Engi
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     # pre_ping: a restarted PostgreSQL costs one reconnect, not a failed batch.
     # hide_parameters: a failed statement's message must not carry document text into logs.
-    engine = create_engine(
+    return create_engine(
         url, pool_pre_ping=True, pool_size=5, max_overflow=5, hide_parameters=True
     )
-    if idle_in_transaction_s is not None:
-        ms = max(1, round(idle_in_transaction_s * 1000))
-
-        def limit_idle(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute(f"SET idle_in_transaction_session_timeout = {ms}")
-            cur.close()
-            dbapi_conn.commit()  # a SET in a transaction rolled back would be undone
-
-        event.listen(engine, "connect", limit_idle)
-    return engine
 
 
 def plan_for_now(session: Session) -> None:
@@ -84,10 +68,8 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def make_sessionmaker(url: str, *, idle_in_transaction_s: float | None = None
-                      ) -> sessionmaker[Session]:
-    return sessionmaker(make_engine(url, idle_in_transaction_s=idle_in_transaction_s),
-                        expire_on_commit=False)
+def make_sessionmaker(url: str) -> sessionmaker[Session]:
+    return sessionmaker(make_engine(url), expire_on_commit=False)
 
 
 def upsert_statement(

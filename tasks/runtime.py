@@ -93,7 +93,6 @@ class Runtime:
     _redis: aioredis.Redis | None = None
     _beat_redis: aioredis.Redis | None = None
     _store_id: str | None = None
-    _batch_sessions: sessionmaker[Session] | None = None  # Services' (PostgreSQL only)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -184,15 +183,8 @@ class Runtime:
             resolve_redis(s), socket_timeout=beat_timeout_s, socket_connect_timeout=beat_timeout_s,
             driver_info=None)
         heartbeat = Heartbeat(self._beat_redis, s.heartbeat_s, s.heartbeat_ttl_s)
-        # The deliveries' own engine: its connections end a transaction left idle for a
-        # heartbeat's TTL by themselves, where a statement per transaction cost a round trip
-        # (a sixth of a worker's SQL time at zero latency: benchmarks/bench_overhead.py).
-        postgres = not s.database_url.startswith("sqlite")
-        self._batch_sessions = make_sessionmaker(
-            s.database_url, idle_in_transaction_s=s.heartbeat_ttl_s) if postgres else None
-        return Services(self._batch_sessions or self.sessions, s, llm, limiter,
-                        asyncio.Semaphore(s.worker_inflight), redis=redis, endpoint=base_url,
-                        heartbeat=heartbeat, idle_limited=postgres,
+        return Services(self.sessions, s, llm, limiter, asyncio.Semaphore(s.worker_inflight),
+                        redis=redis, endpoint=base_url, heartbeat=heartbeat,
                         troubles=TroubleLog(redis, public_url(base_url), s.max_attempts))
 
     def open_ahead(self) -> None:
@@ -210,22 +202,20 @@ class Runtime:
         if self._beat_redis is not None:
             await self._beat_redis.ping()
 
-        def connect(sessions: sessionmaker[Session]) -> None:
-            with sessions() as session:
+        def connect() -> None:
+            with self.sessions() as session:
                 session.connection()
                 time.sleep(0.05)  # held a moment, so the others open connections of their own
 
-        for sessions in dict.fromkeys([self.sessions, svc.sessions]):
-            pool = sessions.kw["bind"].pool
-            size = pool.size() if hasattr(pool, "size") else 1  # the connections it keeps open
-            await asyncio.gather(*(asyncio.to_thread(connect, sessions) for _ in range(size)))
+        pool = self.sessions.kw["bind"].pool
+        size = pool.size() if hasattr(pool, "size") else 1  # the connections it keeps open
+        await asyncio.gather(*(asyncio.to_thread(connect) for _ in range(size)))
 
     def close(self) -> None:
         """Close what this process opened; after fork, only forget the parent's connections."""
-        engines = [m.kw["bind"] for m in (self.sessions, self._batch_sessions) if m is not None]
+        engine = self.sessions.kw["bind"]
         if self.pid != os.getpid():
-            for engine in engines:
-                engine.dispose(close=False)
+            engine.dispose(close=False)
             return
         if self._services is not None:
             self.run(self._services.llm.aclose())
@@ -242,8 +232,7 @@ class Runtime:
             if self._thread is not None:
                 self._thread.join(timeout=10)
             self._loop.close()
-        for engine in engines:
-            engine.dispose()
+        engine.dispose()
 
 
 _runtime: Runtime | None = None
