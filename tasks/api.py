@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from docqueue.tasks.records import (
 )
 from docqueue.tasks.runtime import runtime
 from docqueue.tasks.supervisor import default_layout
+from docqueue.workers import keys
 from docqueue.workers.batch.cache import POLICIES as CACHE_POLICIES
 from docqueue.workers.batch.liveness import batch_slots
 from docqueue.workers.batch.trouble import Trouble
@@ -179,9 +182,11 @@ def submit(
             store = store_id(session)
         # The batch lane: beat's `lane.poll` sends it; nothing goes to the workers' queue.
         segments = _Segments(job_id, store) if lane == Lane.ONLINE else None
-        report = ingest(rt.sessions, rt.settings, job_id, documents, _batch_slots(rt.settings),
-                        on_commit=segments.send if segments else None,
-                        submit_early=segments is not None)
+        with ProducerBeat(job_id):
+            report = ingest(rt.sessions, rt.settings, job_id, documents,
+                            _batch_slots(rt.settings),
+                            on_commit=segments.send if segments else None,
+                            submit_early=segments is not None)
         if not report.documents_accepted:
             with rt.sessions.begin() as session:
                 discard_job(session, job_id)
@@ -192,6 +197,52 @@ def submit(
         segments.check(report, rt.settings)
     forget_chord_results()
     return JobHandle(job_id, report)
+
+
+class ProducerBeat:
+    """While a producer records a job's documents, a heartbeat in docqueue's Redis says so
+    (`keys.job_producer`: its host and pid, refreshed every BEAT_S, gone TTL_S after its last
+    beat): `docq resume` refuses to record the same documents beside a live producer, and
+    goes on once it is gone (killed, or its machine lost). A Redis out of reach only skips
+    beats: the producer's own work does not depend on them."""
+
+    BEAT_S = 2.0
+    TTL_S = 6  # a dead producer's job can be resumed this long after its death
+
+    def __init__(self, job_id: int) -> None:
+        self.key = keys.job_producer(job_id)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="docq-producer-beat",
+                                        daemon=True)
+
+    def __enter__(self) -> ProducerBeat:
+        self._beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(redis.RedisError):
+            state_redis().delete(self.key)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.BEAT_S):
+            self._beat()
+
+    def _beat(self) -> None:
+        with contextlib.suppress(redis.RedisError):
+            state_redis().set(self.key, self.name, ex=self.TTL_S)
+
+
+def producer_alive(job_id: int) -> str | None:
+    """The live producer recording the job (host:pid), or None when none beats."""
+    with contextlib.suppress(redis.RedisError):
+        holder = state_redis().get(keys.job_producer(job_id))
+        return None if holder is None else (
+            holder.decode() if isinstance(holder, bytes) else str(holder))
+    return None
 
 
 class _Segments:
@@ -269,7 +320,11 @@ def resume_ingest(job_id: int) -> SubmitReport:
             point = resume_point(session, job_id)
             store = store_id(session)
         segments = _Segments(job_id, store) if lane == Lane.ONLINE else None
-        with contextlib.chdir(inputs.get("cwd") or os.getcwd()):  # the ids name paths as given
+        if (holder := producer_alive(job_id)) is not None:
+            raise InputError(f"job {job_id} is still being recorded by its producer ({holder}): "
+                             "wait for that `docq submit` to end, or stop it, then resume")
+        with (contextlib.chdir(inputs.get("cwd") or os.getcwd()),  # the ids name paths as given
+              ProducerBeat(job_id)):
             documents = (read_tables(paths, table, max_bytes=rt.settings.max_document_bytes)
                          if table is not None else
                          _source_documents(paths, pipeline, rt.settings))

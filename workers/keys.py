@@ -14,6 +14,13 @@ def job_published(job_id: int) -> str:
     return f"{PREFIX}:job:{job_id}:published"
 
 
+def job_producer(job_id: int) -> str:
+    """The producer's heartbeat: present (with a short TTL) while a `submit` or `docq resume`
+    is still recording the job's documents; `docq resume` will not record them a second time
+    beside it."""
+    return f"{PREFIX}:job:{job_id}:producer"
+
+
 def job_stop(job_id: int) -> str:
     """Set by `docq cancel` (or a spent budget, or a refused API key): the job's batches make
     no further call."""

@@ -52,6 +52,7 @@ def resume(
 def _check_resumable(job_id: int) -> bool:
     """Whether the job's ingestion is to be resumed; exits when there is nothing to do."""
     from docqueue.models import Job, JobStatus
+    from docqueue.tasks.api import producer_alive
     from docqueue.tasks.runtime import runtime
 
     with runtime().sessions() as session:
@@ -59,6 +60,9 @@ def _check_resumable(job_id: int) -> bool:
         if job is None:
             raise fail(f"job {job_id} does not exist")
         if job.ingesting and job.status in (JobStatus.PENDING, JobStatus.RUNNING):
+            if (holder := producer_alive(job_id)) is not None:
+                raise fail(f"job {job_id} is still being recorded by its producer ({holder}): "
+                           "wait for that `docq submit` to end, or stop it, then resume")
             if job.inputs is None:
                 raise fail(f"job {job_id} stopped ingesting before the end, and its inputs were "
                            "an in-memory iterable that cannot be read again: submit the rest of "

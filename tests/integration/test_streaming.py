@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 
 from docqueue.models import FINAL_JOB_STATES, Document, Job
 from docqueue.tasks import submit
-from docqueue.tasks.api import job_status
+from docqueue.tasks.api import ProducerBeat, job_status, producer_alive
 from docqueue.tasks.runtime import runtime
 from tests.integration.test_crash_safety import model_calls, tally, wait_until
 
@@ -100,8 +100,12 @@ def test_a_producer_killed_mid_submit_leaves_an_ingesting_job_that_resume_finish
                                 env={**os.environ, **env}, stdout=subprocess.DEVNULL,
                                 stderr=err)
         job_id = _recording(proc, before, tmp_path / "submit.err")
+        assert producer_alive(job_id) == f"{os.uname().nodename}:{proc.pid}"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+    # Its heartbeat goes within its TTL (a live one would make `docq resume JOB` refuse)
+    wait_until(lambda: producer_alive(job_id) is None, ProducerBeat.TTL_S + 2,
+               "the killed producer's heartbeat to lapse")
 
     # Then the job is not final and says it is ingesting, even once its published batches end
     with runtime().sessions() as s:
@@ -158,7 +162,14 @@ def test_resume_of_a_job_read_from_an_iterable_says_it_cannot_read_it_again(
     assert job_id is not None
     assert job_status(job_id)["ingesting"]
 
-    # When it is resumed, then it says why not, in one line, without a traceback
+    # When it is resumed while a producer still beats for it, then resume refuses, naming it
+    with ProducerBeat(job_id) as beat:
+        out = subprocess.run([str(DOCQ), "resume", str(job_id)], env={**os.environ, **env},
+                             capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert f"still being recorded by its producer ({beat.name})" in out.stderr, out.stderr
+    # When it is resumed with no producer, then it says why not, in one line, without a
+    # traceback
     out = subprocess.run([str(DOCQ), "resume", str(job_id)], env={**os.environ, **env},
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode != 0
