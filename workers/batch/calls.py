@@ -64,7 +64,6 @@ class Call:
     prompt: Prompt
     max_tokens: int
     key: str
-    prompt_tokens: int  # what the limiter reserves for the prompt
 
 
 def prepare(svc: Services, info: BatchInfo, pipeline: Pipeline, item: WorkItem) -> Call:
@@ -73,25 +72,7 @@ def prepare(svc: Services, info: BatchInfo, pipeline: Pipeline, item: WorkItem) 
     max_tokens = min(prompt.max_tokens or cfg.llm_max_tokens, cfg.llm_max_tokens)
     key = cache.cache_key(svc.endpoint, cfg.model_name, info.pipeline_version, prompt, max_tokens,
                           cfg.llm_temperature)
-    return Call(item, prompt, max_tokens, key, _prompt_tokens(svc, info, pipeline, item, prompt))
-
-
-def _prompt_tokens(svc: Services, info: BatchInfo, pipeline: Pipeline, item: WorkItem,
-                   prompt: Prompt) -> int:
-    """The prompt's tokens for the limiter, without tokenizing the chunk again: its own count
-    (made at submit, `Chunk.token_count`) plus its pipeline's framing, counted once per process
-    (`Services.framing`). Equal to `prompt_tokens(prompt)` for a chunk's chat prompt but where
-    the chunk's first or last characters join the template's into one token (a token either
-    way; the limiter settles each call at what the provider counted). A reduce step, whose text
-    the pipeline rewrites, is counted whole; so is a completion prompt (it collapses spaces)."""
-    if item.level or prompt.messages is None:
-        return prompt_tokens(prompt)
-    mode = svc.settings.mode
-    key = (info.pipeline, info.pipeline_version, mode)
-    framing = svc.framing.get(key)
-    if framing is None:
-        framing = svc.framing[key] = prompt_tokens(pipeline.render("", mode))
-    return item.token_count + framing
+    return Call(item, prompt, max_tokens, key)
 
 
 def _base_row(info: BatchInfo, item: WorkItem, attempts: int) -> ResultRow:
@@ -149,7 +130,6 @@ async def call_model(
 
         try:
             completion = await _limited_call(svc, info, call.prompt, call.max_tokens,
-                                             call.prompt_tokens,
                                              slot_wait_s=deadline - monotonic_s(),
                                              interrupted=interrupted)
         except _Interrupted:
@@ -213,7 +193,6 @@ class _Interrupted(Exception):
 
 
 async def _limited_call(svc: Services, info: BatchInfo, prompt: Prompt, max_tokens: int,
-                        tokens: int,
                         slot_wait_s: float,
                         interrupted: Callable[[], Awaitable[bool]]) -> Completion:
     lim = svc.limiter
@@ -230,7 +209,7 @@ async def _limited_call(svc: Services, info: BatchInfo, prompt: Prompt, max_toke
         key, cap=max_tokens, default=max_tokens // 2)
     # A call waiting for an in-flight slot waits while its pass may run: a slot frees with
     # the next answer; a long wait for rate-limit budget hands the batch back instead.
-    ticket = await lim.acquire(tokens + expected,
+    ticket = await lim.acquire(prompt_tokens(prompt) + expected,
                                max_wait_s=svc.settings.limiter_max_wait_s,
                                slot_wait_s=slot_wait_s)
     if await interrupted():

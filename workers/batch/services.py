@@ -2,9 +2,8 @@
 
 Guarantees: `Services` is built once per worker process (never at import time) and holds the
 process's clients; `Services.db` runs one transaction off the event loop and bounds its idle
-time by the heartbeat's TTL (the worker's engine sets it once per connection, else
-`models.end_if_left_idle` per transaction), so a frozen process's locks hold no other delivery
-up for longer.
+time by the heartbeat's TTL (`models.end_if_left_idle`), so a frozen process's locks hold no
+other delivery up for longer.
 """
 
 from __future__ import annotations
@@ -53,8 +52,6 @@ class Services:
     endpoint: str = ""
     heartbeat: Heartbeat | None = None  # None (a REPL, a unit test): leases expire, nothing else
     pipelines: dict[tuple[str, str], Pipeline] = field(default_factory=dict)
-    # (pipeline, version, mode): the tokens of its chunk prompt besides the chunk (calls.py)
-    framing: dict[tuple[str, str, str], int] = field(default_factory=dict)
     endpoint_down: EndpointDown = field(default_factory=EndpointDown)
     troubles: TroubleLog | None = None  # None (a REPL, a unit test): failures are only logged
     refused: set[int] = field(default_factory=set)  # jobs whose key the endpoint refused here
@@ -64,9 +61,6 @@ class Services:
     # One suspect chunk at a time in a process (workers/batch/leases.py): a process's death
     # counts against every chunk it has in flight, so only one of them may be held alone.
     alone: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # The sessions' engine ends a transaction left idle for a heartbeat's TTL by itself (set
-    # once per connection: models.make_engine): no statement per transaction for it.
-    idle_limited: bool = False
 
     def pipeline(self, info: BatchInfo) -> Pipeline:
         key = (info.pipeline, info.pipeline_version)
@@ -82,8 +76,7 @@ class Services:
                 # A delivery's transactions are a few statements with nothing in between; one
                 # idle for a heartbeat's TTL is a frozen process's, whose locks would hold up
                 # the deliveries taking its batch over.
-                if not self.idle_limited:
-                    end_if_left_idle(session, self.settings.heartbeat_ttl_s)
+                end_if_left_idle(session, self.settings.heartbeat_ttl_s)
                 return fn(session)
 
         return await asyncio.to_thread(run)
