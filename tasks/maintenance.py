@@ -27,7 +27,9 @@ from typing import Any
 
 import psutil
 import redis
+from celery import bootsteps
 from celery.signals import task_received, worker_process_init, worker_ready, worker_shutdown
+from celery.worker import state as worker_state
 
 from docqueue.tasks.batches import reservation_tag
 from docqueue.tasks.celery import app, state_redis
@@ -36,11 +38,14 @@ from docqueue.tasks.publish import publish
 from docqueue.tasks.runtime import resolve_redis, runtime
 from docqueue.workers import keys
 from docqueue.workers.batch.liveness import (
+    Delivery,
     beat_worker,
     dead_deliveries,
     dead_reservations,
+    held_batches,
     rescued,
     reserve,
+    stale_reservations,
     take_rescue,
 )
 from docqueue.workers.clock import wall_s
@@ -81,17 +86,22 @@ def rescue() -> dict[int, int]:
     ttl_s = rt.settings.heartbeat_ttl_s
     dead = dead_deliveries(client, ttl_s) + dead_reservations(client, ttl_s)
     mine = [d for d in dead if take_rescue(client, d)]
-    if not mine:
+    return _send_again(client, mine, "their deliveries' heartbeat is gone (worker killed or "
+                                     "frozen)")
+
+
+def _send_again(client: Any, deliveries: list[Delivery], why: str) -> dict[int, int]:
+    """Send the batches of dead deliveries or reservations again; per job id, batches sent."""
+    if not deliveries:
         return {}
-    with rt.sessions.begin() as session:
-        targets = rescue_targets(session, {d.batch_id for d in mine})
+    with runtime().sessions.begin() as session:
+        targets = rescue_targets(session, {d.batch_id for d in deliveries})
     sent: dict[int, int] = {}
     for job_id, batch_ids in targets.items():
         sent[job_id] = publish(job_id, batches=batch_ids)
-        logger.warning("job %s: sent %d batches again at once: their deliveries' heartbeat is "
-                       "gone (worker killed or frozen): %s", job_id, sent[job_id],
-                       ", ".join(map(str, batch_ids)))
-    rescued(client, mine)
+        logger.warning("job %s: sent %d batches again at once: %s: %s", job_id, sent[job_id],
+                       why, ", ".join(map(str, batch_ids)))
+    rescued(client, deliveries)
     return sent
 
 
@@ -109,6 +119,9 @@ def reconcile(
     """
     rt = runtime()
     client = state_redis()
+    # Before the store is read: a message taken from an empty queue since is held by then.
+    queues_empty = broker_queues_empty()
+    held = held_batches(client, rt.settings.heartbeat_ttl_s) if queues_empty else None
     with rt.sessions.begin() as session:
         jobs = open_jobs(session, job_ids)
     marked = published(client, [j.job_id for j in jobs])
@@ -122,7 +135,8 @@ def reconcile(
     for job in jobs:
         plan = plan_job(job, published=marked[job.job_id], force=force,
                         lost_after_s=lost_after_s, merge_grace_s=merge_grace_s,
-                        abandoned=abandoned)
+                        abandoned=abandoned, queues_empty=queues_empty, held=held,
+                        settle_s=rt.settings.reconcile_every_s)
         record: dict[str, Any] = {"job_id": job.job_id, "reason": plan.reason,
                                   "resent": 0, "in_progress": plan.in_progress, "merged": None}
         resent.update(plan.resend)
@@ -146,6 +160,19 @@ def reconcile(
     # once it is no longer open (finished, or its job closed).
     forget_abandoned(client, abandoned & resent if job_ids else abandoned - waiting)
     return records
+
+
+def broker_queues_empty() -> bool:
+    """Whether every queue of ours is empty now (messages received by a worker not counted);
+    false when the broker cannot say."""
+    try:
+        with app.connection_for_read() as conn:
+            channel = conn.default_channel
+            return all(queue.bind(channel).queue_declare().message_count == 0
+                       for queue in app.conf.task_queues)
+    except Exception as exc:  # the broker away: nothing can be called lost on its word
+        logger.warning("cannot read the broker's queue lengths: %s: %s", type(exc).__name__, exc)
+        return False
 
 
 @app.task(name="jobs.reconcile")
@@ -268,6 +295,33 @@ def _start_rescues(sender: Any, **_: Any) -> None:
     rescuer = _Rescuer(sender.hostname, int(sender.controller.concurrency or 1))
     rescuer.tick()
     sender.timer.call_repeatedly(runtime().settings.heartbeat_s, rescuer.tick)
+
+
+class ResendLostReservations(bootsteps.StartStopStep):  # type: ignore[misc]  # celery: no types
+    """A consumer step: each time a worker's consumer starts (at start-up, and again after the
+    broker's connection was lost), it drops the reservations under its name that no running
+    task holds. Celery forgot those messages with the connection (the broker gives them back,
+    or lost them with Redis), and the worker's live heartbeat must not vouch for them: the
+    rescuer and the reconciler take them over."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, c: Any) -> None:
+        keep = {reservation_tag(r.id, r.request_dict.get("retries"))
+                for r in worker_state.active_requests}
+        try:
+            client = state_redis()
+            stale = [d for d in stale_reservations(client, c.hostname, keep)
+                     if take_rescue(client, d)]
+            _send_again(client, stale, f"worker {c.hostname} had received them before this "
+                        "start (its broker connection was lost, or a former worker of its name "
+                        "died)")
+        except Exception as exc:  # the visibility timeout and the reconciler still cover them
+            logger.warning("worker %s: cannot send its lost reservations again: %s: %s",
+                           c.hostname, type(exc).__name__, exc)
+
+
+app.steps["consumer"].add(ResendLostReservations)
 
 
 @task_received.connect

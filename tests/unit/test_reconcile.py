@@ -187,3 +187,34 @@ def test_open_jobs_reads_unfinished_leased_and_expired_chunks_per_batch(sqlite_u
     assert got == {1: (0, 0, 0), 2: (2, 1, 1), 3: (2, 0, 0)}
     assert jobs[0].last_activity == ago(47) and not jobs[0].all_final
     sessions.kw["bind"].dispose()
+
+
+def test_with_the_queues_empty_a_batch_nobody_holds_lost_its_message() -> None:
+    # Given, with the marker present and the broker's queues empty: a batch never delivered
+    # (its message lost in a Redis crash), one a worker has received, one whose delivery is
+    # registered, and one sent again a moment ago
+    j = job(batch(1), batch(2), batch(3, seen=120), batch(4, seen=2), last_s=120)
+    # When the reconciler plans it, two of them held, with a 10 s settle
+    resend, _ = plan(j, queues_empty=True, held={2, 3}, settle_s=10)
+    # Then only the batch nothing holds and nothing stirred lately is sent again
+    assert resend == [1]
+
+
+def test_a_batch_nobody_holds_is_left_alone_while_a_queue_has_messages_or_holders_are_unknown(
+) -> None:
+    # Given a batch never delivered in a job quiet for two minutes
+    j = job(batch(1), last_s=120)
+    # When a queue still holds messages (it may be one of them), or the registries are not
+    # trusted yet (Redis restarted less than a heartbeat TTL ago)
+    # Then nothing is sent again
+    assert plan(j, queues_empty=False, held=set(), settle_s=10) == ([], False)
+    assert plan(j, queues_empty=True, held=None, settle_s=10) == ([], False)
+
+
+def test_a_never_sent_batch_of_a_job_that_stirred_just_now_is_not_an_orphan_yet() -> None:
+    # Given a streaming job whose producer committed a batch a moment before sending it, and
+    # whose other batch was delivered 2 s ago
+    j = job(batch(1, seen=2), batch(2), last_s=2)
+    # When the reconciler looks with the queues empty
+    # Then the new batch is not sent: its own message is on its way
+    assert plan(j, queues_empty=True, held={1}, settle_s=10) == ([], False)

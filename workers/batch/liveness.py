@@ -23,10 +23,12 @@ A message a worker has received but not started yet (its pool process still star
 between two batches) has no delivery: the worker's main process records it in
 `keys.RESERVED` with its hostname and keeps a heartbeat of its own (`keys.worker_alive`); the
 task removes the entry when it ends, so no moment from receipt to end goes unvouched. A
-reservation whose worker's heartbeat is gone is rescued like a dead delivery. A killed or frozen
-worker's batch is found dead twice, as a delivery and as a reservation, up to a heartbeat apart
-(the two heartbeats are refreshed by different loops): the entries name the same message, and the
-first rescue forgets both.
+reservation whose worker's heartbeat is gone is rescued like a dead delivery; one whose worker
+lives but no longer has the message (its broker connection was lost, or it is a new worker under
+a dead one's name) is sent again by that worker as its consumer starts (`stale_reservations`).
+A killed or frozen worker's batch is found dead twice, as a delivery and as a reservation, up to
+a heartbeat apart (the two heartbeats are refreshed by different loops): the entries name the
+same message, and the first rescue forgets both.
 
 Liveness is the event loop's, not a thread's: a loop that cannot run a heartbeat cannot run its
 calls either, and a process that cannot reach Redis cannot take part in the limiter; both look
@@ -285,6 +287,22 @@ def unreserve(client: Any, tag: str) -> None:
     client.hdel(keys.RESERVED, tag)
 
 
+def stale_reservations(client: Any, hostname: str, keep: Collection[str] = ()) -> list[Delivery]:
+    """`hostname`'s reservations but the tags in `keep` (owner: the tag).
+
+    For a worker whose consumer (re)starts: the messages it had received and not started are
+    gone from its memory (Celery drops them with a lost connection; a worker restarted under
+    the same name never had them), yet its live heartbeat would vouch for them forever.
+    """
+    registry: Mapping[bytes, bytes] = client.hgetall(keys.RESERVED)
+    stale = []
+    for tag, value in registry.items():
+        batch, _, host = value.decode().partition(" ")
+        if host == hostname and tag.decode() not in keep and batch.isdigit():
+            stale.append(Delivery(tag.decode(), int(batch), tag.decode()))
+    return stale
+
+
 def dead_reservations(client: Any, ttl_s: float) -> list[Delivery]:
     """Received, unstarted batch messages whose worker's heartbeat is gone (owner: the tag)."""
     registry: Mapping[bytes, bytes] = client.hgetall(keys.RESERVED)
@@ -303,6 +321,25 @@ def dead_reservations(client: Any, ttl_s: float) -> list[Delivery]:
         return []
     alive = {h for h, up in zip(hosts, present, strict=True) if up}
     return [Delivery(tag, batch, tag) for tag, batch, host in entries if host not in alive]
+
+
+def held_batches(client: Any, ttl_s: float) -> set[int] | None:
+    """The batches some message is vouched for: named by a registered delivery or reservation,
+    alive or not found dead yet (a dead one is the rescuer's). None while the registries cannot
+    be trusted (Redis lost its data less than a TTL ago): an entry may be missing then."""
+    pipe = client.pipeline(transaction=False)
+    pipe.get(keys.LIVENESS_SINCE)
+    pipe.hvals(keys.DELIVERIES)
+    pipe.hvals(keys.RESERVED)
+    since, deliveries, reservations = pipe.execute()
+    if not trusted(since, wall_s(), ttl_s):
+        return None
+    held = set()
+    for value in (*deliveries, *reservations):
+        batch = value.decode().partition(" ")[0]
+        if batch.isdigit():
+            held.add(int(batch))
+    return held
 
 
 def _heartbeats(client: Any, heartbeat_keys: list[str], ttl_s: float) -> list[int] | None:

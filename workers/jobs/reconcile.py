@@ -6,7 +6,10 @@ The store says which chunks have no final result and which deliveries hold lease
 one marker per published job (`docq:job:{id}:published`). A missing marker means Redis lost the
 job's messages (flushed, or restarted empty), so every batch nobody is working on is sent again.
 With the marker present, Redis's own redelivery (the visibility timeout) is trusted, except for a
-batch whose delivery died holding its leases and that nobody has picked up since: a lost message.
+batch whose delivery died holding its leases and that nobody has picked up since, and for an
+orphan: a batch with unfinished chunks while the broker's queues are empty and no worker has
+received it or works on it (its message was lost: a Redis crash between two writes of its
+append-only file keeps the marker and loses the message). Both are lost messages.
 Sending a batch twice is safe (leases and upserts absorb it), but it costs a worker slot, so the
 rules only send what no live message can be carrying.
 
@@ -149,6 +152,9 @@ def plan_job(
     lost_after_s: float,
     merge_grace_s: float = 0.0,
     abandoned: Collection[int] = (),
+    queues_empty: bool = False,
+    held: Collection[int] | None = None,
+    settle_s: float = 0.0,
     at: datetime | None = None,
 ) -> Plan:
     """Decide what would finish `job`; pure, so every rule has a unit test.
@@ -157,6 +163,11 @@ def plan_job(
     `lost_after_s`: how long a delivered batch may go unseen before its message counts as lost.
     `merge_grace_s`: leave a just-finished job to its own chord callback for this long.
     `abandoned`: batches whose task gave up after repeated failures (the store down for long).
+    `queues_empty`: the broker's queues held no message a moment before the store was read;
+    `held`: the batches a registered delivery or reservation names (None: not known, as
+    right after Redis lost its data). With both, a batch that no queue, worker or delivery
+    holds and that has not been sent or delivered for `settle_s` lost its message (Redis
+    crashed before it wrote it down, say): it is sent again.
     """
     t = at or now()
     in_progress = sum(1 for b in job.batches if b.unfinished and b.leased)
@@ -169,11 +180,21 @@ def plan_job(
     if force or not published:
         reason = "resumed" if force else "its messages were lost with Redis (no publish marker)"
         return Plan(job.job_id, [b.batch_id for b in free], in_progress=in_progress, reason=reason)
+    holders = held or ()
+    orphans = queues_empty and held is not None
+
+    def orphan(b: BatchState) -> bool:
+        # A batch never sent or delivered is as old as the job's last stir: a streaming
+        # producer's batch is committed a moment before its message is sent.
+        seen = b.last_seen or job.last_activity
+        return b.batch_id not in holders and (seen is None or _age_s(seen, t) > settle_s)
+
     lost = [
         b.batch_id
         for b in free
         if b.batch_id in abandoned
         or (b.expired and (b.last_seen is None or _age_s(b.last_seen, t) > lost_after_s))
+        or (orphans and orphan(b))
     ]
     reason = f"{len(lost)} batches lost their delivery" if lost else "in Redis's hands"
     return Plan(job.job_id, lost, in_progress=in_progress, reason=reason)
