@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 
@@ -75,9 +75,12 @@ class Supervisor:
     """Runs `layout.processes` Celery workers and keeps them running until told to stop."""
 
     def __init__(self, layout: Layout, *, name: str, extra: Sequence[str],
-                 max_memory_mb: float) -> None:
+                 max_memory_mb: float,
+                 on_death: Callable[[int, str], object] | None = None) -> None:
         self.layout, self.name, self.extra = layout, name, list(extra)
         self.max_memory_mb = max_memory_mb
+        # Told (pid, cause) when a process ends badly: the poison guard's error names the cause.
+        self.on_death = on_death
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.retiring: list[subprocess.Popen[bytes]] = []  # over the memory limit, finishing
         self.stopping = 0  # signals received
@@ -128,12 +131,23 @@ class Supervisor:
                     continue
                 logger.warning("worker process %s%d (pid %d) ended with %s; starting another",
                                self.name, i, proc.pid, _status(code))
+                self._tell_death(i, proc.pid, code)
                 time.sleep(RESTART_PAUSE_S)
                 self.start(i)
             if not self.stopping and monotonic_s() - last_memory_check > MEMORY_CHECK_S:
                 last_memory_check = monotonic_s()
                 self._replace_large()
         return 1 if self.failed else 0
+
+    def _tell_death(self, index: int, pid: int, code: int) -> None:
+        if self.on_death is None:
+            return
+        cause = f"worker process {self.name}{index} (pid {pid}) ended with {_status(code)}"
+        try:
+            self.on_death(pid, cause)
+        except Exception as exc:  # a note for an error message: never stop the supervisor
+            logger.warning("could not record how pid %d died: %s: %s", pid,
+                           type(exc).__name__, exc)
 
     def _cannot_start(self, index: int, code: int) -> bool:
         """Whether the process keeps exiting by itself soon after its start. A death by a signal

@@ -47,6 +47,11 @@ def rescue_lock(owner: str) -> str:
     return f"{PREFIX}:rescue:{owner}"
 
 
+def batch_deaths(batch_id: int) -> str:
+    """List: how the processes died that were delivering this batch, newest first."""
+    return f"{PREFIX}:batch:{batch_id}:deaths"
+
+
 RESERVED = f"{PREFIX}:reserved"  # hash: "task_id:retries" -> "batch_id hostname", not ended
 DELIVERIES = f"{PREFIX}:deliveries"  # hash: lease owner -> "batch id, message tag", live ones
 LIVENESS_SINCE = f"{PREFIX}:liveness:since"  # when the heartbeats began (after a Redis loss)

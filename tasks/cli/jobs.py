@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
@@ -17,6 +17,7 @@ from docqueue.tasks.cli.app import JsonFlag, cli, db_cli, exit_for, fail
 if TYPE_CHECKING:
     from docqueue.tasks.api import JobHandle
     from docqueue.tasks.records import ChunkResult, JobInfo, ProviderBatchInfo, Trouble
+    from docqueue.workers.settings import Settings
 
 
 def _read_option_file(path: Path | None, what: str) -> str | None:
@@ -375,7 +376,8 @@ def worker(
                             format="[%(asctime)s: %(levelname)s/docq worker] %(message)s")
         layout = default_layout(settings, processes=concurrency)
         raise typer.Exit(Supervisor(layout, name=name, extra=ctx.args,
-                                    max_memory_mb=settings.worker_max_memory_mb).run())
+                                    max_memory_mb=settings.worker_max_memory_mb,
+                                    on_death=_death_recorder(settings)).run())
     if pool not in ("prefork", "threads"):
         raise typer.BadParameter(f"choose prefork or threads, not {pool!r}", param_hint="--pool")
     from docqueue.tasks.celery import app
@@ -383,6 +385,25 @@ def worker(
     n = concurrency or default_layout(settings).processes
     app.worker_main(["worker", f"--concurrency={n}", f"--pool={pool}", "--events",
                      "--loglevel=INFO", "--without-gossip", *ctx.args])
+
+
+def _death_recorder(settings: Settings) -> Callable[[int, str], object]:
+    """For the supervisor: note a process's death against the batches it was delivering
+    (workers/batch/liveness.py), in docqueue's Redis, reached when first needed."""
+    import redis
+
+    from docqueue.tasks.runtime import resolve_redis
+    from docqueue.workers.batch.liveness import record_death
+
+    clients: list[redis.Redis] = []
+
+    def record(pid: int, cause: str) -> object:
+        if not clients:
+            clients.append(redis.Redis.from_url(resolve_redis(settings), socket_timeout=5,
+                                                socket_connect_timeout=5))
+        return record_death(clients[0], pid, cause)
+
+    return record
 
 
 @cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,

@@ -649,6 +649,8 @@ def test_a_chunk_that_kills_its_worker_every_time_is_failed_alone_and_its_batch_
     assert failed[0].error_message.startswith(
         f"document {failed[0].document_id} chunk 0: the worker handling it died 3 times "
         f"(1 with this chunk alone in flight"), failed[0].error_message
+    # and says how the three processes died, as `docq worker` saw it
+    assert failed[0].error_message.count("ended with SIGKILL") == 3, failed[0].error_message
     print(f"\nfigures: chunks={t['chunks']} batches={batches} kills={len(killed)} "
           f"calls={model_calls(sim)}; error: {failed[0].error_message}")
 

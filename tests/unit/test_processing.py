@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -497,3 +498,21 @@ def test_a_429_carries_the_providers_budget_headers_and_nothing_else() -> None:
     assert {k.lower(): v for k, v in error.rate_headers.items()} == {
         "x-ratelimit-limit-requests": "30",
         "x-ratelimit-remaining-requests": "0"}
+
+
+def test_a_poison_chunks_error_says_how_its_workers_died_when_their_supervisor_saw_it() -> None:
+    from docqueue.workers.batch.leases import Suspect
+    from docqueue.workers.batch.processing import poison_message
+
+    # Given a chunk whose workers died 3 times, and what `docq worker` saw of 4 deaths of its
+    # batch's deliveries (newest first)
+    item = SimpleNamespace(document_id=12, level=0)
+    suspect = Suspect(item, seq=2, deaths=3, deaths_alone=1)  # type: ignore[arg-type]
+    causes = [f"worker process w00 (pid {p}) ended with SIGKILL" for p in (4, 3, 2, 1)]
+    # When its error is written, with and without those causes
+    seen, unseen = poison_message(suspect, causes), poison_message(suspect)
+    # Then it names the chunk and the count, and the 3 newest deaths when known
+    assert seen.startswith("document 12 chunk 2: the worker handling it died 3 times "
+                           "(1 with this chunk alone in flight; ")
+    assert "pid 4" in seen and "pid 2" in seen and "pid 1" not in seen
+    assert "no supervisor saw how" in unseen and "SIGKILL" not in unseen

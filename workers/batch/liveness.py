@@ -342,6 +342,37 @@ def held_batches(client: Any, ttl_s: float) -> set[int] | None:
     return held
 
 
+DEATHS_KEPT, DEATHS_TTL_S = 20, 86_400
+
+
+def record_death(client: Any, pid: int, cause: str) -> list[int]:
+    """Note `cause` against every batch a delivery of process `pid` was working on; their ids.
+
+    Called by the process's supervisor (`docq worker`) when it sees the process end badly, a
+    moment after the death, while the dead deliveries are still registered. A lease owner is
+    "<pid>:<delivery>" (tasks/batches.py).
+    """
+    registry: Mapping[bytes, bytes] = client.hgetall(keys.DELIVERIES)
+    prefix = f"{pid}:".encode()
+    batches = sorted({int(v.decode().partition(" ")[0]) for o, v in registry.items()
+                      if o.startswith(prefix) and v.decode().partition(" ")[0].isdigit()})
+    if batches:
+        pipe = client.pipeline(transaction=False)
+        for batch_id in batches:
+            key = keys.batch_deaths(batch_id)
+            pipe.lpush(key, cause)
+            pipe.ltrim(key, 0, DEATHS_KEPT - 1)
+            pipe.expire(key, DEATHS_TTL_S)
+        pipe.execute()
+    return batches
+
+
+async def batch_deaths(redis: Any, batch_id: int) -> list[str]:
+    """The causes of death recorded for the batch's deliveries, newest first."""
+    return [c.decode() if isinstance(c, bytes) else str(c)
+            for c in await redis.lrange(keys.batch_deaths(batch_id), 0, -1)]
+
+
 def _heartbeats(client: Any, heartbeat_keys: list[str], ttl_s: float) -> list[int] | None:
     """Whether each heartbeat key exists, in one round trip; None while a missing heartbeat
     cannot be trusted to mean a dead owner (Redis lost its data less than a TTL ago)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Sequence
 
 from sqlalchemy.orm import Session
 
@@ -41,6 +42,7 @@ from docqueue.workers.batch.calls import (
 )
 from docqueue.workers.batch.guard import JobGuard
 from docqueue.workers.batch.leases import BatchInfo
+from docqueue.workers.batch.liveness import batch_deaths
 from docqueue.workers.batch.services import Outcome, Services
 from docqueue.workers.batch.writer import ResultWriter
 from docqueue.workers.clock import monotonic_s
@@ -128,9 +130,10 @@ async def _run_batch(svc: Services, batch_id: int, owner: str, budget_s: float) 
                     continue
         if not claim.items and claim.suspects:
             async with svc.alone:
+                causes = await _death_causes(svc, info.batch_id)
                 alone = await svc.db(functools.partial(
                     _lease_suspect, cfg=cfg, info=info, owner=owner, chunk_id=claim.suspects[0],
-                    dead=dead, expiry_counts=expiry_counts))
+                    dead=dead, expiry_counts=expiry_counts, causes=causes))
                 # None: failed as poison, or taken by another delivery; claim again
                 outcome = None if alone is None else await _work(svc, info, pipeline, guard,
                                                                  alone, owner, deadline)
@@ -149,8 +152,22 @@ def _not_to_work(cfg: Settings, info: BatchInfo) -> tuple[str, str, str] | None:
     return None
 
 
+async def _death_causes(svc: Services, batch_id: int) -> list[str]:
+    """What `docq worker` saw of the deaths of the batch's deliveries; [] when Redis cannot say
+    (it is only for a poison chunk's error message)."""
+    if svc.redis is None:
+        return []
+    try:
+        return await batch_deaths(svc.redis, batch_id)
+    except Exception as exc:
+        logger.warning("batch %s: cannot read how its workers died: %s: %s", batch_id,
+                       type(exc).__name__, exc)
+        return []
+
+
 def _lease_suspect(session: Session, cfg: Settings, info: BatchInfo, owner: str, chunk_id: int,
-                   dead: set[str], expiry_counts: bool) -> leases.Claim | None:
+                   dead: set[str], expiry_counts: bool,
+                   causes: Sequence[str] = ()) -> leases.Claim | None:
     """Lease one suspect alone, as a claim of that chunk; None if it is not ours to work (held
     by a live delivery, or final), or if it is poison: then its error row is written here."""
     suspect = leases.lease_alone(session, info, owner, chunk_id, cfg.lease_s, dead=dead,
@@ -159,7 +176,7 @@ def _lease_suspect(session: Session, cfg: Settings, info: BatchInfo, owner: str,
         return None
     if suspect.deaths >= cfg.max_deliveries and suspect.deaths_alone:
         item = suspect.item
-        message = poison_message(suspect)
+        message = poison_message(suspect, causes)
         logger.error("batch %s: %s", info.batch_id, message)
         row = leases.blank_result(item.chunk_id, info.job_id, item.document_id, item.attempts)
         leases.record(session, info.pipeline_version, [row | {
@@ -172,16 +189,26 @@ def _lease_suspect(session: Session, cfg: Settings, info: BatchInfo, owner: str,
 POISON_ERROR = "PoisonChunk"
 
 
-def poison_message(suspect: leases.Suspect) -> str:
-    """What a poison chunk's error says: which chunk, and what is known of the deaths."""
+def poison_message(suspect: leases.Suspect, causes: Sequence[str] = ()) -> str:
+    """What a poison chunk's error says: which chunk, and what is known of the deaths.
+
+    `causes`: what the supervisor of the dead processes saw (`docq worker`), newest first; a
+    worker whose supervisor died with it (or a plain Celery worker) leaves none."""
     item = suspect.item
     where = f"document {item.document_id} chunk {suspect.seq}"
     if item.level:
         where += f" (reduce level {item.level})"
+    if causes:
+        seen = "; ".join(causes[:suspect.deaths])
+        known = f"docq worker saw its batch's deliveries die, newest first: {seen}"
+        if "SIGKILL" in seen:
+            known += " (SIGKILL: the kernel's OOM killer, or an operator)"
+    else:
+        known = ("its heartbeat stopped and no supervisor saw how: the process was killed, e.g. "
+                 "by a signal, the hard time limit or the memory limit")
     return (f"{where}: the worker handling it died {suspect.deaths} times "
-            f"({suspect.deaths_alone} with this chunk alone in flight; its heartbeat stopped: "
-            f"the process was killed, e.g. by a signal, the hard time limit or the memory "
-            f"limit); recorded as failed and not sent again")
+            f"({suspect.deaths_alone} with this chunk alone in flight; {known}); recorded as "
+            f"failed and not sent again")
 
 
 def _claim_or_finish(session: Session, info: BatchInfo, owner: str, lease_s: float,
