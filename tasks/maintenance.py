@@ -119,12 +119,16 @@ def reconcile(
     """
     rt = runtime()
     client = state_redis()
-    # Before the store is read: a message taken from an empty queue since is held by then.
-    queues_empty = broker_queues_empty()
-    held = held_batches(client, rt.settings.heartbeat_ttl_s) if queues_empty else None
     with rt.sessions.begin() as session:
         jobs = open_jobs(session, job_ids)
     marked = published(client, [j.job_id for j in jobs])
+    # Orphans (`plan_job`): asked of the broker only when some batch could be one. A batch a
+    # worker took and finished since the store was read is sent to no one: `publish` sends
+    # open batches only.
+    maybe_orphans = not force and any(
+        marked[j.job_id] and any(b.unfinished and not b.leased for b in j.batches) for j in jobs)
+    queues_empty = maybe_orphans and broker_queues_empty()
+    held = held_batches(client, rt.settings.heartbeat_ttl_s) if queues_empty else None
     abandoned = abandoned_batches(client)
     # A dead delivery's message comes back after one visibility timeout; a second one is the
     # time it may wait in the queue before we call it lost.
@@ -163,16 +167,12 @@ def reconcile(
 
 
 def broker_queues_empty() -> bool:
-    """Whether every queue of ours is empty now (messages received by a worker not counted);
-    false when the broker cannot say."""
-    try:
-        with app.connection_for_read() as conn:
-            channel = conn.default_channel
-            return all(queue.bind(channel).queue_declare().message_count == 0
-                       for queue in app.conf.task_queues)
-    except Exception as exc:  # the broker away: nothing can be called lost on its word
-        logger.warning("cannot read the broker's queue lengths: %s: %s", type(exc).__name__, exc)
-        return False
+    """Whether every queue of ours is empty now (messages received by a worker not counted).
+    Raises the broker's error when it cannot be reached (tasks/failures.py names it)."""
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        return all(queue.bind(channel).queue_declare().message_count == 0
+                   for queue in app.conf.task_queues)
 
 
 @app.task(name="jobs.reconcile")
