@@ -299,10 +299,11 @@ def _start_rescues(sender: Any, **_: Any) -> None:
 
 class ResendLostReservations(bootsteps.StartStopStep):  # type: ignore[misc]  # celery: no types
     """A consumer step: each time a worker's consumer starts (at start-up, and again after the
-    broker's connection was lost), it drops the reservations under its name that no running
-    task holds. Celery forgot those messages with the connection (the broker gives them back,
-    or lost them with Redis), and the worker's live heartbeat must not vouch for them: the
-    rescuer and the reconciler take them over."""
+    broker's connection was lost), it sends again the batches reserved under its name that no
+    running task holds, and forgets those reservations. Celery forgot the messages with the
+    connection (the broker gives them back later, or lost them with Redis), or a former worker
+    of the same name died with them; the worker's live heartbeat must not vouch for them. A
+    late copy from the broker is absorbed by the leases like any duplicate."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 

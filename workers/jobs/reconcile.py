@@ -163,7 +163,7 @@ def plan_job(
     `lost_after_s`: how long a delivered batch may go unseen before its message counts as lost.
     `merge_grace_s`: leave a just-finished job to its own chord callback for this long.
     `abandoned`: batches whose task gave up after repeated failures (the store down for long).
-    `queues_empty`: the broker's queues held no message a moment before the store was read;
+    `queues_empty`: the broker's queues held no message when asked, just after the store;
     `held`: the batches a registered delivery or reservation names (None: not known, as
     right after Redis lost its data). With both, a batch that no queue, worker or delivery
     holds and that has not been sent or delivered for `settle_s` lost its message (Redis
